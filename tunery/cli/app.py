@@ -1,0 +1,41 @@
+"""The `tunery` command line: one thin verb per module, errors printed without a traceback.
+
+    tunery --help
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from tunery.cli import chat, data, demo, doctor, evaluate, export, train
+from tunery.errors import TuneryError
+from tunery.progress import console
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="Fine-tune small open LLMs: data -> training -> eval -> export.")
+app.command("train", help=train.HELP)(train.train_command())
+app.add_typer(data.app, name="data")
+app.command("eval")(evaluate.eval_command)
+app.command("chat")(chat.chat_command)
+app.command("export")(export.export_command)
+app.command("demo")(demo.demo_command)
+app.command("doctor")(doctor.doctor_command)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except TuneryError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""`tunery eval RUN`: base vs fine-tuned on the run's held-out data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from tunery.progress import console
+
+
+def eval_command(
+    run: Path = typer.Argument(..., help="Run folder written by `tunery train`."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="Held-out prompts to generate (0 = all)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: the run's)."),
+) -> None:
+    """Held-out loss, perplexity, exact match and ROUGE-L of the base and the fine-tuned model."""
+    from tunery.eval.evaluate import evaluate_run
+
+    report = evaluate_run(run, samples, device)
+    show_report(report)
+    console.print(f"report: {Path(report['run']) / 'eval' / 'report.md'}")
+
+
+def show_report(report: dict) -> None:
+    table = Table(title=f"held-out evaluation ({report['generated']} generated of {report['eval_examples']})")
+    for col in ("metric", "base", "fine-tuned"):
+        table.add_column(col, justify="right" if col != "metric" else "left")
+    for key, fmt in (("loss", ".4f"), ("perplexity", ".2f"), ("exact_match", ".1%"), ("rouge_l", ".3f")):
+        table.add_row(key, format(report["base"][key], fmt), format(report["fine_tuned"][key], fmt))
+    console.print(table)
+    for ex in report["examples"][:3]:
+        console.print(f"[dim]prompt:[/] {ex['prompt'][:120]}\n  reference: {ex['reference'][:80]}\n"
+                      f"  base: {ex['base'][:80]!r}\n  fine-tuned: {ex['fine_tuned'][:80]!r}", highlight=False)

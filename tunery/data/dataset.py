@@ -1,0 +1,134 @@
+"""From a data path and a tokenizer to train/eval token sequences, with a report of what was dropped.
+
+    load rows -> detect format -> normalise -> tokenize (cached) -> seeded train/eval split
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+
+from tunery.data.formats import Example, detect_format, normalise
+from tunery.data.load import content_hash, load_rows
+from tunery.data.tokenize import IGNORE, Tokenized, tokenize_example
+from tunery.errors import DataError
+from tunery.paths import cache_dir
+from tunery.progress import progress_bar
+
+
+@dataclass
+class FileData:
+    """One file, normalised and tokenized; `examples[i]` is None for rows that were rejected."""
+
+    path: str
+    format: str
+    data_hash: str
+    examples: list[Example | None]
+    reasons: list[str | None]
+    tokens: list[Tokenized | None]
+
+    def usable(self) -> list[int]:
+        """Row indices that train on at least one token."""
+        return [i for i, t in enumerate(self.tokens) if t is not None and any(x != IGNORE for x in t.labels)]
+
+    def summary(self) -> dict:
+        rejected = Counter(r for r in self.reasons if r)
+        kept = [t for t in self.tokens if t is not None]
+        return {"path": self.path, "format": self.format, "rows": len(self.examples),
+                "rejected": sum(rejected.values()), "rejected_reasons": dict(rejected),
+                "truncated": sum(t.truncated for t in kept),
+                "no_trainable_tokens": len(kept) - len(self.usable())}
+
+
+@dataclass
+class PreparedData:
+    train: list[Tokenized]
+    eval: list[Tokenized]
+    eval_examples: list[Example]
+    files: list[FileData] = field(default_factory=list)
+
+    def report(self) -> dict:
+        return {"train_examples": len(self.train), "eval_examples": len(self.eval),
+                "train_tokens": sum(len(t.input_ids) for t in self.train),
+                "files": [f.summary() for f in self.files]}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256((body + (tokenizer.chat_template or "")).encode()).hexdigest()
+
+
+def load_file(path: str, tokenizer, max_seq_len: int, train_on: str = "assistant",
+              system_prompt: str | None = None) -> FileData:
+    """Read, normalise and tokenize one data file; tokens come from the cache when nothing changed."""
+    rows = load_rows(path)
+    fmt = detect_format(rows, source=str(path))
+    examples, reasons = normalise(rows, fmt, system_prompt)
+    data_hash = content_hash(path)
+    key = hashlib.sha256("|".join([data_hash, tokenizer_fingerprint(tokenizer), str(max_seq_len), train_on,
+                                   system_prompt or ""]).encode()).hexdigest()[:32]
+    tokens = _cached_tokens(key, examples, tokenizer, max_seq_len, train_on)
+    return FileData(str(path), fmt.name, data_hash, examples, reasons, tokens)
+
+
+def _cached_tokens(key: str, examples: list[Example | None], tokenizer, max_seq_len: int,
+                   train_on: str) -> list[Tokenized | None]:
+    import datasets
+
+    folder = cache_dir("tokenized") / key
+    if (folder / "dataset_info.json").exists():
+        ds = datasets.load_from_disk(str(folder))
+        by_row = {r: Tokenized(i, lab, t) for r, i, lab, t in
+                  zip(ds["row"], ds["input_ids"], ds["labels"], ds["truncated"])}
+        return [by_row.get(r) for r in range(len(examples))]
+    tokens: list[Tokenized | None] = []
+    with progress_bar("tokenizing", total=len(examples)) as advance:
+        for example in examples:
+            tokens.append(None if example is None else
+                          tokenize_example(tokenizer, example, max_seq_len, train_on))
+            advance()
+    kept = [(r, t) for r, t in enumerate(tokens) if t is not None]
+    ds = datasets.Dataset.from_dict({"row": [r for r, _ in kept], "input_ids": [t.input_ids for _, t in kept],
+                                     "labels": [t.labels for _, t in kept],
+                                     "truncated": [t.truncated for _, t in kept]})
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    ds.save_to_disk(str(tmp))
+    shutil.rmtree(folder, ignore_errors=True)  # a half-written folder from a crash; complete ones are skipped
+    os.replace(tmp, folder)
+    return tokens
+
+
+def split_indices(n: int, eval_split: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded shuffle of range(n) cut into (train, eval); eval gets at least one row when asked for."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_eval = 0 if eval_split <= 0 or n < 2 else max(1, round(n * eval_split))
+    return sorted(order[n_eval:]), sorted(order[:n_eval])
+
+
+def prepare_data(cfg, tokenizer) -> PreparedData:
+    """Train and eval sequences for a RunConfig; stops with a DataError when nothing would train."""
+    main = load_file(cfg.data, tokenizer, cfg.max_seq_len, cfg.train_on, cfg.system_prompt)
+    usable = main.usable()
+    files = [main]
+    if cfg.eval_data:
+        held = load_file(cfg.eval_data, tokenizer, cfg.max_seq_len, cfg.train_on, cfg.system_prompt)
+        files.append(held)
+        train_rows, eval_file, eval_rows = usable, held, held.usable()
+    else:
+        pos_train, pos_eval = split_indices(len(usable), cfg.eval_split, cfg.seed)
+        train_rows, eval_file, eval_rows = [usable[i] for i in pos_train], main, [usable[i] for i in pos_eval]
+    if not train_rows:
+        summary = main.summary()
+        raise DataError(f"{cfg.data}: no example left to train on ({summary['rows']} rows, "
+                        f"{summary['rejected']} rejected: {summary['rejected_reasons'] or 'none'}, "
+                        f"{summary['no_trainable_tokens']} with no trainable token after truncation to "
+                        f"max_seq_len={cfg.max_seq_len}). Run `tunery data inspect {cfg.data}` for details")
+    return PreparedData(train=[main.tokens[i] for i in train_rows],
+                        eval=[eval_file.tokens[i] for i in eval_rows],
+                        eval_examples=[eval_file.examples[i] for i in eval_rows], files=files)

@@ -1,0 +1,133 @@
+"""`tunery data inspect`: what a data file holds and whether training on it would go wrong."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+from tunery.data.dataset import load_file, split_indices
+from tunery.data.formats import detect_format, normalise
+from tunery.data.load import load_rows
+from tunery.data.tokenize import IGNORE, Tokenized
+
+
+@dataclass
+class Inspection:
+    path: str
+    format: str
+    rows: int
+    rejected: dict[str, list[int]]  # reason -> 1-based row numbers
+    duplicates: int
+    lengths: list[int]  # tokens per usable row (characters when no tokenizer)
+    length_unit: str
+    too_long: int
+    no_trainable: int
+    overlap: int
+    overlap_against: str
+    preview: list[tuple[str, bool]] = field(default_factory=list)  # (text piece, trained?)
+    problems: list[str] = field(default_factory=list)  # fatal: training would fail or train on nothing
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "preview"}
+
+
+def _key(example: dict) -> str:
+    return json.dumps(example, sort_keys=True)
+
+
+def histogram(lengths: list[int], bins: int = 8) -> list[tuple[int, int, int]]:
+    """(low, high, count) buckets of equal width over the lengths."""
+    if not lengths:
+        return []
+    low, high = min(lengths), max(lengths)
+    width = max(1, -(-(high - low + 1) // bins))
+    counts = Counter((n - low) // width for n in lengths)
+    return [(low + b * width, low + (b + 1) * width - 1, counts.get(b, 0)) for b in range(bins)
+            if low + b * width <= high]
+
+
+def inspect_file(path: str, tokenizer=None, max_seq_len: int = 2048, train_on: str = "assistant",
+                 eval_data: str | None = None, eval_split: float = 0.1, seed: int = 42) -> Inspection:
+    if tokenizer is not None:
+        data = load_file(path, tokenizer, max_seq_len, train_on)
+        fmt, examples, reasons, tokens = data.format, data.examples, data.reasons, data.tokens
+    else:
+        rows = load_rows(path)
+        fmt_obj = detect_format(rows, source=str(path))
+        examples, reasons = normalise(rows, fmt_obj)
+        fmt, tokens = fmt_obj.name, [None] * len(examples)
+    rejected: dict[str, list[int]] = {}
+    for i, reason in enumerate(reasons):
+        if reason:
+            rejected.setdefault(reason, []).append(i + 1)
+    kept = [i for i, e in enumerate(examples) if e is not None]
+    keys = Counter(_key(examples[i]) for i in kept)
+    insp = Inspection(path=str(path), format=fmt, rows=len(examples), rejected=rejected,
+                      duplicates=sum(c - 1 for c in keys.values()), lengths=[], length_unit="tokens",
+                      too_long=0, no_trainable=0, overlap=0, overlap_against="")
+    if tokenizer is not None:
+        _token_stats(insp, [tokens[i] for i in kept], max_seq_len)
+        first = next((i for i in kept if tokens[i] is not None), None)
+        if first is not None:
+            insp.preview = _preview(tokenizer, tokens[first])
+    else:
+        insp.length_unit = "characters"
+        insp.lengths = [len(_key(examples[i])) for i in kept]
+    _overlap(insp, examples, kept, eval_data, eval_split, seed)
+    _judge(insp, len(kept))
+    return insp
+
+
+def _token_stats(insp: Inspection, kept: list[Tokenized], max_seq_len: int) -> None:
+    insp.lengths = [len(t.input_ids) + (1 if t.truncated else 0) for t in kept]
+    insp.too_long = sum(t.truncated for t in kept)
+    insp.no_trainable = sum(all(x == IGNORE for x in t.labels) for t in kept)
+
+
+def _overlap(insp: Inspection, examples: list, kept: list[int], eval_data: str | None, eval_split: float,
+             seed: int) -> None:
+    if eval_data:
+        rows = load_rows(eval_data)
+        held, _ = normalise(rows, detect_format(rows, source=eval_data))
+        train_keys = {_key(examples[i]) for i in kept}
+        insp.overlap = sum(1 for e in held if e is not None and _key(e) in train_keys)
+        insp.overlap_against = eval_data
+    else:
+        train_pos, eval_pos = split_indices(len(kept), eval_split, seed)
+        train_keys = {_key(examples[kept[p]]) for p in train_pos}
+        insp.overlap = sum(1 for p in eval_pos if _key(examples[kept[p]]) in train_keys)
+        insp.overlap_against = f"the seeded {eval_split:.0%} eval split"
+
+
+def _judge(insp: Inspection, n_kept: int) -> None:
+    n_rejected = sum(len(v) for v in insp.rejected.values())
+    if n_kept == 0:
+        insp.problems.append(f"no usable rows: all {insp.rows} were rejected")
+    elif insp.no_trainable == n_kept:
+        insp.problems.append("no row has a trained token left (answers cut by max_seq_len?): training "
+                             "would learn nothing; raise --max-seq-len")
+    if n_rejected:
+        insp.warnings.append(f"{n_rejected} rows rejected and skipped in training")
+    if insp.too_long:
+        insp.warnings.append(f"{insp.too_long} rows longer than max_seq_len are truncated")
+    if insp.no_trainable and insp.no_trainable < n_kept:
+        insp.warnings.append(f"{insp.no_trainable} rows have no trained token after truncation and are skipped")
+    if insp.duplicates:
+        insp.warnings.append(f"{insp.duplicates} exact duplicate rows")
+    if insp.overlap:
+        insp.warnings.append(f"{insp.overlap} eval rows also appear in training data ({insp.overlap_against}): "
+                             "held-out scores will be optimistic")
+
+
+def _preview(tokenizer, tokens: Tokenized) -> list[tuple[str, bool]]:
+    """The rendered example as runs of text, each marked trained or not."""
+    pieces: list[tuple[str, bool]] = []
+    for tok, lab in zip(tokens.input_ids, tokens.labels):
+        text, trained = tokenizer.decode([tok]), lab != IGNORE
+        if pieces and pieces[-1][1] == trained:
+            pieces[-1] = (pieces[-1][0] + text, trained)
+        else:
+            pieces.append((text, trained))
+    return pieces

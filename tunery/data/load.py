@@ -1,0 +1,145 @@
+"""Read a data file (or a saved `datasets` folder) into a list of plain dict rows.
+
+Errors name the file and, for JSON Lines, the line. Cells of CSV/Excel that hold JSON lists or objects
+(conversations, messages) are decoded, so every file type carries every format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from tunery.errors import DataError
+
+SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".xlsx", ".parquet")
+
+
+def load_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of `path` as dicts; a folder is read as a saved `datasets` dataset."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist")
+    if path.is_dir():
+        rows = _load_datasets_folder(path)
+    else:
+        suffix = path.suffix.lower()
+        readers = {".json": _load_json, ".jsonl": _load_jsonl, ".csv": _load_csv, ".xlsx": _load_xlsx,
+                   ".parquet": _load_parquet}
+        if suffix not in readers:
+            raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use one of "
+                            f"{', '.join(SUPPORTED_SUFFIXES)} or a folder saved with datasets' save_to_disk")
+        rows = readers[suffix](path)
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {i + 1} is a {type(row).__name__}, expected an object with fields")
+    return rows
+
+
+def content_hash(path: str | Path) -> str:
+    """sha256 of the file's bytes (of every file, in name order, for a folder)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode() if path.is_dir() else b"")
+        with open(file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_json(path: Path) -> list[dict]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}. "
+                        "If the file has one object per line, name it .jsonl") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) == 1:
+            data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of examples (or an object holding one list)")
+    return data
+
+
+def _load_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        try:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno}); "
+                                    "fix or remove that line") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason} near byte {e.start})") from None
+    return rows
+
+
+def _decode_cells(rows: list[dict]) -> list[dict]:
+    """Turn cells that hold JSON arrays/objects back into lists/dicts; empty cells become None."""
+    for row in rows:
+        for key, value in row.items():
+            if isinstance(value, str):
+                text = value.strip()
+                if text[:1] in "[{" and text[-1:] in "]}":
+                    try:
+                        row[key] = json.loads(text)
+                    except json.JSONDecodeError:
+                        pass
+                elif text == "":
+                    row[key] = None
+            elif value != value:  # NaN from an empty spreadsheet cell
+                row[key] = None
+    return rows
+
+
+def _load_csv(path: Path) -> list[dict]:
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+        raise DataError(f"{path}: cannot read as CSV: {e}") from None
+    return _decode_cells(frame.to_dict("records"))
+
+
+def _load_xlsx(path: Path) -> list[dict]:
+    import pandas as pd
+
+    try:
+        frame = pd.read_excel(path, dtype=str, keep_default_na=False, engine="openpyxl")
+    except Exception as e:  # openpyxl raises many types for broken workbooks
+        raise DataError(f"{path}: cannot read as an Excel workbook: {e}") from None
+    return _decode_cells(frame.to_dict("records"))
+
+
+def _load_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow's errors are varied (ArrowInvalid, OSError)
+        raise DataError(f"{path}: cannot read as Parquet: {e}") from None
+
+
+def _load_datasets_folder(path: Path) -> list[dict]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: a folder must be saved with datasets' save_to_disk ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{path}: a DatasetDict needs a 'train' split; it has {', '.join(ds)}")
+        ds = ds["train"]
+    return ds.to_list()

@@ -1,0 +1,67 @@
+"""Examples -> token ids with labels on the trained tokens only.
+
+Assistant spans are found by rendering the conversation's prefixes with the chat template (text up to
+the reply, text including it) and mapping those character spans onto the tokens through the fast
+tokenizer's offsets, so the mask is right for any template that renders a conversation as a prefix of
+its continuation (every common one does; the others are rejected by name).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tunery.data.formats import Example
+from tunery.data.templates import render
+from tunery.errors import DataError
+
+IGNORE = -100
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns (end-of-turn included)."""
+    text = render(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        through = render(tokenizer, messages[: i + 1])
+        if not (text.startswith(through) and through.startswith(before)):
+            raise DataError("this chat template does not render a conversation as a prefix of its "
+                            "continuation, so assistant tokens cannot be located; use --train-on all "
+                            "or a model whose template does")
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def tokenize_example(tokenizer, example: Example, max_seq_len: int, train_on: str = "assistant") -> Tokenized:
+    """Token ids and labels (IGNORE where no loss) of one normalised example, truncated to max_seq_len."""
+    if "text" in example:
+        text, spans = example["text"] + (tokenizer.eos_token or ""), None
+    else:
+        text, spans = assistant_spans(tokenizer, example["messages"])
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    if spans is None or train_on == "all":
+        labels = list(ids)
+    else:
+        labels = [tok if any(s <= start < e for s, e in spans) else IGNORE
+                  for tok, (start, _) in zip(ids, enc["offset_mapping"])]
+    truncated = len(ids) > max_seq_len
+    return Tokenized(ids[:max_seq_len], labels[:max_seq_len], truncated)
+
+
+def prompt_and_reference(example: Example) -> tuple[list[dict], str] | None:
+    """For generation eval: the conversation up to its last assistant turn, and that turn's text."""
+    messages = example.get("messages")
+    if not messages:
+        return None
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last], messages[last]["content"]

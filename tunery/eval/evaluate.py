@@ -1,0 +1,90 @@
+"""`tunery eval RUN`: the base model and the fine-tuned one on the run's held-out data, side by side.
+
+Held-out loss and perplexity, greedy generations on held-out prompts, exact match and ROUGE-L against
+the references; written to RUN/eval/report.json and report.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunery.data.dataset import prepare_data
+from tunery.data.tokenize import prompt_and_reference
+from tunery.errors import DataError
+from tunery.eval.generate import generate_replies
+from tunery.eval.loss import held_out_loss
+from tunery.eval.metrics import exact_match, score
+from tunery.progress import progress_bar
+from tunery.train import rundir
+
+
+def load_trained(run: Path, device: str):
+    """(base model, tuned model, tokenizer) of a finished run; for LoRA both share the base weights."""
+    from transformers import AutoTokenizer
+
+    from tunery.models.load import load_model, pick_dtype
+    from tunery.models.lora import load_adapter
+
+    _, cfg = rundir.open_run(run)
+    kind, weights = rundir.trained_weights(run)
+    dtype = pick_dtype(cfg.dtype, device)
+    tokenizer = AutoTokenizer.from_pretrained(weights)
+    base = load_model(cfg.model, device, dtype, cfg.revision, cfg.trust_remote_code)
+    if kind == "adapter":
+        return base, load_adapter(base, weights), tokenizer
+    return base, load_model(str(weights), device, dtype), tokenizer
+
+
+def _measure(model, tokenizer, data, prompts, device: str, max_new_tokens: int, label: str) -> tuple[dict, list]:
+    loss = held_out_loss(model, data.eval, tokenizer.pad_token_id, device)
+    with progress_bar(f"generating ({label})", total=len(prompts)) as advance:
+        replies = generate_replies(model, tokenizer, [p for p, _ in prompts], max_new_tokens, device,
+                                   on_batch=advance)
+    metrics = {"loss": loss["loss"], "perplexity": loss["perplexity"],
+               **score(replies, [r for _, r in prompts])}
+    return metrics, replies
+
+
+def evaluate_run(run: str | Path, samples: int | None = None, device: str | None = None) -> dict:
+    """Measure base vs fine-tuned on the run's held-out split; write and return the report."""
+    from tunery.models.load import pick_device
+
+    run, cfg = rundir.open_run(run)
+    device = pick_device(device or cfg.device)
+    base, tuned, tokenizer = load_trained(run, device)
+    data = prepare_data(cfg, tokenizer)
+    if not data.eval:
+        raise DataError(f"{run}: the run has no held-out data (eval_split=0 and no eval_data); "
+                        "train with --eval-split 0.1 or --eval-data FILE")
+    limit = cfg.eval_samples if samples is None else samples
+    prompts = [pr for pr in map(prompt_and_reference, data.eval_examples) if pr][: limit or None]
+    if hasattr(tuned, "disable_adapter"):
+        with tuned.disable_adapter():
+            before, base_replies = _measure(tuned, tokenizer, data, prompts, device, cfg.max_new_tokens, "base")
+    else:
+        before, base_replies = _measure(base, tokenizer, data, prompts, device, cfg.max_new_tokens, "base")
+    after, tuned_replies = _measure(tuned, tokenizer, data, prompts, device, cfg.max_new_tokens, "fine-tuned")
+    examples = [{"prompt": p[-1]["content"], "reference": ref, "base": b, "fine_tuned": f,
+                 "base_correct": bool(exact_match(b, ref)), "fine_tuned_correct": bool(exact_match(f, ref))}
+                for (p, ref), b, f in zip(prompts, base_replies, tuned_replies)]
+    report = {"run": str(run), "model": cfg.model, "eval_examples": len(data.eval), "generated": len(prompts),
+              "base": before, "fine_tuned": after, "examples": examples}
+    _write_report(run / "eval", report)
+    return report
+
+
+def _write_report(folder: Path, report: dict) -> None:
+    from tunery.train.rundir import write_json_atomic
+
+    folder.mkdir(exist_ok=True)
+    write_json_atomic(folder / "report.json", report)
+    lines = [f"# Evaluation of {report['run']}", "", f"Base model: `{report['model']}`; "
+             f"{report['eval_examples']} held-out examples, {report['generated']} generated.", "",
+             "| metric | base | fine-tuned |", "|---|---|---|"]
+    for key in ("loss", "perplexity", "exact_match", "rouge_l"):
+        lines.append(f"| {key} | {report['base'][key]:.4f} | {report['fine_tuned'][key]:.4f} |")
+    lines += ["", "## Examples", "", "| prompt | reference | base | fine-tuned |", "|---|---|---|---|"]
+    for ex in report["examples"][:20]:
+        cells = [ex["prompt"], ex["reference"], ex["base"], ex["fine_tuned"]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ")[:200] for c in cells) + " |")
+    (folder / "report.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,38 @@
+"""Token-level loss: the training objective and the held-out measure share this code."""
+
+from __future__ import annotations
+
+import math
+
+from tunery.data.tokenize import IGNORE, Tokenized
+
+
+def summed_loss(model, batch: dict):
+    """Sum of next-token cross-entropy over label tokens of `batch` (a scalar tensor)."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # (batch, seq-1, vocab) against (batch, seq-1): predict token t+1 from position t
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+def held_out_loss(model, sequences: list[Tokenized], pad_id: int, device: str, batch_size: int = 8) -> dict:
+    """Mean loss per label token and its perplexity over `sequences` (model put in eval mode)."""
+    import torch
+
+    from tunery.train.batching import collate, trained_tokens
+
+    if not sequences:
+        return {"loss": float("nan"), "perplexity": float("nan"), "tokens": 0}
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(sequences), batch_size):
+            batch = collate(sequences[start : start + batch_size], pad_id, device)
+            total += float(summed_loss(model, batch))
+            count += trained_tokens(batch)
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}

@@ -1,0 +1,82 @@
+"""Load a causal LM and its tokenizer from a Hub id or a local folder, with errors that say what to do."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from tunery.errors import ModelError
+
+
+def pick_device(requested: str = "auto") -> str:
+    import torch
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device=cuda was asked for but torch sees no CUDA GPU (run `tunery doctor`)")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def pick_dtype(requested: str, device: str):
+    import torch
+
+    if requested == "auto":
+        if device == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[requested]
+
+
+def _explain(model: str, error: Exception) -> ModelError:
+    local = Path(model).expanduser()
+    if local.exists():
+        return ModelError(f"{model}: the folder exists but is not a loadable model ({error}); it needs "
+                          "config.json, weights (*.safetensors) and tokenizer files")
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1
+    if looks_like_path:
+        return ModelError(f"{model}: no such folder")
+    return ModelError(
+        f"cannot load '{model}' from the Hugging Face Hub ({type(error).__name__}: {error}). If this machine "
+        f"is offline, download the model elsewhere (`hf download {model} --local-dir DIR`), copy DIR here "
+        f"and pass --model DIR; if the repo is gated, set HF_TOKEN")
+
+
+def load_tokenizer(model: str, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _explain(model, e) from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(f"{model}: tunery needs a fast (tokenizers-backed) tokenizer to locate answer tokens")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model: str, device: str, dtype, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(model, revision=revision, dtype=dtype,
+                                                      trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _explain(model, e) from None
+    return loaded.to(device)
+
+
+def model_fingerprint(model: str, revision: str | None = None) -> dict:
+    """What identifies the weights: the folder's config+weights hash, or the Hub id and revision."""
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        return {"model": model, "revision": revision or "main"}
+    digest = hashlib.sha256()
+    for file in sorted(folder.iterdir()):
+        if file.suffix in (".json", ".safetensors", ".bin", ".model") and file.is_file():
+            digest.update(file.name.encode())
+            with open(file, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+    return {"model": str(folder.resolve()), "folder_sha256": digest.hexdigest()}

@@ -1,0 +1,199 @@
+"""The SFT loop: setup -> step -> eval -> checkpoint, as plain code.
+
+    tunery train --model Qwen/Qwen2.5-0.5B-Instruct --data my.jsonl
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunery.config import RunConfig
+from tunery.data.dataset import PreparedData, prepare_data
+from tunery.data.templates import ensure_chat_template
+from tunery.eval.loss import held_out_loss, summed_loss
+from tunery.models.load import load_model, load_tokenizer, model_fingerprint, pick_device, pick_dtype
+from tunery.models.lora import apply_lora
+from tunery.progress import console
+from tunery.train import checkpoint, rundir
+from tunery.train.batching import collate, step_examples, trained_tokens
+from tunery.train.metrics import MetricsFile, TrainDisplay
+from tunery.train.schedule import lr_multiplier
+
+log = logging.getLogger("tunery.train")
+
+
+@dataclass
+class Trainer:
+    cfg: RunConfig
+    run: Path
+    model: object
+    tokenizer: object
+    data: PreparedData
+    optimizer: object
+    scheduler: object
+    device: str
+    total_steps: int
+
+
+def total_steps(cfg: RunConfig, n_train: int) -> int:
+    if cfg.max_steps:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * n_train / (cfg.batch_size * cfg.grad_accum)))
+
+
+def _attach_log(run: Path) -> logging.Handler:
+    handler = logging.FileHandler(run / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("tunery").addHandler(handler)
+    logging.getLogger("tunery").setLevel(logging.INFO)
+    return handler
+
+
+def _make_trainable(model, cfg: RunConfig):
+    if cfg.method == "full":
+        model.requires_grad_(True)
+    else:
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.method == "lora":
+            model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+def setup(cfg: RunConfig, run: Path) -> Trainer:
+    """Load tokenizer, data and model; build optimizer and schedule (seeded, so resume rebuilds the same)."""
+    import torch
+
+    device = pick_device(cfg.device)
+    tokenizer = load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
+    if ensure_chat_template(tokenizer):
+        log.info("tokenizer has no chat template: using tunery's default (ChatML text + eos)")
+    data = prepare_data(cfg, tokenizer)
+    torch.manual_seed(cfg.seed)
+    model = load_model(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.revision, cfg.trust_remote_code)
+    model = _make_trainable(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = total_steps(cfg, len(data.train))
+    warmup = int(cfg.warmup_ratio * steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(s, steps, warmup, cfg.scheduler))
+    return Trainer(cfg, run, model, tokenizer, data, optimizer, scheduler, device, steps)
+
+
+def train_step(t: Trainer, step: int) -> dict:
+    """One optimizer step over grad_accum micro-batches; loss is the mean over all trained tokens."""
+    import torch
+
+    cfg = t.cfg
+    per_step = cfg.batch_size * cfg.grad_accum
+    picked = [t.data.train[i] for i in step_examples(len(t.data.train), step, per_step, cfg.seed)]
+    batches = [collate(picked[i : i + cfg.batch_size], t.tokenizer.pad_token_id, t.device)
+               for i in range(0, per_step, cfg.batch_size)]
+    n_tokens = max(1, sum(trained_tokens(b) for b in batches))
+    total = 0.0
+    for batch in batches:
+        loss = summed_loss(t.model, batch) / n_tokens
+        loss.backward()
+        total += float(loss)
+    params = [p for p in t.model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    lr = t.optimizer.param_groups[0]["lr"]
+    t.optimizer.step()
+    t.scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    return {"loss": total, "lr": lr, "grad_norm": float(norm), "tokens": sum(int(b["attention_mask"].sum())
+                                                                            for b in batches)}
+
+
+def _save_final(t: Trainer) -> None:
+    kind = "model" if t.cfg.method == "full" else "adapter"
+    t.model.save_pretrained(t.run / kind)
+    t.tokenizer.save_pretrained(t.run / kind)
+
+
+def _eval(t: Trainer) -> dict:
+    return held_out_loss(t.model, t.data.eval, t.tokenizer.pad_token_id, t.device, t.cfg.batch_size)
+
+
+def run_loop(t: Trainer, start: int, metrics: MetricsFile) -> dict:
+    cfg, display = t.cfg, TrainDisplay(t.total_steps, start)
+    t0, tokens, last = time.time(), 0, {}
+    try:
+        for step in range(start, t.total_steps):
+            stats = train_step(t, step)
+            done = step + 1
+            tokens += stats.pop("tokens")
+            stats.update(step=done, epoch=round(done * cfg.batch_size * cfg.grad_accum / len(t.data.train), 4),
+                         tokens_per_s=tokens / max(time.time() - t0, 1e-9))
+            if t.data.eval and ((cfg.eval_every and done % cfg.eval_every == 0) or done == t.total_steps):
+                ev = _eval(t)
+                stats.update(eval_loss=ev["loss"], eval_perplexity=ev["perplexity"])
+            if done % cfg.log_every == 0 or done == t.total_steps or "eval_loss" in stats:
+                metrics.write(stats)
+                log.info("step %d loss %.5f lr %.3e", done, stats["loss"], stats["lr"])
+            display.update(done, stats)
+            last = stats
+            if cfg.save_every and done % cfg.save_every == 0 and done < t.total_steps:
+                checkpoint.save_checkpoint(t.run / "checkpoints", done, t.model, t.optimizer, t.scheduler,
+                                           cfg.keep_checkpoints)
+    finally:
+        display.close()
+    return last
+
+
+def train(cfg: RunConfig, resume: str | Path | None = None) -> Path:
+    """Train a new run (or continue `resume`) and return its folder."""
+    if resume:
+        run, cfg = rundir.open_run(resume)
+    else:
+        cfg.require("model", "data")
+        run = rundir.new_run_dir(cfg)
+        cfg.to_yaml(run / "config.yaml")
+    handler = _attach_log(run)
+    try:
+        return _train_in(cfg, run, resume is not None)
+    finally:
+        logging.getLogger("tunery").removeHandler(handler)
+        handler.close()
+
+
+def _train_in(cfg: RunConfig, run: Path, resuming: bool) -> Path:
+    t = setup(cfg, run)
+    report = t.data.report()
+    console.print(f"[bold]{run}[/]: {report['train_examples']} train / {report['eval_examples']} eval "
+                  f"examples, {t.total_steps} steps on {t.device}")
+    for f in report["files"]:
+        if f["rejected"] or f["truncated"] or f["no_trainable_tokens"]:
+            console.print(f"[yellow]{f['path']}[/]: {f['rejected']} rows rejected {f['rejected_reasons']}, "
+                          f"{f['truncated']} truncated, {f['no_trainable_tokens']} with nothing to train on")
+    start = 0
+    saved = checkpoint.list_checkpoints(run / "checkpoints") if resuming else []
+    if saved:
+        start = checkpoint.load_checkpoint(saved[-1], t.model, t.optimizer, t.scheduler)
+        console.print(f"resuming from {saved[-1].name} (step {start} of {t.total_steps})")
+    elif resuming:
+        console.print("no checkpoint yet: starting the run over")
+    if not resuming or not (run / "manifest.json").exists():
+        data_hashes = {f.path: f.data_hash for f in t.data.files}
+        rundir.write_json_atomic(run / "manifest.json", {
+            **rundir.manifest(cfg, data_hashes, model_fingerprint(cfg.model, cfg.revision)),
+            "data_report": report})
+    metrics = MetricsFile(run / "metrics.jsonl", keep_through_step=start)
+    try:
+        last = run_loop(t, start, metrics)
+    finally:
+        metrics.close()
+    _save_final(t)
+    result = {"steps": t.total_steps, "final_loss": last.get("loss"), "eval_loss": last.get("eval_loss")}
+    rundir.write_json_atomic(run / "result.json", result)
+    console.print(f"done: loss {result['final_loss']:.4f}"
+                  + (f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"] is not None else "")
+                  + f"; weights in {run / ('model' if cfg.method == 'full' else 'adapter')}")
+    return run

@@ -1,0 +1,62 @@
+"""metrics.jsonl (one JSON object per logged step) and the live training display."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.progress import TextColumn
+
+from tunery.progress import console, make_progress
+
+
+class MetricsFile:
+    """Append-only JSON lines; on resume, lines past the checkpoint's step are dropped first."""
+
+    def __init__(self, path: Path, keep_through_step: int | None = None):
+        self.path = path
+        if keep_through_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= keep_through_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self._fh = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class TrainDisplay:
+    """A rich bar (loss, lr, tokens/s, ETA) on a terminal; a plain line every ~5% of steps otherwise."""
+
+    def __init__(self, total: int, start: int):
+        self.total, self.interactive = total, sys.stderr.isatty()
+        self._every = max(1, total // 20)
+        self._t0 = time.time()
+        if self.interactive:
+            self._progress = make_progress(TextColumn("{task.fields[stats]}"))
+            self._progress.start()
+            self._task = self._progress.add_task("training", total=total, completed=start, stats="")
+
+    def update(self, step: int, stats: dict) -> None:
+        text = (f"loss {stats['loss']:.4f}  lr {stats['lr']:.2e}  {stats['tokens_per_s']:.0f} tok/s"
+                + (f"  eval {stats['eval_loss']:.4f}" if "eval_loss" in stats else ""))
+        if self.interactive:
+            self._progress.update(self._task, completed=step, stats=text)
+        elif step % self._every == 0 or step == self.total or "eval_loss" in stats:
+            console.print(f"step {step}/{self.total}  {text}  ({time.time() - self._t0:.0f}s)")
+
+    def close(self) -> None:
+        if self.interactive:
+            self._progress.stop()

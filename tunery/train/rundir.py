@@ -1,0 +1,86 @@
+"""The run folder: config.yaml, manifest.json, metrics.jsonl, train.log, checkpoints/, adapter/ or model/."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+from tunery.config import RunConfig
+from tunery.errors import RunError
+
+
+def new_run_dir(cfg: RunConfig) -> Path:
+    name = cfg.name or f"{Path(cfg.model.rstrip('/')).name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    path = Path(cfg.output_dir) / name
+    if path.exists() and any(path.iterdir()):
+        raise RunError(f"run folder {path} already exists; pick another --name, or continue it with "
+                       f"`tunery train --resume {path}`")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def open_run(run: str | Path) -> tuple[Path, RunConfig]:
+    """An existing run folder and its config; a clear error when it is not one."""
+    path = Path(run)
+    if not (path / "config.yaml").is_file():
+        raise RunError(f"{path} is not a tunery run folder (no config.yaml); runs live under the "
+                       "output_dir of `tunery train` (default ./runs)")
+    return path, RunConfig.from_yaml(path / "config.yaml")
+
+
+def trained_weights(run: Path) -> tuple[str, Path]:
+    """('adapter', run/adapter) or ('model', run/model) of a finished run."""
+    for kind in ("adapter", "model"):
+        if (run / kind).is_dir():
+            return kind, run / kind
+    raise RunError(f"{run} has no trained weights yet (no adapter/ or model/); finish it with "
+                   f"`tunery train --resume {run}`")
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _git_sha() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def hardware() -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_count=torch.cuda.device_count(),
+                    gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    return info
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("tunery", "torch", "transformers", "peft", "datasets", "tokenizers", "safetensors"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def manifest(cfg: RunConfig, data_hashes: dict, model_info: dict) -> dict:
+    return {"created": dt.datetime.now(dt.timezone.utc).isoformat(), "versions": versions(),
+            "data_sha256": data_hashes, "model": model_info, "seed": cfg.seed, "hardware": hardware(),
+            "git_sha": _git_sha()}
