@@ -22,7 +22,7 @@ def demo_settings(model: Path, out: Path, steps: int) -> dict:
 
 def demo_command(
     out: Path = typer.Option(Path("tunery-demo"), "--out", help="Folder for the tiny model and the run."),
-    steps: int = typer.Option(1000, "--steps", help="Training steps (fewer = faster, less accurate)."),
+    steps: int = typer.Option(600, "--steps", help="Training steps (fewer = faster, less accurate)."),
 ) -> None:
     """Build a tiny model offline, fine-tune it on bundled data, and show before/after on held-out rows."""
     from tunery.cli.evaluate import show_report

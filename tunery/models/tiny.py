@@ -67,6 +67,9 @@ def make_config(spec: TinySpec, tokenizer):
         vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads, max_position_embeddings=512,
+        # std 1/sqrt(hidden) instead of the 0.02 meant for wide models: with frozen random (tied) output
+        # embeddings, 0.02 caps a tiny model's logits near 1 and LoRA could never become confident
+        initializer_range=spec.hidden_size**-0.5,
         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
 
 
