@@ -25,7 +25,7 @@ def eval_command(
 
 
 def show_report(report: dict) -> None:
-    table = Table(title=f"held-out evaluation ({report['generated']} generated of {report['eval_examples']})")
+    table = Table(title=f"held-out: {report['generated']} prompts")
     for col in ("metric", "base", "fine-tuned"):
         table.add_column(col, justify="right" if col != "metric" else "left")
     for key, fmt in (("loss", ".4f"), ("perplexity", ".2f"), ("exact_match", ".1%"), ("rouge_l", ".3f")):

@@ -84,13 +84,18 @@ def _load_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+# Only the columns whose value is a list of turns; other cells stay text, so a reply that is JSON
+# ('{"name": "Ada"}') is trained on as written, not as the Python repr of a decoded dict.
+_JSON_COLUMNS = ("messages", "conversations")
+
+
 def _decode_cells(rows: list[dict]) -> list[dict]:
-    """Turn cells that hold JSON arrays/objects back into lists/dicts; empty cells become None."""
+    """Turn JSON arrays/objects in the turn-list columns back into lists/dicts; empty cells become None."""
     for row in rows:
         for key, value in row.items():
             if isinstance(value, str):
                 text = value.strip()
-                if text[:1] in "[{" and text[-1:] in "]}":
+                if key in _JSON_COLUMNS and text[:1] in "[{" and text[-1:] in "]}":
                     try:
                         row[key] = json.loads(text)
                     except json.JSONDecodeError:

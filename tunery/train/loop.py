@@ -101,7 +101,7 @@ def train_step(t: Trainer, step: int) -> dict:
     for batch in batches:
         loss = summed_loss(t.model, batch) / n_tokens
         loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
     params = [p for p in t.model.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
     lr = t.optimizer.param_groups[0]["lr"]
