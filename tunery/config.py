@@ -60,7 +60,8 @@ class RunConfig:
     keep_checkpoints: int = _f(2, "How many recent checkpoints to keep.")
     log_every: int = _f(1, "Write a metrics.jsonl line every N steps.")
     seed: int = _f(42, "Seed for data order, splits, initialisation and dropout.")
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = _f("auto", "Weights dtype; auto = bf16 on GPUs that support it, else fp32.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = _f(
+        "auto", "Weights dtype; auto = bf16 on GPUs that support it, else fp32.")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "Where to train; auto = cuda when available.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the model.")

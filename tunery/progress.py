@@ -8,7 +8,8 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+console = Console(stderr=True)  # progress, status and errors
+report = Console()  # what a command reports: tables, previews
 
 
 def make_progress(*extra_columns) -> Progress:

@@ -45,7 +45,7 @@ def make_examples(n: int = 480, seed: int = 7) -> list[dict]:
     rng = random.Random(seed)
     start, span = dt.date(1950, 1, 1).toordinal(), 365 * 86
     rows = []
-    for i in range(n):
+    for _ in range(n):
         date = dt.date.fromordinal(start + rng.randrange(span))
         rows.append({"messages": [
             {"role": "user", "content": _PROMPT + _render(date, rng.randrange(8))},

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -13,9 +12,9 @@ from tunery.progress import console
 
 def chat_command(
     run: Path = typer.Argument(..., help="Run folder written by `tunery train`."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Ask once, print the reply and exit."),
-    system: Optional[str] = typer.Option(None, "--system", help="System message (default: the run's)."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Reply length limit."),
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="Ask once, print the reply and exit."),
+    system: str | None = typer.Option(None, "--system", help="System message (default: the run's)."),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Reply length limit."),
     base: bool = typer.Option(False, "--base", help="Talk to the base model instead, for comparison."),
 ) -> None:
     """Chat with the fine-tuned model. Type /exit or Ctrl-D to leave, /reset to forget the conversation."""

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from tunery.progress import console
+from tunery.progress import report as console
+
 
 class TrainOn(str, enum.Enum):
     assistant = "assistant"
@@ -23,10 +23,10 @@ app = typer.Typer(no_args_is_help=True, help="Look at training data before train
 @app.command("inspect")
 def inspect_command(
     file: Path = typer.Argument(..., help="Data file or saved datasets folder."),
-    model: Optional[str] = typer.Option(None, "--model", help="Tokenizer to count tokens and render with."),
+    model: str | None = typer.Option(None, "--model", help="Tokenizer to count tokens and render with."),
     max_seq_len: int = typer.Option(2048, "--max-seq-len", help="Rows longer than this are reported."),
     train_on: TrainOn = typer.Option(TrainOn.assistant, "--train-on", help="Which tokens carry loss."),
-    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out file to check overlap with."),
+    eval_data: Path | None = typer.Option(None, "--eval-data", help="Held-out file to check overlap with."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Report rows, format, token lengths, duplicates, truncation and train/eval overlap.

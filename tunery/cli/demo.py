@@ -14,7 +14,8 @@ DATA = Path(__file__).resolve().parent.parent / "assets" / "dates.jsonl"
 
 def demo_settings(model: Path, out: Path, steps: int) -> dict:
     """RunConfig values for the demo: LoRA on a tiny random-init model, tuned to learn the task on 2 cores."""
-    return dict(model=str(model), data=str(DATA), output_dir=str(out / "runs"), name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}",
+    return dict(model=str(model), data=str(DATA), output_dir=str(out / "runs"),
+                name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}",
                 lora_r=32, lora_alpha=64, lora_dropout=0.0, lr=2e-3, scheduler="linear", warmup_ratio=0.05,
                 batch_size=16, max_steps=steps, max_seq_len=64, save_every=steps // 4, eval_every=steps // 4,
                 eval_samples=0, max_new_tokens=16)

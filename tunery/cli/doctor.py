@@ -8,7 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from rich.table import Table
 
-from tunery.progress import console
+from tunery.progress import report as console
 
 _CORE = ("tunery", "torch", "transformers", "peft", "datasets", "tokenizers", "safetensors", "accelerate")
 _OPTIONAL = {"bitsandbytes": "4-bit QLoRA", "liger-kernel": "fused GPU kernels", "gguf": "GGUF export",

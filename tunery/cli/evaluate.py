@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
 
-from tunery.progress import console
+from tunery.progress import report as console
 
 
 def eval_command(
     run: Path = typer.Argument(..., help="Run folder written by `tunery train`."),
-    samples: Optional[int] = typer.Option(None, "--samples", help="Held-out prompts to generate (0 = all)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: the run's)."),
+    samples: int | None = typer.Option(None, "--samples", help="Held-out prompts to generate (0 = all)."),
+    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: the run's)."),
 ) -> None:
     """Held-out loss, perplexity, exact match and ROUGE-L of the base and the fine-tuned model."""
     from tunery.eval.evaluate import evaluate_run

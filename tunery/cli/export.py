@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -12,7 +11,7 @@ from tunery.progress import console
 
 def export_command(
     run: Path = typer.Argument(..., help="Run folder written by `tunery train`."),
-    merged: Optional[Path] = typer.Option(None, "--merged", help="Write merged safetensors + tokenizer here."),
+    merged: Path | None = typer.Option(None, "--merged", help="Write merged safetensors + tokenizer here."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output folder if it exists."),
 ) -> None:
     """Export a trained run: merged weights that plain transformers loads."""

@@ -8,7 +8,7 @@ import inspect
 import types
 import typing
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import typer
 
@@ -28,26 +28,26 @@ def _option(f: dataclasses.Field, hint) -> tuple[object, object]:
     base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
     if typing.get_origin(base) is Literal:
         choices = enum.Enum(f.name, {str(a): str(a) for a in typing.get_args(base)}, type=str)
-        return Optional[choices], typer.Option(None, flag, help=help_text, show_default=False)
+        return choices | None, typer.Option(None, flag, help=help_text, show_default=False)
     if base is bool:
-        return Optional[bool], typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False)
+        return bool | None, typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False)
     if typing.get_origin(base) is list:
-        return Optional[str], typer.Option(None, flag, help=help_text + " (comma-separated)", show_default=False)
-    return Optional[base], typer.Option(None, flag, help=help_text, show_default=False)
+        return str | None, typer.Option(None, flag, help=help_text + " (comma-separated)", show_default=False)
+    return base | None, typer.Option(None, flag, help=help_text, show_default=False)
 
 
 def train_command():
     hints = typing.get_type_hints(RunConfig)
+    keyword = inspect.Parameter.KEYWORD_ONLY
     params = [
-        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
-                          default=typer.Option(None, "--config", "-c", help="YAML file of settings; flags override it.")),
-        inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
-                          default=typer.Option(None, "--resume", help="Continue this run folder from its last checkpoint.")),
+        inspect.Parameter("config", keyword, annotation=Path | None, default=typer.Option(
+            None, "--config", "-c", help="YAML file of settings; flags override it.")),
+        inspect.Parameter("resume", keyword, annotation=Path | None, default=typer.Option(
+            None, "--resume", help="Continue this run folder from its last checkpoint.")),
     ]
     for f in dataclasses.fields(RunConfig):
         annotation, option = _option(f, hints[f.name])
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
-                                        annotation=annotation))
+        params.append(inspect.Parameter(f.name, keyword, default=option, annotation=annotation))
 
     def train(**kwargs) -> None:
         from tunery.progress import console

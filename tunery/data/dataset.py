@@ -93,6 +93,8 @@ def _cached_tokens(key: str, examples: list[Example | None], tokenizer, max_seq_
                           tokenize_example(tokenizer, example, max_seq_len, train_on))
             advance()
     kept = [(r, t) for r, t in enumerate(tokens) if t is not None]
+    if not kept:  # datasets cannot load back a dataset saved with no rows (0 shards); nothing to cache anyway
+        return tokens
     ds = datasets.Dataset.from_dict({"row": [r for r, _ in kept], "input_ids": [t.input_ids for _, t in kept],
                                      "labels": [t.labels for _, t in kept],
                                      "truncated": [t.truncated for _, t in kept]})
@@ -104,10 +106,10 @@ def _cached_tokens(key: str, examples: list[Example | None], tokenizer, max_seq_
 
 
 def split_indices(n: int, eval_split: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded shuffle of range(n) cut into (train, eval); eval gets at least one row when asked for."""
+    """Seeded shuffle of range(n) cut into (train, eval); each side keeps at least one row when n >= 2."""
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    n_eval = 0 if eval_split <= 0 or n < 2 else max(1, round(n * eval_split))
+    n_eval = 0 if eval_split <= 0 or n < 2 else min(n - 1, max(1, round(n * eval_split)))
     return sorted(order[n_eval:]), sorted(order[:n_eval])
 
 

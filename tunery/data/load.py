@@ -52,7 +52,7 @@ def content_hash(path: str | Path) -> str:
 
 def _load_json(path: Path) -> list[dict]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}. "
                         "If the file has one object per line, name it .jsonl") from None
@@ -69,7 +69,7 @@ def _load_json(path: Path) -> list[dict]:
 
 def _load_jsonl(path: Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:
         try:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():

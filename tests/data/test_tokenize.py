@@ -1,0 +1,226 @@
+"""Label masks, truncation, the default chat template, and prepare_data's split and token cache."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+import tunery.data.dataset as dataset_module
+from tunery.config import RunConfig
+from tunery.data.dataset import prepare_data
+from tunery.data.templates import DEFAULT_TEMPLATE, ensure_chat_template, render
+from tunery.data.tokenize import IGNORE, assistant_spans, tokenize_example
+from tunery.errors import DataError
+
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": "Another one?"},
+    {"role": "assistant", "content": "Green, like grass."},
+]
+
+
+def labelled_runs(tokenizer, tokens) -> list[str]:
+    """Decoded text of each maximal run of consecutive labelled tokens."""
+    runs: list[list[int]] = []
+    previous = IGNORE
+    for tok, lab in zip(tokens.input_ids, tokens.labels, strict=True):
+        if lab != IGNORE:
+            if previous == IGNORE:
+                runs.append([])
+            runs[-1].append(tok)
+        previous = lab
+    return [tokenizer.decode(run) for run in runs]
+
+
+def test_only_assistant_replies_and_their_end_of_turn_are_labelled(tiny_tokenizer):
+    tokens = tokenize_example(tiny_tokenizer, {"messages": CONVERSATION}, max_seq_len=1024)
+    assert tiny_tokenizer.decode(tokens.input_ids) == render(tiny_tokenizer, CONVERSATION)
+    assert labelled_runs(tiny_tokenizer, tokens) == ["Blue.<|im_end|>\n", "Green, like grass.<|im_end|>\n"]
+    assert all(lab in (IGNORE, tok) for tok, lab in zip(tokens.input_ids, tokens.labels, strict=True))
+    assert not tokens.truncated
+
+
+def test_non_ascii_reply_is_masked_on_character_boundaries(tiny_tokenizer):
+    messages = [{"role": "user", "content": "Sag hallo auf 日本語"},
+                {"role": "assistant", "content": "Grüße 🌿 — café"}]
+    tokens = tokenize_example(tiny_tokenizer, {"messages": messages}, max_seq_len=1024)
+    assert labelled_runs(tiny_tokenizer, tokens) == ["Grüße 🌿 — café<|im_end|>\n"]
+
+
+def test_train_on_all_labels_every_token(tiny_tokenizer):
+    tokens = tokenize_example(tiny_tokenizer, {"messages": CONVERSATION}, max_seq_len=1024, train_on="all")
+    assert tokens.labels == tokens.input_ids
+    assert tiny_tokenizer.decode(tokens.input_ids).startswith("<|im_start|>system\nYou are terse.")
+
+
+def test_truncation_keeps_a_prefix_and_is_flagged(tiny_tokenizer):
+    full = tokenize_example(tiny_tokenizer, {"messages": CONVERSATION}, max_seq_len=1024)
+    n = len(full.input_ids)
+    cut = tokenize_example(tiny_tokenizer, {"messages": CONVERSATION}, max_seq_len=n - 5)
+    assert cut.truncated
+    assert cut.input_ids == full.input_ids[: n - 5] and cut.labels == full.labels[: n - 5]
+    exact = tokenize_example(tiny_tokenizer, {"messages": CONVERSATION}, max_seq_len=n)
+    assert not exact.truncated and exact.input_ids == full.input_ids
+
+
+def test_raw_text_gets_eos_and_is_labelled_everywhere(tiny_tokenizer):
+    text = "The quick brown fox jumps over the lazy dog."
+    tokens = tokenize_example(tiny_tokenizer, {"text": text}, max_seq_len=1024)
+    assert tokens.input_ids[-1] == tiny_tokenizer.eos_token_id
+    assert tiny_tokenizer.decode(tokens.input_ids) == text + tiny_tokenizer.eos_token
+    assert tokens.labels == tokens.input_ids
+
+
+@pytest.fixture
+def untemplated_tokenizer(tiny_tokenizer):
+    """The tiny tokenizer as a base model would ship it: no chat template, an eos other than <|im_end|>."""
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = None
+    tok.eos_token = "<|endoftext|>"
+    return tok
+
+
+def test_default_template_is_added_once_to_a_tokenizer_without_one(untemplated_tokenizer, tiny_tokenizer):
+    assert ensure_chat_template(untemplated_tokenizer) is True
+    assert untemplated_tokenizer.chat_template == DEFAULT_TEMPLATE
+    assert ensure_chat_template(untemplated_tokenizer) is False
+    own = tiny_tokenizer.chat_template
+    assert ensure_chat_template(copy.deepcopy(tiny_tokenizer)) is False
+    assert tiny_tokenizer.chat_template == own != DEFAULT_TEMPLATE
+
+
+def test_default_template_renders_prefix_consistently(untemplated_tokenizer):
+    ensure_chat_template(untemplated_tokenizer)
+    full = render(untemplated_tokenizer, CONVERSATION)
+    for i in range(1, len(CONVERSATION)):
+        head = render(untemplated_tokenizer, CONVERSATION[:i])
+        prompt = render(untemplated_tokenizer, CONVERSATION[:i], add_generation_prompt=True)
+        assert full.startswith(head) and prompt.startswith(head)
+        if CONVERSATION[i]["role"] == "assistant":
+            assert full.startswith(prompt)
+    # eos closes each assistant turn (and only those) because this eos is not <|im_end|>
+    assert full.count("<|im_end|><|endoftext|>\n") == 2
+    _, spans = assistant_spans(untemplated_tokenizer, CONVERSATION)
+    assert [full[s:e] for s, e in spans] == ["Blue.<|im_end|><|endoftext|>\n",
+                                             "Green, like grass.<|im_end|><|endoftext|>\n"]
+
+
+def test_default_template_labels_include_the_eos(untemplated_tokenizer):
+    ensure_chat_template(untemplated_tokenizer)
+    tokens = tokenize_example(untemplated_tokenizer, {"messages": CONVERSATION}, max_seq_len=1024)
+    assert labelled_runs(untemplated_tokenizer, tokens) == ["Blue.<|im_end|><|endoftext|>\n",
+                                                            "Green, like grass.<|im_end|><|endoftext|>\n"]
+
+
+def test_template_that_is_not_prefix_consistent_is_refused(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    # numbers each turn from the end, so a prefix renders differently from the whole conversation
+    tok.chat_template = "{% for m in messages %}{{ (messages|length - loop.index)|string + m['content'] }}{% endfor %}"
+    with pytest.raises(DataError, match="--train-on all"):
+        tokenize_example(tok, {"messages": CONVERSATION}, max_seq_len=1024)
+
+
+# ---------------------------------------------------------------- prepare_data
+
+
+def _write_chat(path, n: int, reply=lambda i: f"Answer number {i}.") -> None:
+    rows = [{"messages": [{"role": "user", "content": f"Question number {i}?"},
+                          {"role": "assistant", "content": reply(i)}]} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _config(path, **kw) -> RunConfig:
+    return RunConfig(model="tiny", data=str(path), **{"eval_split": 0.2, "seed": 1, **kw})
+
+
+def _replies(tokenizer, seqs) -> set[str]:
+    return {tokenizer.decode([t for t, lab in zip(s.input_ids, s.labels, strict=True) if lab != IGNORE]) for s in seqs}
+
+
+def test_split_is_seeded_disjoint_and_sized(tmp_path, tunery_home, tiny_tokenizer):
+    data = tmp_path / "chat.jsonl"
+    _write_chat(data, 10)
+    first = prepare_data(_config(data), tiny_tokenizer)
+    again = prepare_data(_config(data), tiny_tokenizer)
+    other = prepare_data(_config(data, seed=2), tiny_tokenizer)
+
+    assert (len(first.train), len(first.eval), len(first.eval_examples)) == (8, 2, 2)
+    train, held = _replies(tiny_tokenizer, first.train), _replies(tiny_tokenizer, first.eval)
+    assert not train & held
+    assert train | held == {f"Answer number {i}.<|im_end|>\n" for i in range(10)}
+    assert again.train == first.train and again.eval == first.eval
+    assert _replies(tiny_tokenizer, other.eval) != held
+    # eval_examples line up with the eval token sequences
+    assert {e["messages"][1]["content"] + "<|im_end|>\n" for e in first.eval_examples} == held
+    assert first.report()["train_examples"] == 8
+
+
+def test_separate_eval_file_is_used_whole(tmp_path, tunery_home, tiny_tokenizer):
+    data, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    _write_chat(data, 6)
+    _write_chat(held, 3, reply=lambda i: f"Held answer {i}.")
+    prepared = prepare_data(_config(data, eval_data=str(held)), tiny_tokenizer)
+    assert len(prepared.train) == 6
+    assert _replies(tiny_tokenizer, prepared.eval) == {f"Held answer {i}.<|im_end|>\n" for i in range(3)}
+
+
+def test_rejected_rows_are_dropped_and_counted(tmp_path, tunery_home, tiny_tokenizer):
+    data = tmp_path / "chat.jsonl"
+    _write_chat(data, 5, reply=lambda i: "" if i % 2 else f"Answer number {i}.")
+    prepared = prepare_data(_config(data, eval_split=0.0), tiny_tokenizer)
+    assert len(prepared.train) == 3 and prepared.eval == []
+    summary = prepared.report()["files"][0]
+    assert summary["rejected"] == 2 and summary["rejected_reasons"] == {"empty assistant message": 2}
+
+
+def test_file_with_every_row_rejected_raises(tmp_path, tunery_home, tiny_tokenizer):
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}]}) + "\n"
+                            for i in range(3)))
+    for _ in range(2):  # the second call reads the (empty) token cache
+        with pytest.raises(DataError) as err:
+            prepare_data(_config(data), tiny_tokenizer)
+        assert str(data) in str(err.value)
+        assert "3 rejected" in str(err.value) and "no assistant message to learn from" in str(err.value)
+
+
+def test_answers_truncated_away_leave_nothing_to_train(tmp_path, tunery_home, tiny_tokenizer):
+    data = tmp_path / "chat.jsonl"
+    _write_chat(data, 4)
+    with pytest.raises(DataError, match="max_seq_len=4"):
+        prepare_data(_config(data, max_seq_len=4), tiny_tokenizer)
+
+
+class _Retokenized(Exception):
+    pass
+
+
+def _refuse(*args, **kwargs):
+    raise _Retokenized
+
+
+def test_token_cache_is_reused_and_keyed_on_settings_and_content(tmp_path, tunery_home, tiny_tokenizer,
+                                                                 monkeypatch):
+    data = tmp_path / "chat.jsonl"
+    _write_chat(data, 10)
+    first = prepare_data(_config(data), tiny_tokenizer)
+    assert len(list((tunery_home / "cache" / "tokenized").iterdir())) == 1
+
+    monkeypatch.setattr(dataset_module, "tokenize_example", _refuse)
+    cached = prepare_data(_config(data), tiny_tokenizer)
+    assert (cached.train, cached.eval, cached.eval_examples) == (first.train, first.eval, first.eval_examples)
+    assert cached.files[0].tokens == first.files[0].tokens
+
+    with pytest.raises(_Retokenized):
+        prepare_data(_config(data, max_seq_len=64), tiny_tokenizer)
+    with pytest.raises(_Retokenized):
+        prepare_data(_config(data, train_on="all"), tiny_tokenizer)
+    with pytest.raises(_Retokenized):
+        prepare_data(_config(data, system_prompt="Be brief."), tiny_tokenizer)
+    _write_chat(data, 11)
+    with pytest.raises(_Retokenized):
+        prepare_data(_config(data), tiny_tokenizer)

@@ -1,0 +1,55 @@
+"""Smaller CLI paths: doctor, YAML config with flag overrides, full fine-tuning, data inspect exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from .conftest import metrics, run_cli, train_args
+
+pytestmark = pytest.mark.slow
+
+
+def test_doctor_reports_torch_and_device(tmp_path):
+    import torch
+
+    proc = run_cli("doctor", home=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert torch.__version__ in out and "CUDA available" in out and "TUNERY_HOME" in out
+
+
+def test_yaml_config_with_flag_override_is_written_into_the_run(workspace, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"model": str(workspace["model"]), "data": str(workspace["data"]),
+                                   "output_dir": str(tmp_path / "runs"), "name": "yaml", "max_steps": 3,
+                                   "lr": 1e-3, "max_seq_len": 64, "batch_size": 4}))
+    run_cli("train", "--config", str(cfg), "--lr", "5e-4", "--lora-r", "4", home=workspace["home"])
+    written = yaml.safe_load((tmp_path / "runs" / "yaml" / "config.yaml").read_text())
+    assert written["lr"] == 5e-4 and written["lora_r"] == 4 and written["max_steps"] == 3
+    assert [m["step"] for m in metrics(tmp_path / "runs" / "yaml")] == [1, 2, 3]
+
+    cfg.write_text(yaml.safe_dump({"model": "x", "data": "y", "learning_rate": 1e-3}))
+    proc = run_cli("train", "--config", str(cfg), home=workspace["home"], check=False)
+    assert proc.returncode == 2 and "learning_rate" in proc.stderr
+
+
+def test_full_fine_tune_writes_a_model_folder_that_eval_and_export_use(workspace, tmp_path):
+    run_cli(*train_args(workspace, "full", "--method", "full", "--max-steps", "6", "--lr", "1e-3"),
+            home=workspace["home"])
+    run = workspace["root"] / "runs" / "full"
+    assert (run / "model" / "config.json").exists() and not (run / "adapter").exists()
+    run_cli("eval", str(run), "--samples", "4", home=workspace["home"])
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert report["fine_tuned"]["loss"] < report["base"]["loss"]
+    run_cli("export", str(run), "--merged", str(tmp_path / "merged"), home=workspace["home"])
+    assert (tmp_path / "merged" / "model.safetensors").exists()
+
+
+def test_data_inspect_exits_non_zero_when_nothing_would_train(workspace, tmp_path):
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"prompt": "word " * 200, "completion": "answer"}) + "\n")
+    proc = run_cli("data", "inspect", str(data), "--model", str(workspace["model"]), "--max-seq-len", "32",
+                   home=workspace["home"], check=False)
+    assert proc.returncode == 1 and "problem" in proc.stdout + proc.stderr
