@@ -15,3 +15,7 @@ class ModelError(TuneryError):
 
 class RunError(TuneryError):
     """A run folder is missing, incomplete or cannot be resumed."""
+
+
+class ExportError(TuneryError):
+    """An export cannot be written, or its verification against the torch model failed."""
