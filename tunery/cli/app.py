@@ -11,7 +11,7 @@ import warnings
 
 import typer
 
-from tunery.cli import chat, data, demo, doctor, evaluate, export, train
+from tunery.cli import chat, data, demo, doctor, evaluate, export, jobs, train
 from tunery.errors import TuneryError
 from tunery.progress import console
 
@@ -24,6 +24,11 @@ app.command("chat")(chat.chat_command)
 app.command("export")(export.export_command)
 app.command("demo")(demo.demo_command)
 app.command("doctor")(doctor.doctor_command)
+app.command("submit")(jobs.submit_command)
+app.add_typer(jobs.app, name="jobs")
+app.command("logs")(jobs.logs_command)
+app.command("cancel")(jobs.cancel_command)
+app.command("worker")(jobs.worker_command)
 
 
 def main() -> None:

@@ -130,7 +130,8 @@ def run_loop(t: Trainer, start: int, metrics: MetricsFile) -> dict:
             stats = train_step(t, step)
             done = step + 1
             tokens += stats.pop("tokens")
-            stats.update(step=done, epoch=round(done * cfg.batch_size * cfg.grad_accum / len(t.data.train), 4),
+            epoch = done * cfg.batch_size * cfg.grad_accum / len(t.data.train)
+            stats.update(step=done, total_steps=t.total_steps, epoch=round(epoch, 4),
                          tokens_per_s=tokens / max(time.time() - t0, 1e-9))
             if t.data.eval and ((cfg.eval_every and done % cfg.eval_every == 0) or done == t.total_steps):
                 ev = _eval(t)

@@ -12,11 +12,14 @@ from pathlib import Path
 from tunery.config import RunConfig
 from tunery.errors import RunError
 
+_PREPARED = ("config.yaml", "job.log")
+
 
 def new_run_dir(cfg: RunConfig) -> Path:
     name = cfg.name or f"{Path(cfg.model.rstrip('/')).name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     path = Path(cfg.output_dir) / name
-    if path.exists() and any(path.iterdir()):
+    # a folder prepared by `tunery submit` holds only its config (and the job log): that is a fresh start
+    if path.exists() and any(p.name not in _PREPARED for p in path.iterdir()):
         raise RunError(f"run folder {path} already exists; pick another --name, or continue it with "
                        f"`tunery train --resume {path}`")
     path.mkdir(parents=True, exist_ok=True)

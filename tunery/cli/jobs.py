@@ -1,0 +1,192 @@
+"""Job verbs: `tunery submit`, `tunery jobs [show|retry]`, `tunery logs`, `tunery cancel`, `tunery worker`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from tunery.progress import console
+from tunery.progress import report as out
+
+app = typer.Typer(help="List and inspect jobs (`tunery jobs` lists them).", invoke_without_command=True)
+
+_SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 60) -> str:
+    if not values:
+        return ""
+    if len(values) > width:  # average into `width` buckets
+        step = len(values) / width
+        buckets = [values[int(i * step): int((i + 1) * step)] for i in range(width)]
+        values = [sum(b) / len(b) for b in buckets]
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    return "".join(_SPARK[min(7, int((v - low) / span * 7.999))] for v in values)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def submit_command(
+    config: Path = typer.Option(..., "--config", "-c", help="Run config YAML (same keys as `tunery train`)."),
+    name: str | None = typer.Option(None, "--name", help="Run/job name (default: from the config or model)."),
+    flavor: str = typer.Option("local", "--flavor", help="Hardware flavor (see tunery/jobs/flavors.yaml)."),
+    timeout: str | None = typer.Option(None, "--timeout", help="Stop the job after this long, e.g. 30m, 4h."),
+    budget: str | None = typer.Option(None, "--budget", help="Refuse or stop past this cost, e.g. 5usd."),
+    secret: list[str] = typer.Option([], "--secret", help="Environment variable NAME passed to the job only."),
+    backend: str = typer.Option("local", "--backend", help="local, ray or hf-jobs."),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster address (ray backend)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Start even when the estimate exceeds the budget."),
+    no_worker: bool = typer.Option(False, "--no-worker", help="Queue only; do not start a local worker."),
+) -> None:
+    """Queue a training job; prints its id and the estimated time and cost first."""
+    from tunery.config import RunConfig
+    from tunery.jobs import submit
+    from tunery.jobs.flavors import parse_duration, parse_money
+
+    cfg = RunConfig.from_yaml(config)
+    if name:
+        cfg = cfg.replace(name=name)
+    cfg, run_dir, est = submit.prepare(cfg, flavor, backend, base=config.resolve().parent)
+    timeout_s = parse_duration(timeout) if timeout else None
+    budget_usd = parse_money(budget) if budget is not None else None
+    console.print(est.describe())
+    if budget_usd is not None and est.usd > budget_usd and not yes:
+        console.print(f"[red]refused:[/] the estimate ${est.usd:.2f} exceeds the budget ${budget_usd:.2f}; "
+                      "raise --budget, pick a cheaper --flavor, or pass --yes to start anyway")
+        raise typer.Exit(3)
+    job = submit.queue(cfg, run_dir, est, flavor=flavor, backend=backend, timeout_s=timeout_s,
+                       budget_usd=budget_usd, secrets=list(secret))
+    if backend != "local":
+        from tunery.jobs.backends import get_backend
+
+        get_backend(backend, address=address).submit(job)
+    elif not no_worker and submit.ensure_worker():
+        console.print("started a background worker (log: TUNERY_HOME/worker.log)")
+    out.print(job.id)
+    console.print(f"queued job {job.id} ({run_dir}); follow it with `tunery logs {job.id} -f`")
+
+
+@app.callback()
+def list_jobs(ctx: typer.Context, limit: int = typer.Option(30, "--limit", help="How many recent jobs.")) -> None:
+    """List recent jobs."""
+    if ctx.invoked_subcommand:
+        return
+    from tunery.jobs.store import JobStore
+
+    table = Table()
+    for col in ("id", "name", "model", "backend", "state", "progress", "loss", "elapsed", "cost"):
+        table.add_column(col, no_wrap=col in ("id", "state", "progress"), overflow="fold")
+    for job in JobStore().list(limit):
+        progress = f"{job.step}/{job.total_steps}" if job.total_steps else "-"
+        table.add_row(job.id, job.name, Path(job.model).name, job.backend, job.state, progress,
+                      f"{job.last_loss:.4f}" if job.last_loss is not None else "-", _duration(job.elapsed),
+                      f"${job.cost_so_far:.2f}")
+    out.print(table)
+
+
+@app.command("show")
+def show_job(job_id: str = typer.Argument(..., help="Job id (a unique prefix is enough).")) -> None:
+    """One job in full: settings, state history, loss sparkline."""
+    from tunery.jobs.store import JobStore
+
+    store = JobStore()
+    job = store.get(job_id)
+    table = Table(show_header=False, title=f"job {job.id}")
+    for key in ("name", "model", "backend", "flavor", "state", "run_dir", "estimate", "timeout_s", "budget_usd",
+                "attempts", "external_id"):
+        table.add_row(key, str(getattr(job, key)))
+    table.add_row("secrets", ", ".join(job.secret_names) or "-")
+    table.add_row("progress", f"{job.step}/{job.total_steps or '?'}")
+    table.add_row("elapsed / cost", f"{_duration(job.elapsed)} / ${job.cost_so_far:.2f}")
+    out.print(table)
+    for t in store.transitions(job.id):
+        out.print(f"  {time.strftime('%H:%M:%S', time.localtime(t['at']))}  {t['state']:<10} {t['reason']}")
+    losses = [m["loss"] for m in store.metrics(job.id) if m["loss"] is not None]
+    if losses:
+        out.print(f"loss {losses[0]:.4f} {sparkline(losses)} {losses[-1]:.4f}  ({len(losses)} steps)")
+
+
+@app.command("retry")
+def retry_job(job_id: str = typer.Argument(...)) -> None:
+    """Queue a finished (failed, cancelled, timed-out) job again; it resumes from its last checkpoint."""
+    from tunery.errors import TuneryError
+    from tunery.jobs import submit
+    from tunery.jobs.store import FINAL, JobStore
+
+    store = JobStore()
+    job = store.get(job_id)
+    if not store.set_state(job.id, "queued", "retried by user", expect=tuple(s for s in FINAL if s != "succeeded"),
+                           cancel_requested=0, finished=None):
+        raise TuneryError(f"job {job.id} is {job.state}; only failed, cancelled or timed-out jobs can be retried")
+    if job.backend == "local":
+        submit.ensure_worker()
+    console.print(f"job {job.id} queued again")
+
+
+def logs_command(
+    job_id: str = typer.Argument(..., help="Job id (a unique prefix is enough)."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends."),
+) -> None:
+    """Print a job's log (the output of its `tunery train`)."""
+    import sys
+
+    from tunery.jobs.store import FINAL, JobStore
+
+    store = JobStore()
+    job = store.get(job_id)
+    path = Path(job.run_dir) / "job.log"
+    offset = 0
+    while True:
+        if path.exists():
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                chunk = fh.read()
+            offset += len(chunk)
+            sys.stdout.write(chunk.decode("utf-8", errors="replace"))
+            sys.stdout.flush()
+        if not follow or store.get(job.id).state in FINAL:
+            break
+        time.sleep(0.5)
+
+
+def cancel_command(job_id: str = typer.Argument(..., help="Job id (a unique prefix is enough).")) -> None:
+    """Cancel a queued job at once, or ask the worker to stop a running one (within seconds)."""
+    from tunery.errors import TuneryError
+    from tunery.jobs.store import JobStore
+
+    store = JobStore()
+    job = store.get(job_id)
+    if store.set_state(job.id, "cancelled", "cancelled by user before it started", expect=("queued",)):
+        console.print(f"job {job.id} cancelled")
+        return
+    if job.state != "running":
+        raise TuneryError(f"job {job.id} is already {job.state}")
+    store.update(job.id, cancel_requested=1)
+    if job.backend != "local":
+        from tunery.jobs.backends import get_backend
+
+        get_backend(job.backend).cancel(job)
+        store.set_state(job.id, "cancelled", "cancelled by user", expect=("running",))
+    console.print(f"cancel requested for job {job.id}")
+
+
+def worker_command(
+    exit_when_idle: float | None = typer.Option(None, "--exit-when-idle",
+                                                help="Exit after this many seconds with nothing to run."),
+    slots: int | None = typer.Option(None, "--slots", help="Jobs at once (default: one per GPU, 1 on CPU)."),
+) -> None:
+    """Run queued local jobs (one per free GPU; one at a time on CPU) until stopped."""
+    from tunery.jobs.worker import LocalWorker
+
+    worker = LocalWorker(slots=slots)
+    console.print(f"worker {worker.id}: {worker.slots} slot(s)")
+    worker.run(exit_when_idle)

@@ -1,0 +1,99 @@
+"""Hardware flavors (data in flavors.yaml) and the time/cost estimate shown before a job starts."""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from tunery.errors import TuneryError
+
+# Measured anchor: LoRA SFT tokens/s on one H100 (docs: ../shared/DESIGN.md, HF+PEFT rows, seq 2048), by
+# model size in billions of parameters. Other GPUs scale by their bf16 TFLOP/s; CPU by a flat rate.
+_H100_TOKENS_PER_S = ((0.5, 33_400), (1.2, 23_700), (8.0, 5_800))
+_CPU_TOKENS_PER_S_PER_B = 300.0  # ~1.5k tok/s for a 0.2B model on 16 cores: a rough floor
+
+
+@dataclass(frozen=True)
+class Flavor:
+    name: str
+    gpus: int
+    gpu: str | None
+    gpu_memory_gb: int
+    usd_per_hour: float
+    tflops_bf16: float
+
+
+@functools.cache
+def flavors() -> dict[str, Flavor]:
+    raw = yaml.safe_load((Path(__file__).with_name("flavors.yaml")).read_text())
+    return {name: Flavor(name=name, **values) for name, values in raw.items()}
+
+
+def get_flavor(name: str) -> Flavor:
+    table = flavors()
+    if name not in table:
+        raise TuneryError(f"unknown flavor {name!r}; known: {', '.join(table)}")
+    return table[name]
+
+
+def parse_duration(text: str) -> int:
+    """'90' / '90s' / '30m' / '4h' / '1d' -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(text).lower())
+    if not match:
+        raise TuneryError(f"cannot read duration {text!r}: use e.g. 90s, 30m, 4h")
+    return int(float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]])
+
+
+def parse_money(text: str) -> float:
+    """'5usd' / '$5' / '5' / '2.5 USD' -> 5.0"""
+    match = re.fullmatch(r"\s*\$?\s*(\d+(?:\.\d+)?)\s*(usd)?\s*", str(text).lower())
+    if not match:
+        raise TuneryError(f"cannot read budget {text!r}: use e.g. 5usd or $5")
+    return float(match[1])
+
+
+def tokens_per_second(params_b: float, flavor: Flavor) -> float:
+    """Estimated training throughput for a model of `params_b` billion parameters on `flavor`."""
+    if not flavor.gpus:
+        return _CPU_TOKENS_PER_S_PER_B / max(params_b, 1e-3)
+    anchor = _interpolate(params_b)
+    return anchor * flavor.tflops_bf16 / 989 * flavor.gpus * (0.85 if flavor.gpus > 1 else 1.0)
+
+
+def _interpolate(params_b: float) -> float:
+    """H100 tokens/s at `params_b`, linear in 1/size between anchors (throughput ~ 1/FLOPs per token)."""
+    pts = _H100_TOKENS_PER_S
+    if params_b <= pts[0][0]:
+        return pts[0][1] * pts[0][0] / max(params_b, 1e-3)
+    for (s0, t0), (s1, t1) in zip(pts, pts[1:]):
+        if params_b <= s1:
+            w = (1 / params_b - 1 / s1) / (1 / s0 - 1 / s1)
+            return t1 + w * (t0 - t1)
+    return pts[-1][1] * pts[-1][0] / params_b
+
+
+@dataclass(frozen=True)
+class Estimate:
+    tokens: int
+    params_b: float
+    tokens_per_s: float
+    seconds: float
+    usd: float
+    flavor: str
+
+    def describe(self) -> str:
+        hours = self.seconds / 3600
+        span = f"{self.seconds / 60:.0f} min" if hours < 1 else f"{hours:.1f} h"
+        return (f"estimate (rough, from a throughput table): {self.tokens:,} tokens on {self.flavor} at "
+                f"~{self.tokens_per_s:,.0f} tok/s for a {self.params_b:.2g}B model -> ~{span}, ~${self.usd:.2f}")
+
+
+def estimate(tokens: int, params_b: float, flavor: Flavor) -> Estimate:
+    tps = tokens_per_second(params_b, flavor)
+    startup = 10 if flavor.name == "local" else 120  # remote: image pull, model download, load
+    seconds = tokens / max(tps, 1e-9) + startup
+    return Estimate(tokens, params_b, tps, seconds, seconds / 3600 * flavor.usd_per_hour, flavor.name)

@@ -1,0 +1,195 @@
+"""The job store: SQLite in WAL mode under TUNERY_HOME, safe for a CLI and a worker at once.
+
+Every state change is a row in `transitions` (time + reason); claiming a job is one atomic UPDATE, so
+two workers never run the same job.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunery.errors import TuneryError
+from tunery.paths import tunery_home
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled", "timed-out")
+FINAL = ("succeeded", "failed", "cancelled", "timed-out")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+  id TEXT PRIMARY KEY, name TEXT, model TEXT, backend TEXT, flavor TEXT, state TEXT NOT NULL,
+  run_dir TEXT NOT NULL, timeout_s INTEGER, budget_usd REAL, usd_per_hour REAL, estimate TEXT,
+  secret_names TEXT, created REAL, started REAL, finished REAL, worker TEXT, pid INTEGER,
+  cancel_requested INTEGER DEFAULT 0, progress REAL DEFAULT 0, total_steps INTEGER, step INTEGER DEFAULT 0,
+  last_loss REAL, external_id TEXT, attempts INTEGER DEFAULT 0, returncode INTEGER);
+CREATE TABLE IF NOT EXISTS transitions (job_id TEXT, state TEXT, at REAL, reason TEXT);
+CREATE TABLE IF NOT EXISTS metrics (job_id TEXT, step INTEGER, loss REAL, lr REAL, eval_loss REAL, at REAL,
+  PRIMARY KEY (job_id, step));
+CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, pid INTEGER, host TEXT, heartbeat REAL);
+"""
+
+
+@dataclass
+class Job:
+    id: str
+    name: str
+    model: str
+    backend: str
+    flavor: str
+    state: str
+    run_dir: str
+    timeout_s: int | None
+    budget_usd: float | None
+    usd_per_hour: float
+    estimate: str | None
+    secret_names: list[str]
+    created: float
+    started: float | None
+    finished: float | None
+    worker: str | None
+    pid: int | None
+    cancel_requested: bool
+    progress: float
+    total_steps: int | None
+    step: int
+    last_loss: float | None
+    external_id: str | None
+    attempts: int
+    returncode: int | None
+
+    @property
+    def elapsed(self) -> float:
+        if not self.started:
+            return 0.0
+        return (self.finished or time.time()) - self.started
+
+    @property
+    def cost_so_far(self) -> float:
+        return self.elapsed / 3600 * self.usd_per_hour
+
+
+class JobStore:
+    def __init__(self, path: Path | None = None):
+        self.path = path or tunery_home() / "jobs.sqlite"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._db() as db:
+            db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA busy_timeout=30000")
+        try:
+            yield db
+        finally:
+            db.close()
+
+    def add(self, *, name: str, model: str, backend: str, flavor: str, run_dir: str, timeout_s: int | None,
+            budget_usd: float | None, usd_per_hour: float, estimate: str | None, secret_names: list[str]) -> Job:
+        job_id = time.strftime("%m%d") + "-" + uuid.uuid4().hex[:6]
+        now = time.time()
+        with self._db() as db:
+            db.execute("INSERT INTO jobs (id, name, model, backend, flavor, state, run_dir, timeout_s, budget_usd,"
+                       " usd_per_hour, estimate, secret_names, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                       (job_id, name, model, backend, flavor, "queued", run_dir, timeout_s, budget_usd,
+                        usd_per_hour, estimate, json.dumps(secret_names), now))
+            db.execute("INSERT INTO transitions VALUES (?,?,?,?)", (job_id, "queued", now, "submitted"))
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> Job:
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE id = ? OR id LIKE ?", (job_id, job_id + "%")).fetchall()
+        if len(rows) != 1:
+            raise TuneryError(f"no job {job_id!r}" if not rows else f"job id {job_id!r} is ambiguous; give more of it")
+        return _job(rows[0])
+
+    def list(self, limit: int = 50) -> list[Job]:
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (limit,)).fetchall()
+        return [_job(r) for r in rows]
+
+    def transitions(self, job_id: str) -> list[dict]:
+        with self._db() as db:
+            rows = db.execute("SELECT state, at, reason FROM transitions WHERE job_id = ? ORDER BY rowid",
+                              (job_id,)).fetchall()
+        return [dict(r) for r in rows]
+
+    def set_state(self, job_id: str, state: str, reason: str, expect: tuple[str, ...] | None = None,
+                  **fields) -> bool:
+        """Move a job to `state` (only from `expect` states when given); records the transition."""
+        assert state in STATES, state
+        now = time.time()
+        if state == "running":
+            fields.setdefault("started", now)
+        if state in FINAL:
+            fields.setdefault("finished", now)
+        sets = ", ".join(["state = ?"] + [f"{k} = ?" for k in fields])
+        where = "id = ?" + (f" AND state IN ({','.join('?' * len(expect))})" if expect else "")
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            changed = db.execute(f"UPDATE jobs SET {sets} WHERE {where}",
+                                 (state, *fields.values(), job_id, *(expect or ()))).rowcount
+            if changed:
+                db.execute("INSERT INTO transitions VALUES (?,?,?,?)", (job_id, state, now, reason))
+            db.execute("COMMIT")
+        return bool(changed)
+
+    def claim(self, worker: str, backend: str = "local") -> Job | None:
+        """Atomically move the oldest queued job of `backend` to running for `worker`."""
+        now = time.time()
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' AND backend = ? ORDER BY created LIMIT 1",
+                             (backend,)).fetchone()
+            if row is None:
+                db.execute("COMMIT")
+                return None
+            db.execute("UPDATE jobs SET state = 'running', worker = ?, started = COALESCE(started, ?), "
+                       "attempts = attempts + 1 WHERE id = ?", (worker, now, row["id"]))
+            db.execute("INSERT INTO transitions VALUES (?,?,?,?)", (row["id"], "running", now, f"claimed by {worker}"))
+            db.execute("COMMIT")
+        return self.get(row["id"])
+
+    def update(self, job_id: str, **fields) -> None:
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self._db() as db:
+            db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*fields.values(), job_id))
+
+    def add_metrics(self, job_id: str, records: list[dict]) -> None:
+        with self._db() as db:
+            db.executemany("INSERT OR REPLACE INTO metrics VALUES (?,?,?,?,?,?)",
+                           [(job_id, r["step"], r.get("loss"), r.get("lr"), r.get("eval_loss"), time.time())
+                            for r in records])
+
+    def metrics(self, job_id: str) -> list[dict]:
+        with self._db() as db:
+            rows = db.execute("SELECT step, loss, lr, eval_loss FROM metrics WHERE job_id = ? ORDER BY step",
+                              (job_id,)).fetchall()
+        return [dict(r) for r in rows]
+
+    def heartbeat(self, worker: str, pid: int, host: str) -> None:
+        with self._db() as db:
+            db.execute("INSERT OR REPLACE INTO workers VALUES (?,?,?,?)", (worker, pid, host, time.time()))
+
+    def workers(self) -> list[dict]:
+        with self._db() as db:
+            return [dict(r) for r in db.execute("SELECT * FROM workers").fetchall()]
+
+    def remove_worker(self, worker: str) -> None:
+        with self._db() as db:
+            db.execute("DELETE FROM workers WHERE id = ?", (worker,))
+
+
+def _job(row: sqlite3.Row) -> Job:
+    data = dict(row)
+    data["secret_names"] = json.loads(data["secret_names"] or "[]")
+    data["cancel_requested"] = bool(data["cancel_requested"])
+    return Job(**data)

@@ -1,0 +1,103 @@
+"""Prepare and queue a job: resolve its config into a run folder, estimate time and cost, check the budget."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tunery.config import RunConfig
+from tunery.errors import TuneryError
+from tunery.jobs.flavors import Estimate, estimate, get_flavor
+from tunery.jobs.store import Job, JobStore
+from tunery.jobs.worker import worker_running
+from tunery.paths import tunery_home
+
+BACKENDS = ("local", "ray", "hf-jobs")
+
+
+def model_size_b(model: str) -> float:
+    """Parameters in billions: the catalog, a local config.json, or a size in the Hub id ('7B')."""
+    from tunery.models.catalog import known_model
+
+    known = known_model(model)
+    if known:
+        return known.params_b
+    config = Path(model).expanduser() / "config.json"
+    if config.is_file():
+        c = json.loads(config.read_text())
+        h, layers, vocab = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
+        inter = c.get("intermediate_size", 4 * h)
+        embed = vocab * h * (1 if c.get("tie_word_embeddings") else 2)
+        return (embed + layers * (4 * h * h + 3 * h * inter)) / 1e9
+    match = re.search(r"(\d+(?:\.\d+)?)\s*[bB]\b", model)
+    return float(match[1]) if match else 1.0
+
+
+def training_tokens(cfg: RunConfig) -> int:
+    """Tokens the run will process, from the data's characters (~4 per token): no tokenizer needed."""
+    from tunery.data.formats import detect_format, normalise
+    from tunery.data.load import load_rows
+
+    rows = load_rows(cfg.data)
+    examples, _ = normalise(rows, detect_format(rows, source=cfg.data))
+    lengths = [min(cfg.max_seq_len, len(json.dumps(e)) // 4) for e in examples if e is not None]
+    if not lengths:
+        raise TuneryError(f"{cfg.data}: no usable rows (run `tunery data inspect {cfg.data}`)")
+    mean = sum(lengths) / len(lengths)
+    if cfg.max_steps:
+        return int(cfg.max_steps * cfg.batch_size * cfg.grad_accum * mean)
+    return int(cfg.epochs * sum(lengths))
+
+
+def _absolute(cfg: RunConfig, base: Path) -> RunConfig:
+    """Paths made absolute so the job runs the same from any working directory."""
+    changes = {name: str((base / getattr(cfg, name)).expanduser().resolve())
+               for name in ("data", "eval_data", "output_dir") if getattr(cfg, name)}
+    local_model = (base / cfg.model).expanduser()
+    if local_model.exists():
+        changes["model"] = str(local_model.resolve())
+    return cfg.replace(**changes)
+
+
+def prepare(cfg: RunConfig, flavor: str, backend: str, base: Path | None = None) -> tuple[RunConfig, Path, Estimate]:
+    if backend not in BACKENDS:
+        raise TuneryError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    cfg.require("model", "data")
+    cfg = _absolute(cfg, base or Path.cwd())
+    if not cfg.name:
+        cfg = cfg.replace(name=f"{Path(cfg.model.rstrip('/')).name}-{dt.datetime.now():%Y%m%d-%H%M%S}")
+    run_dir = Path(cfg.output_dir) / cfg.name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise TuneryError(f"run folder {run_dir} already exists; pick another --name")
+    est = estimate(training_tokens(cfg), model_size_b(cfg.model), get_flavor(flavor))
+    return cfg, run_dir, est
+
+
+def queue(cfg: RunConfig, run_dir: Path, est: Estimate, *, flavor: str, backend: str, timeout_s: int | None,
+          budget_usd: float | None, secrets: list[str], store: JobStore | None = None) -> Job:
+    for name in secrets:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise TuneryError(f"--secret takes an environment variable NAME (its value is read from the "
+                              f"environment and never stored), not {name!r}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.to_yaml(run_dir / "config.yaml")
+    store = store or JobStore()
+    return store.add(name=cfg.name, model=cfg.model, backend=backend, flavor=flavor, run_dir=str(run_dir),
+                     timeout_s=timeout_s, budget_usd=budget_usd, usd_per_hour=get_flavor(flavor).usd_per_hour,
+                     estimate=est.describe(), secret_names=secrets)
+
+
+def ensure_worker(idle_exit_s: int = 60) -> bool:
+    """Start a background `tunery worker` when none runs; True when one was started."""
+    if worker_running():
+        return False
+    log = open(tunery_home() / "worker.log", "a", encoding="utf-8")
+    subprocess.Popen([sys.executable, "-m", "tunery.cli.app", "worker", "--exit-when-idle", str(idle_exit_s)],
+                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                     env=os.environ.copy())
+    return True
