@@ -63,6 +63,7 @@ class RunConfig:
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = _f(
         "auto", "Weights dtype; auto = bf16 on GPUs that support it, else fp32.")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "Where to train; auto = cuda when available.")
+    gpus: int = _f(1, "Data-parallel processes (torchrun + DDP): one per GPU; on CPU, gloo processes.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the model.")
     trust_remote_code: bool = _f(False, "Allow model code from the Hub repo (only for repos you trust).")
@@ -113,7 +114,7 @@ class RunConfig:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
         _check(0 <= self.eval_split < 1, "eval_split", "must be in [0, 1)")
-        for name in ("lora_r", "lora_alpha", "max_seq_len", "batch_size", "grad_accum", "log_every",
+        for name in ("lora_r", "lora_alpha", "max_seq_len", "batch_size", "grad_accum", "log_every", "gpus",
                      "max_new_tokens"):
             _check(getattr(self, name) > 0, name, "must be positive")
         for name in ("eval_every", "save_every", "keep_checkpoints", "eval_samples"):

@@ -101,7 +101,10 @@ def _cached_tokens(key: str, examples: list[Example | None], tokenizer, max_seq_
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     ds.save_to_disk(str(tmp))
     shutil.rmtree(folder, ignore_errors=True)  # a half-written folder from a crash; complete ones are skipped
-    os.replace(tmp, folder)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process (a torchrun rank) wrote the same cache meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
     return tokens
 
 

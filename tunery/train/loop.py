@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -14,12 +15,14 @@ from pathlib import Path
 from tunery.config import RunConfig
 from tunery.data.dataset import PreparedData, prepare_data
 from tunery.data.templates import ensure_chat_template
+from tunery.errors import RunError
 from tunery.eval.loss import held_out_loss, summed_loss
 from tunery.models.load import load_model, load_tokenizer, model_fingerprint, pick_device, pick_dtype
 from tunery.models.lora import apply_lora
 from tunery.progress import console
-from tunery.train import checkpoint, rundir
+from tunery.train import checkpoint, distributed, rundir
 from tunery.train.batching import collate, step_examples, trained_tokens
+from tunery.train.distributed import Dist
 from tunery.train.metrics import MetricsFile, TrainDisplay
 from tunery.train.schedule import lr_multiplier
 
@@ -37,6 +40,11 @@ class Trainer:
     scheduler: object
     device: str
     total_steps: int
+    dist: Dist = Dist()
+    forward_model: object = None  # the DDP wrapper when distributed, else `model`
+
+    def __post_init__(self):
+        self.forward_model = self.forward_model or self.model
 
 
 def total_steps(cfg: RunConfig, n_train: int) -> int:
@@ -66,11 +74,11 @@ def _make_trainable(model, cfg: RunConfig):
     return model
 
 
-def setup(cfg: RunConfig, run: Path) -> Trainer:
+def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
     """Load tokenizer, data and model; build optimizer and schedule (seeded, so resume rebuilds the same)."""
     import torch
 
-    device = pick_device(cfg.device)
+    device = distributed.init(dist, pick_device(cfg.device))
     tokenizer = load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
     if ensure_chat_template(tokenizer):
         log.info("tokenizer has no chat template: using tunery's default (ChatML text + eos)")
@@ -84,32 +92,43 @@ def setup(cfg: RunConfig, run: Path) -> Trainer:
     warmup = int(cfg.warmup_ratio * steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, steps, warmup, cfg.scheduler))
-    return Trainer(cfg, run, model, tokenizer, data, optimizer, scheduler, device, steps)
+    forward = model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [dist.local_rank] if device.startswith("cuda") else None
+        forward = DistributedDataParallel(model, device_ids=ids)
+    return Trainer(cfg, run, model, tokenizer, data, optimizer, scheduler, device, steps, dist, forward)
 
 
 def train_step(t: Trainer, step: int) -> dict:
     """One optimizer step over grad_accum micro-batches; loss is the mean over all trained tokens."""
     import torch
 
-    cfg = t.cfg
-    per_step = cfg.batch_size * cfg.grad_accum
+    cfg, dist = t.cfg, t.dist
+    per_step = cfg.batch_size * cfg.grad_accum * dist.world
     picked = [t.data.train[i] for i in step_examples(len(t.data.train), step, per_step, cfg.seed)]
-    batches = [collate(picked[i : i + cfg.batch_size], t.tokenizer.pad_token_id, t.device)
-               for i in range(0, per_step, cfg.batch_size)]
-    n_tokens = max(1, sum(trained_tokens(b) for b in batches))
+    # micro-batch m of rank r: the (m * world + r)-th slice of the step's examples
+    starts = range(dist.rank * cfg.batch_size, per_step, cfg.batch_size * dist.world)
+    batches = [collate(picked[i : i + cfg.batch_size], t.tokenizer.pad_token_id, t.device) for i in starts]
+    n_tokens = max(1.0, distributed.all_sum(sum(trained_tokens(b) for b in batches), dist))
     total = 0.0
-    for batch in batches:
-        loss = summed_loss(t.model, batch) / n_tokens
-        loss.backward()
+    for i, batch in enumerate(batches):
+        sync = i == len(batches) - 1 or not dist.enabled
+        with contextlib.nullcontext() if sync else t.forward_model.no_sync():
+            # DDP averages gradients over ranks; scaling by world makes that the sum over all tokens
+            loss = summed_loss(t.forward_model, batch) / n_tokens
+            (loss * dist.world).backward()
         total += float(loss.detach())
+    total = distributed.all_sum(total, dist)
     params = [p for p in t.model.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
     lr = t.optimizer.param_groups[0]["lr"]
     t.optimizer.step()
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
-    return {"loss": total, "lr": lr, "grad_norm": float(norm), "tokens": sum(int(b["attention_mask"].sum())
-                                                                            for b in batches)}
+    tokens = distributed.all_sum(sum(int(b["attention_mask"].sum()) for b in batches), dist)
+    return {"loss": total, "lr": lr, "grad_norm": float(norm), "tokens": int(tokens)}
 
 
 def _save_final(t: Trainer) -> None:
@@ -122,17 +141,22 @@ def _eval(t: Trainer) -> dict:
     return held_out_loss(t.model, t.data.eval, t.tokenizer.pad_token_id, t.device, t.cfg.batch_size)
 
 
-def run_loop(t: Trainer, start: int, metrics: MetricsFile) -> dict:
-    cfg, display = t.cfg, TrainDisplay(t.total_steps, start)
+def run_loop(t: Trainer, start: int, metrics: MetricsFile | None) -> dict:
+    """Steps from `start` to the end; only the main rank (metrics is not None) evaluates, logs and saves."""
+    cfg, main = t.cfg, metrics is not None
+    display = TrainDisplay(t.total_steps, start) if main else None
     t0, tokens, last = time.time(), 0, {}
     try:
         for step in range(start, t.total_steps):
             stats = train_step(t, step)
             done = step + 1
             tokens += stats.pop("tokens")
-            epoch = done * cfg.batch_size * cfg.grad_accum / len(t.data.train)
+            epoch = done * cfg.batch_size * cfg.grad_accum * t.dist.world / len(t.data.train)
             stats.update(step=done, total_steps=t.total_steps, epoch=round(epoch, 4),
                          tokens_per_s=tokens / max(time.time() - t0, 1e-9))
+            last = stats
+            if not main:
+                continue
             if t.data.eval and ((cfg.eval_every and done % cfg.eval_every == 0) or done == t.total_steps):
                 ev = _eval(t)
                 stats.update(eval_loss=ev["loss"], eval_perplexity=ev["perplexity"])
@@ -140,33 +164,49 @@ def run_loop(t: Trainer, start: int, metrics: MetricsFile) -> dict:
                 metrics.write(stats)
                 log.info("step %d loss %.5f lr %.3e", done, stats["loss"], stats["lr"])
             display.update(done, stats)
-            last = stats
             if cfg.save_every and done % cfg.save_every == 0 and done < t.total_steps:
                 checkpoint.save_checkpoint(t.run / "checkpoints", done, t.model, t.optimizer, t.scheduler,
                                            cfg.keep_checkpoints)
     finally:
-        display.close()
+        if display:
+            display.close()
     return last
 
 
 def train(cfg: RunConfig, resume: str | Path | None = None) -> Path:
-    """Train a new run (or continue `resume`) and return its folder."""
+    """Train a new run (or continue `resume`) and return its folder; `gpus` > 1 launches torchrun."""
+    dist = distributed.current()
     if resume:
         run, cfg = rundir.open_run(resume)
     else:
         cfg.require("model", "data")
         run = rundir.new_run_dir(cfg)
         cfg.to_yaml(run / "config.yaml")
-    handler = _attach_log(run)
+    if cfg.gpus > 1 and not dist.enabled:
+        # every rank continues the prepared folder (a fresh start when it holds only config.yaml)
+        code = distributed.launch(cfg.gpus, ["train", "--resume", str(run)])
+        if code:
+            raise RunError(f"distributed training exited with status {code}; see {run / 'train.log'}")
+        return run
+    handler = _attach_log(run) if dist.main else None
     try:
-        return _train_in(cfg, run, resume is not None)
+        return _train_in(cfg, run, resume is not None, dist)
     finally:
-        logging.getLogger("tunery").removeHandler(handler)
-        handler.close()
+        distributed.shutdown(dist)
+        if handler:
+            logging.getLogger("tunery").removeHandler(handler)
+            handler.close()
 
 
-def _train_in(cfg: RunConfig, run: Path, resuming: bool) -> Path:
-    t = setup(cfg, run)
+def _train_in(cfg: RunConfig, run: Path, resuming: bool, dist: Dist) -> Path:
+    t = setup(cfg, run, dist)
+    start = 0
+    saved = checkpoint.list_checkpoints(run / "checkpoints") if resuming else []
+    if saved:
+        start = checkpoint.load_checkpoint(saved[-1], t.model, t.optimizer, t.scheduler)
+    if not dist.main:
+        run_loop(t, start, None)
+        return run
     report = t.data.report()
     console.print(f"[bold]{run}[/]: {report['train_examples']} train / {report['eval_examples']} eval "
                   f"examples, {t.total_steps} steps on {t.device}")
@@ -174,12 +214,9 @@ def _train_in(cfg: RunConfig, run: Path, resuming: bool) -> Path:
         if f["rejected"] or f["truncated"] or f["no_trainable_tokens"]:
             console.print(f"[yellow]{f['path']}[/]: {f['rejected']} rows rejected {f['rejected_reasons']}, "
                           f"{f['truncated']} truncated, {f['no_trainable_tokens']} with nothing to train on")
-    start = 0
-    saved = checkpoint.list_checkpoints(run / "checkpoints") if resuming else []
     if saved:
-        start = checkpoint.load_checkpoint(saved[-1], t.model, t.optimizer, t.scheduler)
         console.print(f"resuming from {saved[-1].name} (step {start} of {t.total_steps})")
-    elif resuming:
+    elif (run / "metrics.jsonl").exists():
         console.print("no checkpoint yet: starting the run over")
     if not resuming or not (run / "manifest.json").exists():
         data_hashes = {f.path: f.data_hash for f in t.data.files}
