@@ -59,6 +59,7 @@ class RunConfig:
     save_every: int = _f(100, "Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = _f(2, "How many recent checkpoints to keep.")
     log_every: int = _f(1, "Write a metrics.jsonl line every N steps.")
+    report_to: list[str] = _f([], "Also send metrics to these trackers when installed: trackio, tensorboard, wandb.")
     seed: int = _f(42, "Seed for data order, splits, initialisation and dropout.")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = _f(
         "auto", "Weights dtype; auto = bf16 on GPUs that support it, else fp32.")

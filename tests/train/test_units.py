@@ -83,3 +83,29 @@ def test_checkpoints_skip_unfinished_folders_and_keep_the_newest(tiny, monkeypat
     (folder / "step-0000009.tmp").mkdir()  # what a kill during a write leaves behind
     assert [p.name for p in checkpoint.list_checkpoints(folder)] == ["step-0000002", "step-0000003"]
     assert checkpoint.load_checkpoint(folder / "step-0000003", t.model, t.optimizer, t.scheduler) == 3
+
+
+def test_report_to_forwards_metrics_to_an_installed_tracker_and_names_missing_ones(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from tunery.errors import TuneryError
+    from tunery.train.metrics import MetricsFile
+    from tunery.train.reporters import Reporters
+
+    calls = []
+    fake = types.ModuleType("trackio")
+    fake.__spec__ = types.SimpleNamespace(name="trackio")
+    fake.init = lambda **kw: calls.append(("init", kw["project"], kw["name"]))
+    fake.log = lambda rec, step: calls.append(("log", step, rec["loss"]))
+    fake.finish = lambda: calls.append(("finish",))
+    monkeypatch.setitem(sys.modules, "trackio", fake)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: object() if name == "trackio" else None)
+    metrics = MetricsFile(tmp_path / "metrics.jsonl", reporters=Reporters(["trackio"], tmp_path / "r1", "p", {}))
+    metrics.write({"step": 3, "loss": 1.5, "lr": 0.1})
+    metrics.close()
+    assert calls == [("init", "p", "r1"), ("log", 3, 1.5), ("finish",)]
+    with pytest.raises(TuneryError, match="wandb is not installed"):
+        Reporters(["wandb"], tmp_path, "p", {})
+    with pytest.raises(TuneryError, match="unknown tracker"):
+        Reporters(["mlflow"], tmp_path, "p", {})

@@ -43,7 +43,8 @@ def submit_command(
     budget: str | None = typer.Option(None, "--budget", help="Refuse or stop past this cost, e.g. 5usd."),
     secret: list[str] = typer.Option([], "--secret", help="Environment variable NAME passed to the job only."),
     backend: str = typer.Option("local", "--backend", help="local, ray or hf-jobs."),
-    address: str | None = typer.Option(None, "--address", help="Ray cluster address (ray backend)."),
+    address: str | None = typer.Option(None, "--address", help="Ray dashboard address (ray backend)."),
+    output_repo: str | None = typer.Option(None, "--output-repo", help="Hub repo the hf-jobs run is pushed to."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Start even when the estimate exceeds the budget."),
     no_worker: bool = typer.Option(False, "--no-worker", help="Queue only; do not start a local worker."),
 ) -> None:
@@ -66,9 +67,15 @@ def submit_command(
     job = submit.queue(cfg, run_dir, est, flavor=flavor, backend=backend, timeout_s=timeout_s,
                        budget_usd=budget_usd, secrets=list(secret))
     if backend != "local":
+        from tunery.errors import TuneryError
         from tunery.jobs.backends import get_backend
+        from tunery.jobs.store import JobStore
 
-        get_backend(backend, address=address).submit(job)
+        try:
+            get_backend(backend, address=address, output_repo=output_repo).submit(job)
+        except TuneryError as e:
+            JobStore().set_state(job.id, "failed", f"submission to {backend} failed: {e}", expect=("queued",))
+            raise
     elif not no_worker and submit.ensure_worker():
         console.print("started a background worker (log: TUNERY_HOME/worker.log)")
     out.print(job.id)
@@ -85,7 +92,7 @@ def list_jobs(ctx: typer.Context, limit: int = typer.Option(30, "--limit", help=
     table = Table()
     for col in ("id", "name", "model", "backend", "state", "progress", "loss", "elapsed", "cost"):
         table.add_column(col, no_wrap=col in ("id", "state", "progress"), overflow="fold")
-    for job in JobStore().list(limit):
+    for job in map(_refreshed, JobStore().list(limit)):
         progress = f"{job.step}/{job.total_steps}" if job.total_steps else "-"
         table.add_row(job.id, job.name, Path(job.model).name, job.backend, job.state, progress,
                       f"{job.last_loss:.4f}" if job.last_loss is not None else "-", _duration(job.elapsed),
@@ -99,7 +106,7 @@ def show_job(job_id: str = typer.Argument(..., help="Job id (a unique prefix is 
     from tunery.jobs.store import JobStore
 
     store = JobStore()
-    job = store.get(job_id)
+    job = _refreshed(store.get(job_id))
     table = Table(show_header=False, title=f"job {job.id}")
     for key in ("name", "model", "backend", "flavor", "state", "run_dir", "estimate", "timeout_s", "budget_usd",
                 "attempts", "external_id"):
@@ -143,6 +150,9 @@ def logs_command(
 
     store = JobStore()
     job = store.get(job_id)
+    if job.backend != "local":
+        _remote_logs(job, follow)
+        return
     path = Path(job.run_dir) / "job.log"
     offset = 0
     while True:
@@ -156,6 +166,40 @@ def logs_command(
         if not follow or store.get(job.id).state in FINAL:
             break
         time.sleep(0.5)
+
+
+def _refreshed(job):
+    """A remote job with its state brought up to date (left as stored when the backend is unreachable)."""
+    if job.backend == "local" or job.state != "running":
+        return job
+    from tunery.errors import TuneryError
+    from tunery.jobs.backends import get_backend
+
+    try:
+        return get_backend(job.backend).refresh(job)
+    except (TuneryError, OSError) as e:
+        console.print(f"[yellow]could not refresh {job.id} from {job.backend}: {e}[/]")
+        return job
+
+
+def _remote_logs(job, follow: bool) -> None:
+    import sys
+
+    from tunery.jobs.backends import get_backend
+    from tunery.jobs.store import FINAL
+
+    backend, shown = get_backend(job.backend), 0
+    while True:
+        text = backend.logs(job)
+        sys.stdout.write(text[shown:])
+        sys.stdout.flush()
+        shown = len(text)
+        job = backend.refresh(job)
+        if not follow or job.state in FINAL:
+            if follow:
+                sys.stdout.write(backend.logs(job)[shown:])
+            break
+        time.sleep(1)
 
 
 def cancel_command(job_id: str = typer.Argument(..., help="Job id (a unique prefix is enough).")) -> None:

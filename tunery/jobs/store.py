@@ -169,6 +169,27 @@ class JobStore:
                            [(job_id, r["step"], r.get("loss"), r.get("lr"), r.get("eval_loss"), time.time())
                             for r in records])
 
+    def ingest_metrics(self, job: Job, offset: int = 0) -> int:
+        """Copy new complete lines of the run's metrics.jsonl into the store; returns the new offset."""
+        path = Path(job.run_dir) / "metrics.jsonl"
+        if not path.exists():
+            return offset
+        if path.stat().st_size < offset:
+            offset = 0  # truncated by a resume: read it again
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            lines = fh.read().split(b"\n")
+        complete = lines[:-1]  # the last piece is empty or a line still being written
+        offset += sum(len(line) + 1 for line in complete)
+        records = [json.loads(line) for line in complete if line.strip()]
+        if records:
+            self.add_metrics(job.id, records)
+            last = records[-1]
+            total = last.get("total_steps") or 0
+            self.update(job.id, step=last["step"], last_loss=last["loss"], total_steps=total or None,
+                        progress=last["step"] / total if total else 0)
+        return offset
+
     def metrics(self, job_id: str) -> list[dict]:
         with self._db() as db:
             rows = db.execute("SELECT step, loss, lr, eval_loss FROM metrics WHERE job_id = ? ORDER BY step",

@@ -11,7 +11,6 @@ training process, puts the job back in the queue, and resumes it from its last c
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import signal
 import socket
@@ -246,20 +245,4 @@ class LocalWorker:
         self.store.set_state(r.job.id, state, reason, expect=("running",), returncode=code, pid=None)
 
     def _stream_metrics(self, r: _Running) -> None:
-        path = Path(r.job.run_dir) / "metrics.jsonl"
-        if not path.exists():
-            return
-        if path.stat().st_size < r.metrics_offset:
-            r.metrics_offset = 0  # truncated by a resume: read it again
-        with open(path, "rb") as fh:
-            fh.seek(r.metrics_offset)
-            lines = fh.read().split(b"\n")
-        complete = lines[:-1]  # the last piece is empty or a line still being written
-        r.metrics_offset += sum(len(line) + 1 for line in complete)
-        records = [json.loads(line) for line in complete if line.strip()]
-        if records:
-            self.store.add_metrics(r.job.id, records)
-            last = records[-1]
-            total = last.get("total_steps") or 0
-            self.store.update(r.job.id, step=last["step"], last_loss=last["loss"], total_steps=total or None,
-                              progress=last["step"] / total if total else 0)
+        r.metrics_offset = self.store.ingest_metrics(r.job, r.metrics_offset)

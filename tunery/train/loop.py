@@ -24,6 +24,7 @@ from tunery.train import checkpoint, distributed, rundir
 from tunery.train.batching import collate, step_examples, trained_tokens
 from tunery.train.distributed import Dist
 from tunery.train.metrics import MetricsFile, TrainDisplay
+from tunery.train.reporters import Reporters
 from tunery.train.schedule import lr_multiplier
 
 log = logging.getLogger("tunery.train")
@@ -223,7 +224,8 @@ def _train_in(cfg: RunConfig, run: Path, resuming: bool, dist: Dist) -> Path:
         rundir.write_json_atomic(run / "manifest.json", {
             **rundir.manifest(cfg, data_hashes, model_fingerprint(cfg.model, cfg.revision)),
             "data_report": report})
-    metrics = MetricsFile(run / "metrics.jsonl", keep_through_step=start)
+    reporters = Reporters(cfg.report_to, run, "tunery", cfg.to_dict()) if cfg.report_to else None
+    metrics = MetricsFile(run / "metrics.jsonl", keep_through_step=start, reporters=reporters)
     try:
         last = run_loop(t, start, metrics)
     finally:

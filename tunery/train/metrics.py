@@ -13,10 +13,10 @@ from tunery.progress import console, make_progress
 
 
 class MetricsFile:
-    """Append-only JSON lines; on resume, lines past the checkpoint's step are dropped first."""
+    """Append-only JSON lines (and the optional trackers); on resume, lines past the checkpoint go first."""
 
-    def __init__(self, path: Path, keep_through_step: int | None = None):
-        self.path = path
+    def __init__(self, path: Path, keep_through_step: int | None = None, reporters=None):
+        self.path, self.reporters = path, reporters
         if keep_through_step is not None and path.exists():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= keep_through_step]
@@ -26,9 +26,13 @@ class MetricsFile:
     def write(self, record: dict) -> None:
         self._fh.write(json.dumps(record) + "\n")
         self._fh.flush()
+        if self.reporters:
+            self.reporters.log(record)
 
     def close(self) -> None:
         self._fh.close()
+        if self.reporters:
+            self.reporters.close()
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -1,0 +1,476 @@
+"""Convert a merged Hugging Face model folder to GGUF (f16 or q8_0), and quantize it further with llama.cpp.
+
+    python -c "from pathlib import Path; from tunery.export.gguf import write_gguf, quantize; \
+quantize(write_gguf(Path('merged'), Path('model.f16.gguf')), Path('model.q4_k_m.gguf'), 'q4_k_m')"
+
+The facts this relies on come from llama.cpp (convert_hf_to_gguf.py, src/llama-vocab.cpp, src/llama-quant.cpp):
+- llama.cpp's `llama` architecture rotates adjacent pairs of each head's dimensions; Hugging Face Llama rotates
+  the two halves of the head, so q/k rows are reordered per head. `qwen2`/`qwen3` rotate halves (NEOX) as HF does.
+- A GGUF without `output.weight` ties the output projection to `token_embd.weight`.
+- `tokenizer.ggml.pre` selects a pre-tokenizer regex compiled into llama.cpp; it is chosen here from the structure
+  of tokenizer.json (`PRE_TOKENIZERS`), never guessed.
+- llama.cpp's quantizer gives a tensor whose rows do not fit a k-quant's 256-wide blocks a 32-wide type instead
+  (q4_k -> q5_0, q5_k -> q5_1, q6_k -> q8_0), so tiny models quantize; `tensor_types` shows what was chosen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunery.errors import ExportError
+
+_INSTALL_HINT = "pip install 'tunery[gguf]' (installs gguf and llama-cpp-python)"
+
+
+@dataclass(frozen=True)
+class GgufFamily:
+    """How one Hugging Face `model_type` becomes a llama.cpp architecture."""
+
+    arch: str  # llama.cpp architecture name (a value of gguf.MODEL_ARCH_NAMES)
+    permute_qk: bool  # reorder q/k rows from HF's rotate-half RoPE to llama.cpp's adjacent-pair RoPE
+    sliding_window_caps_context: bool = False  # llama.cpp's arch has no sliding window: stay within it
+
+
+FAMILIES: dict[str, GgufFamily] = {
+    "llama": GgufFamily("llama", permute_qk=True),
+    "mistral": GgufFamily("llama", permute_qk=True, sliding_window_caps_context=True),
+    "qwen2": GgufFamily("qwen2", permute_qk=False),
+    "qwen3": GgufFamily("qwen3", permute_qk=False),
+}
+
+# Hugging Face pre-tokenizer regexes (as written in tokenizer.json) of the families we export
+_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# the sequence of isolating splits a byte-level tokenizer applies -> the llama.cpp pre-tokenizer doing the same
+PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
+    (_GPT2_REGEX,): "gpt-2",
+    (r"\p{N}", _GPT2_REGEX): "starcoder",  # digits one by one, then GPT-2's split (tunery's tiny tokenizers)
+    (_LLAMA3_REGEX,): "llama-bpe",
+    (_QWEN2_REGEX,): "qwen2",
+}
+
+OUTTYPES = ("f16", "q8_0")
+
+# llama.cpp file types (enum llama_ftype) reachable through `quantize`
+QUANT_FTYPES: dict[str, int] = {"q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    """One tensor to write: its GGUF name, logical shape (PyTorch order), storage type, and how to load it."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: object  # gguf.GGMLQuantizationType
+    load: Callable[[], object]  # -> float32 numpy array of `shape`, already in llama.cpp's layout
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError as e:
+        raise ExportError(f"GGUF export needs the gguf package: {_INSTALL_HINT}") from e
+    return gguf
+
+
+def family_for(model_type: str) -> GgufFamily:
+    """The GGUF recipe of a Hugging Face `model_type`; ExportError naming the supported ones otherwise."""
+    if model_type not in FAMILIES:
+        raise ExportError(f"GGUF export does not support model_type {model_type!r} yet; supported: "
+                          f"{', '.join(sorted(FAMILIES))}. Export the merged folder or the adapter instead.")
+    return FAMILIES[model_type]
+
+
+def write_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", progress: bool = True) -> Path:
+    """Write the merged model folder `model_dir` (safetensors + tokenizer) as one GGUF file of `outtype`."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    gguf = _gguf()
+    if outtype not in OUTTYPES:
+        raise ExportError(f"outtype must be one of {', '.join(OUTTYPES)}, not {outtype!r}; "
+                          f"use quantize() on the f16 file for {', '.join(q for q in QUANT_FTYPES if q != 'q8_0')}")
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    config = AutoConfig.from_pretrained(model_dir)
+    family = family_for(config.model_type)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    writer = gguf.GGUFWriter(None, family.arch)
+    writer.add_name(model_dir.resolve().name)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if outtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_hparams(writer, config, family)
+    _add_tokenizer(writer, model_dir, tokenizer, config.vocab_size)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        tensors = _plan_tensors(stack, model_dir, config, family, outtype)
+        for t in tensors:
+            byte_shape, dtype = _storage(t)
+            writer.add_tensor_info(t.name, byte_shape, dtype, math.prod(byte_shape) * dtype.itemsize,
+                                   raw_dtype=t.qtype)
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with _bar(progress, f"writing {out_path.name}", len(tensors)) as advance:
+            for t in tensors:  # one tensor in memory at a time
+                writer.write_tensor_data(_encode(t))
+                advance()
+        writer.close()
+    tmp.replace(out_path)
+    return out_path
+
+
+def quantize(f16_path: Path, out_path: Path, kind: str = "q4_k_m") -> Path:
+    """Quantize an f16 GGUF with llama.cpp's quantizer (llama-cpp-python) to `kind` (see QUANT_FTYPES)."""
+    import ctypes
+    import os
+
+    if kind not in QUANT_FTYPES:
+        raise ExportError(f"quantization kind must be one of {', '.join(QUANT_FTYPES)}, not {kind!r}")
+    llama_cpp = require_llama_cpp()
+    f16_path, out_path = Path(f16_path), Path(out_path)
+    if not f16_path.is_file():
+        raise ExportError(f"{f16_path} does not exist; write it first with write_gguf(..., outtype='f16')")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANT_FTYPES[kind]
+    params.nthread = os.cpu_count() or 1
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    with _quiet_llama_cpp():
+        rc = llama_cpp.llama_model_quantize(str(f16_path).encode(), str(tmp).encode(), ctypes.byref(params))
+    if rc != 0:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"llama.cpp could not quantize {f16_path} to {kind} (status {rc}); "
+                          "check that it is an f16 GGUF written by write_gguf")
+    tmp.replace(out_path)
+    return out_path
+
+
+def tensor_types(gguf_path: Path) -> dict[str, int]:
+    """How many tensors of each storage type (F32, F16, Q8_0, Q4_K, ...) a GGUF file holds."""
+    reader = _gguf().GGUFReader(str(gguf_path))
+    counts: dict[str, int] = {}
+    for t in reader.tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def require_llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise ExportError(f"quantizing and verifying GGUF needs llama-cpp-python: {_INSTALL_HINT}") from e
+    return llama_cpp
+
+
+@contextmanager
+def _quiet_llama_cpp() -> Iterator[None]:
+    """Keep llama.cpp's per-tensor log lines off the terminal (its errors still print; failures return a status)."""
+    import logging
+
+    import llama_cpp._logger  # noqa: F401  (installs llama-cpp-python's log callback, which obeys this logger)
+
+    logger = logging.getLogger("llama-cpp-python")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextmanager
+def _bar(enabled: bool, description: str, total: int) -> Iterator[Callable[[], None]]:
+    if not enabled:
+        with nullcontext(lambda n=1: None) as advance:
+            yield advance
+        return
+    from tunery.progress import progress_bar
+
+    with progress_bar(description, total) as advance:
+        yield advance
+
+
+# ---- hyperparameters -------------------------------------------------------------------------------------------
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _add_hparams(writer, config, family: GgufFamily) -> None:
+    n_ctx = config.max_position_embeddings
+    window = getattr(config, "sliding_window", None)
+    if family.sliding_window_caps_context and window:
+        n_ctx = min(n_ctx, window)
+    head_dim = _head_dim(config)
+    writer.add_context_length(n_ctx)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(_rope_parameters(config)["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    _rope_scaling(config)[0](writer, config)
+
+
+def _rope_parameters(config) -> dict:
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params.setdefault("rope_type", "default")
+    return params
+
+
+def _rope_none(writer, config) -> None:
+    return None
+
+
+def _rope_linear(writer, config) -> None:
+    gguf = _gguf()
+    writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    writer.add_rope_scaling_factor(_rope_parameters(config)["factor"])
+
+
+def _llama3_rope_factors(config):
+    """Per-frequency divisors llama.cpp applies (rope_freqs.weight): HF's llama3 inv_freq vs the plain one."""
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    dim, theta = _head_dim(config), _rope_parameters(config)["rope_theta"]
+    plain = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    return (plain / scaled.double()).float().numpy()
+
+
+# rope_type -> (metadata writer, extra tensors); llama.cpp applies llama3 scaling through a rope_freqs tensor
+_ROPE_TYPES: dict[str, tuple[Callable, Callable | None]] = {
+    "default": (_rope_none, None),
+    "linear": (_rope_linear, None),
+    "llama3": (_rope_none, _llama3_rope_factors),
+}
+
+
+def _rope_scaling(config) -> tuple[Callable, Callable | None]:
+    rope_type = _rope_parameters(config)["rope_type"]
+    if rope_type not in _ROPE_TYPES:
+        raise ExportError(f"RoPE type {rope_type!r} is not supported by GGUF export yet; "
+                          f"supported: {', '.join(_ROPE_TYPES)}")
+    return _ROPE_TYPES[rope_type]
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------------------
+
+def _add_tokenizer(writer, model_dir: Path, tokenizer, vocab_size: int) -> None:
+    spec_path = model_dir / "tokenizer.json"
+    if not spec_path.is_file():
+        raise ExportError(f"{model_dir} has no tokenizer.json; GGUF export needs a fast (tokenizers) tokenizer")
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    _check_byte_level_bpe(spec)
+    tokens, types = _vocabulary(tokenizer, vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer_name(spec))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(_merges(spec))
+    for add, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id),
+                          (writer.add_eos_token_id, tokenizer.eos_token_id),
+                          (writer.add_eot_token_id, _end_of_turn_id(tokenizer)),
+                          (writer.add_pad_token_id, tokenizer.pad_token_id),
+                          (writer.add_unk_token_id, tokenizer.unk_token_id)):
+        if token_id is not None:
+            add(token_id)
+    probe = tokenizer("a")["input_ids"]  # what the HF tokenizer adds around plain text
+    writer.add_add_bos_token(tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id)
+    writer.add_add_eos_token(tokenizer.eos_token_id is not None and probe[-1] == tokenizer.eos_token_id)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _check_byte_level_bpe(spec: dict) -> None:
+    model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
+    decoders = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+    if model.get("type") != "BPE" or not any(d.get("type") == "ByteLevel" for d in decoders):
+        raise ExportError("GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen, GPT-2 style) only; "
+                          f"this tokenizer is {model.get('type')} with decoder {decoder.get('type')} "
+                          "(SentencePiece-style tokenizers are not supported yet)")
+    normalizer = spec.get("normalizer")
+    if normalizer is not None and normalizer.get("type") != "NFC":  # NFC leaves already-composed text as is
+        raise ExportError(f"the tokenizer's {normalizer.get('type')} normalizer has no llama.cpp equivalent")
+
+
+def _split_steps(pre: dict) -> list[str] | None:
+    """The isolating regex splits a pre-tokenizer applies, in order; None when a step is not a plain split."""
+    kind = pre.get("type")
+    if kind == "Sequence":
+        steps = [_split_steps(p) for p in pre.get("pretokenizers", [])]
+        return None if any(s is None for s in steps) else [r for s in steps for r in s]
+    if kind == "ByteLevel" and not pre.get("add_prefix_space", False):
+        return [_GPT2_REGEX] if pre.get("use_regex", True) else []
+    if kind == "Digits":
+        return [r"\p{N}" if pre.get("individual_digits") else r"\p{N}+"]
+    if kind == "Split" and "Regex" in pre.get("pattern", {}) and not pre.get("invert") \
+            and pre.get("behavior") == "Isolated":
+        return [pre["pattern"]["Regex"]]
+    return None
+
+
+def pre_tokenizer_name(spec: dict) -> str:
+    """The llama.cpp `tokenizer.ggml.pre` that splits text as tokenizer.json's pre_tokenizer does."""
+    steps = _split_steps(spec.get("pre_tokenizer") or {})
+    name = PRE_TOKENIZERS.get(tuple(steps)) if steps is not None else None
+    if name is None:
+        raise ExportError("the tokenizer's pre-tokenizer has no llama.cpp equivalent that tunery knows; "
+                          f"known: {', '.join(PRE_TOKENIZERS.values())}. Its pre_tokenizer is "
+                          f"{json.dumps(spec.get('pre_tokenizer'))[:300]}")
+    return name
+
+
+def _vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Token strings and llama.cpp token types for ids 0..vocab_size-1 (ids the tokenizer lacks are UNUSED)."""
+    gguf = _gguf()
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    if max(by_id) >= vocab_size:
+        raise ExportError(f"the tokenizer has token id {max(by_id)} but the model's vocab_size is {vocab_size}; "
+                          "resize the embeddings before merging")
+    added = tokenizer.added_tokens_decoder  # id -> AddedToken
+    tokens, types = [], []
+    for i in range(vocab_size):
+        text = by_id.get(i)
+        tokens.append(text if text is not None else f"[PAD{i}]")
+        if text is None:
+            types.append(gguf.TokenType.UNUSED)
+        elif i not in added:
+            types.append(gguf.TokenType.NORMAL)
+        elif added[i].special or (text.startswith("<|") and text.endswith("|>")):
+            types.append(gguf.TokenType.CONTROL)
+        else:
+            types.append(gguf.TokenType.USER_DEFINED)
+    return tokens, [int(t) for t in types]
+
+
+def _merges(spec: dict) -> list[str]:
+    # tokenizers writes merges as "a b" strings (older) or ["a", "b"] pairs (newer)
+    return [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+
+
+def _end_of_turn_id(tokenizer) -> int | None:
+    """The stop token the chat template writes after a turn (eos when the template names none)."""
+    from tunery.data.templates import stop_token_ids
+
+    template = tokenizer.chat_template or ""
+    written = [i for i in stop_token_ids(tokenizer) if tokenizer.convert_ids_to_tokens(i) in template]
+    if tokenizer.eos_token_id in written or not written:
+        return tokenizer.eos_token_id
+    return written[0]
+
+
+# ---- tensors -----------------------------------------------------------------------------------------------
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / s for s in shards]
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
+        raise ExportError(f"{model_dir} has no model.safetensors; export the merged model first (tunery export)")
+    return [single]
+
+
+def _plan_tensors(stack: ExitStack, model_dir: Path, config, family: GgufFamily, outtype: str) -> list[_Tensor]:
+    from safetensors import safe_open
+
+    gguf = _gguf()
+    arch = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}[family.arch]
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    tied = getattr(config, "tie_word_embeddings", False)
+    planned: list[_Tensor] = []
+    for path in _weight_files(model_dir):
+        handle = stack.enter_context(safe_open(path, framework="pt"))
+        for hf_name in handle.keys():
+            if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
+                continue  # recomputed by llama.cpp / tied to token_embd
+            name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if name is None:
+                raise ExportError(f"tensor {hf_name} has no GGUF name in llama.cpp's {family.arch} architecture; "
+                                  "is this a plain merged model folder?")
+            shape = tuple(handle.get_slice(hf_name).get_shape())
+            planned.append(_Tensor(name, shape, _qtype(name, shape, outtype),
+                                   _loader(handle, hf_name, config, family)))
+    extra = _rope_scaling(config)[1]
+    if extra is not None:
+        factors = extra(config)
+        planned.append(_Tensor("rope_freqs.weight", factors.shape, gguf.GGMLQuantizationType.F32, lambda: factors))
+    return sorted(planned, key=lambda t: _natural_key(t.name))
+
+
+def _natural_key(name: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in name.split("."))
+
+
+def _qtype(name: str, shape: tuple[int, ...], outtype: str):
+    """Norms and 1-D tensors stay F32 (llama.cpp expects that); matrices become f16 or q8_0."""
+    q = _gguf().GGMLQuantizationType
+    if len(shape) <= 1 or name.endswith("_norm.weight"):
+        return q.F32
+    if outtype == "q8_0":
+        block, _ = _gguf().GGML_QUANT_SIZES[q.Q8_0]
+        return q.Q8_0 if shape[-1] % block == 0 else q.F16  # rows q8_0 cannot hold stay f16, as in llama.cpp
+    return q.F16
+
+
+def _loader(handle, hf_name: str, config, family: GgufFamily) -> Callable[[], object]:
+    def load():
+        w = handle.get_tensor(hf_name).float()
+        if family.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            w = _interleave_rope_halves(w, config.num_attention_heads)
+        elif family.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            w = _interleave_rope_halves(w, config.num_key_value_heads or config.num_attention_heads)
+        return w.numpy()
+
+    return load
+
+
+def _interleave_rope_halves(w, n_heads: int):
+    """Per head, rows [x_0..x_{d/2-1}, y_0..y_{d/2-1}] (HF rotate-half) -> [x_0, y_0, x_1, y_1, ...]."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _storage(t: _Tensor):
+    """(shape as stored, numpy dtype): float types as they are, block-quantized types as bytes."""
+    import numpy as np
+
+    gguf = _gguf()
+    q = gguf.GGMLQuantizationType
+    if t.qtype == q.F32:
+        return t.shape, np.dtype(np.float32)
+    if t.qtype == q.F16:
+        return t.shape, np.dtype(np.float16)
+    return tuple(gguf.quant_shape_to_byte_shape(t.shape, t.qtype)), np.dtype(np.uint8)
+
+
+def _encode(t: _Tensor):
+    import numpy as np
+
+    gguf = _gguf()
+    data = np.ascontiguousarray(t.load(), dtype=np.float32)
+    if tuple(data.shape) != tuple(t.shape):
+        raise ExportError(f"{t.name}: expected shape {t.shape}, got {data.shape}")
+    if t.qtype == gguf.GGMLQuantizationType.F32:
+        return data
+    if t.qtype == gguf.GGMLQuantizationType.F16:
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data, t.qtype)

@@ -1,0 +1,145 @@
+"""Remote job backends behind one Protocol: Ray (Jobs API) and Hugging Face Jobs.
+
+The local backend is the worker (tunery/jobs/worker.py). A remote backend submits the same training
+(`tunery train --config RUN/config.yaml`, or the generated PEP 723 script for HF Jobs) and maps the
+remote state back into the store, so `tunery jobs`, `logs` and `cancel` work the same for all.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+from tunery.config import RunConfig
+from tunery.errors import TuneryError
+from tunery.jobs.store import Job, JobStore
+
+
+class Backend(Protocol):
+    name: str
+
+    def submit(self, job: Job) -> str: ...
+
+    def refresh(self, job: Job) -> Job: ...
+
+    def logs(self, job: Job) -> str: ...
+
+    def cancel(self, job: Job) -> None: ...
+
+
+_RAY_STATES = {"PENDING": "running", "RUNNING": "running", "SUCCEEDED": "succeeded", "FAILED": "failed",
+               "STOPPED": "cancelled"}
+
+
+class RayBackend:
+    """Ray Jobs API. The cluster must see the run folder (same machine, or shared storage) and have
+    tunery installed; secrets travel as the job's environment variables."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, store: JobStore | None = None):
+        self.address = address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+        self.store = store or JobStore()
+
+    def _client(self, address: str | None = None):
+        try:
+            from ray.job_submission import JobSubmissionClient
+        except ImportError:
+            raise TuneryError("the ray backend needs Ray: pip install 'tunery[ray]'") from None
+        try:
+            return JobSubmissionClient(address or self.address)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise TuneryError(f"cannot reach the Ray cluster at {address or self.address} ({e}); start one "
+                              "with `ray start --head` or pass --address") from None
+
+    def submit(self, job: Job) -> str:
+        env = {"PYTHONUNBUFFERED": "1", "TUNERY_JOB_ID": job.id}
+        missing = [n for n in job.secret_names if n not in os.environ]
+        if missing:
+            raise TuneryError(f"secret(s) {', '.join(missing)} are not set in this environment")
+        env.update({n: os.environ[n] for n in job.secret_names})
+        config = Path(job.run_dir) / "config.yaml"
+        submission = self._client().submit_job(entrypoint=f"tunery train --config {config}",
+                                               runtime_env={"env_vars": env}, submission_id=f"tunery-{job.id}")
+        external = f"{self.address}#{submission}"
+        self.store.update(job.id, external_id=external)
+        self.store.set_state(job.id, "running", f"submitted to Ray at {self.address} as {submission}",
+                             expect=("queued",))
+        return external
+
+    def _split(self, job: Job) -> tuple:
+        address, submission = (job.external_id or "#").rsplit("#", 1)
+        return self._client(address), submission
+
+    def refresh(self, job: Job) -> Job:
+        if job.state != "running" or not job.external_id:
+            return job
+        self.store.ingest_metrics(job)  # the run folder is shared with the cluster
+        client, submission = self._split(job)
+        status = str(client.get_job_status(submission)).rsplit(".", 1)[-1]
+        state = _RAY_STATES.get(status, "running")
+        if state != "running":
+            self.store.set_state(job.id, state, f"Ray reports {status}", expect=("running",))
+        return self.store.get(job.id)
+
+    def logs(self, job: Job) -> str:
+        client, submission = self._split(job)
+        return client.get_job_logs(submission)
+
+    def cancel(self, job: Job) -> None:
+        client, submission = self._split(job)
+        client.stop_job(submission)
+
+
+class HFJobsBackend:
+    """Hugging Face Jobs through huggingface_hub's run_uv_job; the script is kept in the run folder."""
+
+    name = "hf-jobs"
+
+    def __init__(self, store: JobStore | None = None, output_repo: str | None = None):
+        self.store = store or JobStore()
+        self.output_repo = output_repo
+
+    def submit(self, job: Job) -> str:
+        from tunery.jobs import hf_jobs
+
+        cfg = RunConfig.from_yaml(Path(job.run_dir) / "config.yaml")
+        hf_jobs.check_remote_ready(cfg)
+        script = Path(job.run_dir) / f"{cfg.name}.py"
+        script.write_text(hf_jobs.make_script(cfg))
+        remote = hf_jobs.submit_script(script, cfg, flavor=job.flavor, timeout_s=job.timeout_s,
+                                       secret_names=job.secret_names, output_repo=self.output_repo)
+        self.store.update(job.id, external_id=remote)
+        self.store.set_state(job.id, "running", f"submitted to Hugging Face Jobs as {remote}", expect=("queued",))
+        return remote
+
+    def refresh(self, job: Job) -> Job:
+        if job.state != "running" or not job.external_id:
+            return job
+        from huggingface_hub import inspect_job
+
+        stage = str(inspect_job(job_id=job.external_id).status.stage).upper()
+        state = {"COMPLETED": "succeeded", "ERROR": "failed", "CANCELED": "cancelled", "DELETED": "cancelled"}
+        for key, value in state.items():
+            if key in stage:
+                self.store.set_state(job.id, value, f"Hugging Face Jobs reports {stage}", expect=("running",))
+        return self.store.get(job.id)
+
+    def logs(self, job: Job) -> str:
+        from huggingface_hub import fetch_job_logs
+
+        return "\n".join(fetch_job_logs(job_id=job.external_id))
+
+    def cancel(self, job: Job) -> None:
+        from huggingface_hub import cancel_job
+
+        cancel_job(job_id=job.external_id)
+
+
+def get_backend(name: str, address: str | None = None, output_repo: str | None = None) -> Backend:
+    if name == "ray":
+        return RayBackend(address)
+    if name == "hf-jobs":
+        return HFJobsBackend(output_repo=output_repo)
+    raise TuneryError(f"no remote backend {name!r}; remote backends: ray, hf-jobs")
