@@ -132,3 +132,28 @@ def test_budget_refuses_an_expensive_estimate_unless_told(workspace, tmp_path):
     proc = run_cli("submit", "--config", str(cfg), "--flavor", "h100", "--budget", "0.01usd", "--no-worker",
                    "--yes", home=home)
     assert _store(home).list()[0].state == "queued"
+
+
+def test_two_slots_run_two_jobs_at_once_and_retry_requeues_a_cancelled_job(workspace, tmp_path):
+    home = tmp_path / "home"
+    cfg = _config(workspace, tmp_path, 40)
+    ids = [_submit(workspace, home, cfg, f"pair{i}") for i in range(2)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNERY_HOME": str(home)}
+    worker = subprocess.Popen([sys.executable, "-m", "tunery.cli.app", "worker", "--slots", "2",
+                               "--exit-when-idle", "3"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    store = _store(home)
+    _wait(lambda: all(store.get(i).state == "succeeded" for i in ids), what="two jobs")
+    worker.wait(timeout=60)
+    a, b = (store.get(i) for i in ids)
+    assert a.started < b.finished and b.started < a.finished, "two slots should overlap"
+
+    queued = _submit(workspace, home, cfg, "retry-me")
+    run_cli("cancel", queued, home=home)
+    assert store.get(queued).state == "cancelled"
+    proc = run_cli("jobs", "retry", ids[0], home=home, check=False)
+    assert proc.returncode == 2 and "succeeded" in proc.stderr
+    run_cli("jobs", "retry", queued, home=home)  # starts a background worker, which finishes it
+    _wait(lambda: store.get(queued).state == "succeeded", what="the retried job")
+    assert [t["state"] for t in store.transitions(queued)] == ["queued", "cancelled", "queued", "running",
+                                                                "succeeded"]
