@@ -3,24 +3,40 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+FULL := $(VENV)/.installed-extras
 
-.PHONY: install demo test lint clean
+# llama-cpp-python compiles llama.cpp (about 6 min on 2 cores; pip caches the wheel). A portable AVX2 build:
+# a native build turns on AMX where the CPU advertises it, and AMX crashes in VMs that do not enable it.
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+endif
+
+.PHONY: install demo test tools clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# CPU wheel pinned first so no dependency pulls a multi-GB CUDA build of torch
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,ray]'
+	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# the extras the tests exercise: Ray (jobs backend) and GGUF export (builds llama.cpp)
+$(FULL): $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -e '.[dev,ray,gguf]'
+	touch $(FULL)
+
+install: $(FULL)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/tunery demo
 
-test: $(STAMP)
-	$(BIN)/ruff check tunery tests
+# Go runs the Ollama template parity tests (a real text/template renderer)
+tools:
+	@command -v go >/dev/null || (apt-get update -qq && apt-get install -y -qq golang-go >/dev/null)
+
+test: $(FULL) tools
+	$(BIN)/ruff check tunery tests bench
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
 
 clean:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,16 +116,26 @@ def write_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", progress: 
             byte_shape, dtype = _storage(t)
             writer.add_tensor_info(t.name, byte_shape, dtype, math.prod(byte_shape) * dtype.itemsize,
                                    raw_dtype=t.qtype)
-        writer.write_header_to_file(path=tmp)
+        try:
+            _write_file(writer, tmp, tensors, progress, f"writing {out_path.name}")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    tmp.replace(out_path)
+    return out_path
+
+
+def _write_file(writer, path: Path, tensors: list[_Tensor], progress: bool, description: str) -> None:
+    writer.write_header_to_file(path=path)
+    try:
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        with _bar(progress, f"writing {out_path.name}", len(tensors)) as advance:
+        with _bar(progress, description, len(tensors)) as advance:
             for t in tensors:  # one tensor in memory at a time
                 writer.write_tensor_data(_encode(t))
                 advance()
+    finally:
         writer.close()
-    tmp.replace(out_path)
-    return out_path
 
 
 def quantize(f16_path: Path, out_path: Path, kind: str = "q4_k_m") -> Path:
@@ -164,6 +174,7 @@ def tensor_types(gguf_path: Path) -> dict[str, int]:
 
 
 def require_llama_cpp():
+    """The llama_cpp module, or ExportError saying how to install it."""
     try:
         import llama_cpp
     except ImportError as e:
@@ -173,10 +184,9 @@ def require_llama_cpp():
 
 @contextmanager
 def _quiet_llama_cpp() -> Iterator[None]:
-    """Keep llama.cpp's per-tensor log lines off the terminal (its errors still print; failures return a status)."""
+    """Hide llama.cpp's per-tensor info lines while quantizing; its warnings (e.g. k-quant fallbacks for narrow
+    rows) still print, and a failure shows as a non-zero status. llama-cpp-python's log callback obeys this logger."""
     import logging
-
-    import llama_cpp._logger  # noqa: F401  (installs llama-cpp-python's log callback, which obeys this logger)
 
     logger = logging.getLogger("llama-cpp-python")
     level = logger.level
@@ -190,8 +200,7 @@ def _quiet_llama_cpp() -> Iterator[None]:
 @contextmanager
 def _bar(enabled: bool, description: str, total: int) -> Iterator[Callable[[], None]]:
     if not enabled:
-        with nullcontext(lambda n=1: None) as advance:
-            yield advance
+        yield lambda n=1: None
         return
     from tunery.progress import progress_bar
 
@@ -287,8 +296,7 @@ def _add_tokenizer(writer, model_dir: Path, tokenizer, vocab_size: int) -> None:
     for add, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id),
                           (writer.add_eos_token_id, tokenizer.eos_token_id),
                           (writer.add_eot_token_id, _end_of_turn_id(tokenizer)),
-                          (writer.add_pad_token_id, tokenizer.pad_token_id),
-                          (writer.add_unk_token_id, tokenizer.unk_token_id)):
+                          (writer.add_pad_token_id, tokenizer.pad_token_id)):  # no unk: every byte is a token
         if token_id is not None:
             add(token_id)
     probe = tokenizer("a")["input_ids"]  # what the HF tokenizer adds around plain text
@@ -409,6 +417,9 @@ def _plan_tensors(stack: ExitStack, model_dir: Path, config, family: GgufFamily,
             shape = tuple(handle.get_slice(hf_name).get_shape())
             planned.append(_Tensor(name, shape, _qtype(name, shape, outtype),
                                    _loader(handle, hf_name, config, family)))
+    if not tied and not any(t.name == "output.weight" for t in planned):
+        # llama.cpp would silently reuse token_embd as the output projection: a different model
+        raise ExportError(f"{model_dir} has no lm_head.weight but its config says the embeddings are not tied")
     extra = _rope_scaling(config)[1]
     if extra is not None:
         factors = extra(config)

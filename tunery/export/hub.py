@@ -201,7 +201,7 @@ def _training(cfg: RunConfig, manifest: dict, result: dict) -> list[str]:
     rows = [("base model", f"`{cfg.model}`" + (f" (revision `{cfg.revision}`)" if cfg.revision else "")),
             ("method", _method(cfg)),
             ("steps", str(result.get("steps") or cfg.max_steps or f"{cfg.epochs:g} epochs")),
-            ("learning rate", f"{cfg.lr:g} ({cfg.scheduler}, warmup {cfg.warmup_ratio:g})"),
+            ("learning rate", f"{cfg.lr:g} ({cfg.scheduler} schedule, {cfg.warmup_ratio:.0%} warmup)"),
             ("batch", f"{cfg.batch_size} x {cfg.grad_accum} accumulation"),
             ("max sequence length", str(cfg.max_seq_len)), ("loss on", f"{cfg.train_on} tokens"),
             ("seed", str(cfg.seed))]
@@ -264,7 +264,7 @@ def _usage(kinds: list[str], repo_id: str) -> list[str]:
                   'print(tokenizer.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))', "```", ""]
     if "gguf" in kinds:
         lines += ["```bash", f"ollama run hf.co/{repo_id}",
-                  "# or with this repo's Modelfile (chat template, stops and system prompt as in training):",
+                  "# or, when the repo has a Modelfile (chat template, stops and system prompt as in training):",
                   f"hf download {repo_id} --local-dir model && ollama create my-model -f model/Modelfile",
                   f"llama-cli -hf {repo_id}", "```", ""]
     return lines
@@ -282,11 +282,11 @@ def _expand(files: dict[str, Path]) -> list[dict]:
         raise ExportError("nothing to push: no files were given")
     entries: dict[str, dict] = {}
     for key, local in files.items():
-        local, key = Path(local), str(key).strip("/")
+        local, folder_key, key = Path(local), str(key).endswith("/"), str(key).strip("/")
         if key == CARD:
             raise ExportError(f"{CARD} is the generated model card; do not pass one")
         if local.is_file():
-            pairs = [(key or local.name, local)]
+            pairs = [(f"{key}/{local.name}" if folder_key else key or local.name, local)]
         elif local.is_dir():
             pairs = [(f"{key}/{f.relative_to(local).as_posix()}".lstrip("/"), f) for f in sorted(local.rglob("*"))
                      if f.is_file() and not any(part.startswith(".") for part in f.relative_to(local).parts)]

@@ -81,10 +81,13 @@ def chat_format(tokenizer) -> ChatFormat:
     return fmt
 
 
-def go_template(fmt: ChatFormat) -> str:
-    """The Ollama TEMPLATE (Go text/template over .Messages) that replays `fmt`; all literal text is quoted."""
+def go_template(fmt: ChatFormat, with_bos: bool = False) -> str:
+    """The Ollama TEMPLATE (Go text/template over .Messages) that replays `fmt`; all literal text is quoted.
+    `with_bos`: write the template's bos too (for a GGUF whose tokenizer does not add it)."""
     last_user = fmt.system == "last_user"
     lines = ['{{- $prev := "start" }}']
+    if with_bos and fmt.bos:
+        lines.append(_literal(fmt.bos).replace("{{", "{{-", 1))
     if last_user:
         lines += ['{{- $sys := "" }}', "{{- $hassys := false }}"]
     if last_user or fmt.prefill:
@@ -121,24 +124,34 @@ def go_template(fmt: ChatFormat) -> str:
     return "\n".join(lines)
 
 
-def modelfile_text(tokenizer, gguf_filename: str, system: str | None = None, params: dict | None = None) -> str:
+def modelfile_text(tokenizer, gguf_filename: str, system: str | None = None, params: dict | None = None,
+                   gguf_adds_bos: bool | None = None) -> str:
     """An Ollama Modelfile: FROM the GGUF, TEMPLATE/stop/SYSTEM derived from the tokenizer's chat template.
 
     `system` is the SYSTEM prompt (the run's system_prompt); without it, the template's own default system prompt
     (if it writes one) is used. `params` adds PARAMETER lines ({"temperature": 0.7, "stop": ["###"]}).
+    `gguf_adds_bos`: the GGUF's tokenizer.ggml.add_bos_token (see gguf_adds_bos()); None assumes it matches the
+    template (adds a bos exactly when the template writes one).
     """
     fmt = chat_format(tokenizer)
+    if gguf_adds_bos and not fmt.bos:
+        raise ExportError("the GGUF adds a bos token before every prompt (tokenizer.ggml.add_bos_token) but the "
+                          "chat template writes none, so Ollama would prompt the model with a token training never "
+                          "put there; write the GGUF with add_bos_token false")
+    with_bos = gguf_adds_bos is False and bool(fmt.bos)
     if system is not None and fmt.system == "none":
         raise ExportError("the chat template has no place for a system message (it refuses or drops it), so a "
                           "SYSTEM prompt would reach the model in a format it never saw; export without one")
     system = system if system is not None else fmt.default_system
     lines = ["# Ollama Modelfile written by tunery; load it with: ollama create NAME -f Modelfile",
              "# TEMPLATE, stop and SYSTEM are derived from the tokenizer's chat template, the one training used."]
-    if fmt.bos:
+    if with_bos:
+        lines.append(f"# The chat template starts with {fmt.bos} and the GGUF does not add it, so TEMPLATE does.")
+    elif fmt.bos:
         lines.append(f"# The chat template starts with {fmt.bos}; llama.cpp adds it from the GGUF "
                      "(tokenizer.ggml.add_bos_token), so TEMPLATE leaves it out.")
     lines += [f"# Note: {note}" for note in fmt.notes]
-    lines += [f"FROM {_value(gguf_filename, 'FROM')}", f'TEMPLATE """{go_template(fmt)}"""']
+    lines += [f"FROM {_value(gguf_filename, 'FROM')}", f'TEMPLATE """{go_template(fmt, with_bos)}"""']
     if system:
         lines.append(f'SYSTEM """{_checked(system, "SYSTEM")}"""')
     extra = dict(params or {})
@@ -156,7 +169,8 @@ def modelfile_text(tokenizer, gguf_filename: str, system: str | None = None, par
 
 def write_modelfile(tokenizer_dir: Path, gguf_path: Path, out_path: Path, system: str | None = None) -> Path:
     """Write the Modelfile for `gguf_path` (FROM relative to the Modelfile's folder) with the template derived
-    from the tokenizer saved in `tokenizer_dir` (a run's adapter/ or model/, or a merged export)."""
+    from the tokenizer saved in `tokenizer_dir` (a run's adapter/ or model/, or a merged export), checked against
+    whether the GGUF adds a bos token itself."""
     from tunery.data.templates import ensure_chat_template
     from tunery.models.load import load_tokenizer
 
@@ -170,10 +184,24 @@ def write_modelfile(tokenizer_dir: Path, gguf_path: Path, out_path: Path, system
         source = source if source.startswith(".") else f"./{source}"
     except ValueError:  # another drive (Windows)
         source = str(gguf_path.resolve())
-    text = modelfile_text(tokenizer, source, system)
+    text = modelfile_text(tokenizer, source, system, gguf_adds_bos=gguf_adds_bos(gguf_path))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(text)
     return out_path
+
+
+def gguf_adds_bos(gguf_path: Path) -> bool:
+    """Whether llama.cpp and Ollama put a bos token before each prompt for this GGUF: its
+    tokenizer.ggml.add_bos_token (absent: no, llama.cpp's default for the BPE vocabularies tunery writes)."""
+    try:
+        import gguf
+    except ImportError:
+        raise ExportError("reading the GGUF's metadata needs the gguf package (pip install gguf)") from None
+    try:
+        field = gguf.GGUFReader(gguf_path).fields.get(gguf.Keys.Tokenizer.ADD_BOS)
+    except (OSError, ValueError, IndexError, KeyError) as e:
+        raise ExportError(f"{gguf_path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+    return bool(field.parts[field.data[0]][0]) if field is not None else False
 
 
 def ollama_create_command(name: str, modelfile: Path) -> list[str]:
@@ -186,6 +214,7 @@ def ollama_create_command(name: str, modelfile: Path) -> list[str]:
 
 
 # --- deriving the format -------------------------------------------------------------------------------------
+
 
 def _template_errors() -> tuple[type[Exception], ...]:
     """What a chat template raises on a conversation it refuses (raise_exception, bad indexing, ...)."""
@@ -236,7 +265,7 @@ def _probe(render: Render, messages: list[dict], mode: str, what: str) -> str:
     try:
         return render(messages, mode)
     except _template_errors() as e:
-        raise _Unexpressible(f"it fails on {what} ({type(e).__name__}: {e})") from None
+        raise _Unexpressible(f"it fails on {what} ({type(e).__name__}: {_one_line(e)})") from None
 
 
 def _derive(render: Render, tokenizer, template: str) -> ChatFormat:
@@ -269,7 +298,8 @@ def _system_shape(render: Render, t: dict) -> tuple[str, tuple[str, str], list[s
         first = render(_conv(s, u1), "gen")
         later = render(_conv(s, u1, a1, u2), "gen")
     except _template_errors() as e:
-        return "none", ("", ""), [f"the chat template refuses system messages ({e}); this TEMPLATE leaves them out"]
+        return "none", ("", ""), [f"the chat template refuses system messages ({_one_line(e)}); this TEMPLATE "
+                                  "leaves them out"]
     if s not in later:
         return "none", ("", ""), ["the chat template drops system messages; so does this TEMPLATE"]
     order = sorted((s, u1, a1, u2), key=later.find)
@@ -306,6 +336,11 @@ def _later_system(render: Render, t: dict) -> list[str]:
         t[("assistant", "system")] = q[2]
         return []
     return ["system messages after the first turn are left out (the chat template writes them differently)"]
+
+
+def _one_line(error: Exception, limit: int = 160) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _maybe(render: Render, messages: list[dict], mode: str) -> str | None:
@@ -456,7 +491,7 @@ def _checked(text: str, what: str) -> str:
     """Text that Ollama's Modelfile parser keeps as written inside triple quotes."""
     if '"""' in text:
         raise ExportError(f'{what} value {text!r} contains """, which ends a Modelfile value early')
-    bad = sorted({ch for ch in text if not (ch.isprintable() or ch in "\n\t")})
+    bad = sorted({ch for ch in text if not (ch.isprintable() or ch in "\n\r\t")})
     if bad:
         raise ExportError(f"{what} value {text!r} contains characters the Modelfile parser drops: "
                           f"{', '.join(f'U+{ord(c):04X}' for c in bad)}")

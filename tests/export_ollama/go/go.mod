@@ -1,0 +1,3 @@
+module tunery.local/ollamarender
+
+go 1.19

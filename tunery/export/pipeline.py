@@ -1,0 +1,134 @@
+"""`tunery export RUN ...` as one function: merge -> GGUF (+ quantize) -> verify -> Modelfile -> Hub push.
+
+Every GGUF is loaded back with llama.cpp and compared with the merged torch model on held-out prompts of
+the run before anything else uses it; a check that fails stops the export with the numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+from tunery.errors import ExportError
+from tunery.progress import console
+from tunery.train import rundir
+
+DIRECT = ("f16", "q8_0")  # written by the gguf package; other kinds through llama.cpp's quantizer
+SMALLEST_FIRST = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16")
+
+
+def _prompts(run: Path, tokenizer_dir: Path, n: int = 20) -> list[list[dict]]:
+    """Held-out prompts of the run (the conversation up to its last reply), or the verifier's defaults."""
+    from transformers import AutoTokenizer
+
+    from tunery.data.dataset import prepare_data
+    from tunery.data.tokenize import prompt_and_reference
+
+    _, cfg = rundir.open_run(run)
+    data = prepare_data(cfg, AutoTokenizer.from_pretrained(tokenizer_dir))
+    prompts = [pr[0] for pr in map(prompt_and_reference, data.eval_examples or []) if pr][:n]
+    if not prompts:
+        from tunery.export.verify import DEFAULT_PROMPTS
+
+        prompts = DEFAULT_PROMPTS
+    return prompts
+
+
+def write_ggufs(run: Path, merged: Path, out: Path, kinds: list[str]) -> dict[str, Path]:
+    """Each requested GGUF kind, verified; the f16 file is also the quantizer's input for k-quants."""
+    from tunery.export.gguf import QUANT_FTYPES, quantize, write_gguf
+    from tunery.export.verify import verify_gguf
+
+    unknown = sorted(set(kinds) - set(DIRECT) - set(QUANT_FTYPES))
+    if unknown:
+        raise ExportError(f"unknown GGUF type(s) {unknown}; choose from {', '.join(SMALLEST_FIRST)}")
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = _prompts(run, merged)
+    written: dict[str, Path] = {}
+    for kind in kinds:
+        path = out / f"{run.name}-{kind}.gguf"
+        if kind in DIRECT:
+            write_gguf(merged, path, kind)
+        else:
+            f16 = out / f"{run.name}-f16.gguf"
+            if not f16.exists():
+                write_gguf(merged, f16, "f16")
+            with console.status(f"quantizing to {kind} with llama.cpp"):
+                quantize(f16, path, kind)
+        with console.status(f"verifying {path.name} against the torch model"):
+            report = verify_gguf(path, merged, prompts, quant=kind)
+        console.print(f"[green]{path.name}[/]: {_describe(report)}")
+        written[kind] = path
+    return written
+
+
+def _describe(r: dict) -> str:
+    return (f"top-1 agreement {r['top1_agreement']:.0%}, identical greedy generations "
+            f"{r['generations_identical']:.0%}, stopped at end of turn {r['gguf_stopped']}/{r['prompts']} "
+            f"(torch {r['torch_stopped']}), max |logit diff| {r['max_abs_logit_diff']:.3g}")
+
+
+def write_ollama(run: Path, merged: Path, ggufs: dict[str, Path], name: str, out: Path) -> Path:
+    """A Modelfile beside the smallest GGUF, the `ollama create` command, and that command run if ollama exists."""
+    from tunery.export.ollama import ollama_create_command, write_modelfile
+
+    if not ggufs:
+        raise ExportError("--ollama needs a GGUF to point at: add --gguf q4_k_m (or f16/q8_0)")
+    _, cfg = rundir.open_run(run)
+    gguf = next(ggufs[k] for k in SMALLEST_FIRST if k in ggufs)
+    modelfile = write_modelfile(merged, gguf, out / "Modelfile", system=cfg.system_prompt)
+    cmd = ollama_create_command(name, modelfile)
+    console.print(f"Modelfile: {modelfile}\nrun: {shlex.join(cmd)}")
+    if shutil.which("ollama"):
+        subprocess.run(cmd, check=True)
+    return modelfile
+
+
+def push_files(run: Path, merged: Path | None, ggufs: dict[str, Path], modelfile: Path | None) -> tuple[list, dict]:
+    """(kinds, repo path -> local path) for the Hub: merged weights or the adapter at the root, GGUFs beside."""
+    kind, weights = rundir.trained_weights(run)
+    files: dict[str, Path] = {}
+    if merged is not None:
+        what, files[""] = ["merged"], merged
+    else:
+        what, files[""] = (["adapter"] if kind == "adapter" else ["merged"]), weights
+    if ggufs:
+        what.append("gguf")
+        files.update({p.name: p for p in ggufs.values()})
+        if modelfile:
+            files["Modelfile"] = modelfile
+    return what, files
+
+
+def export_run(run: str | Path, *, merged: Path | None = None, gguf: list[str] | None = None,
+               ollama: str | None = None, push_to_hub: str | None = None, dry_run: bool = False,
+               public: bool = False, out: Path | None = None, overwrite: bool = False) -> dict:
+    from tunery.export.merge import export_merged
+
+    run, _ = rundir.open_run(run)
+    out = out or run / "export"
+    kinds = list(dict.fromkeys(gguf or []))
+    result: dict = {}
+    merged_dir = merged
+    if merged is not None or kinds:
+        merged_dir = merged or out / "merged"
+        export_merged(run, merged_dir, overwrite=overwrite or merged is None)
+        result["merged"] = merged_dir
+    ggufs = write_ggufs(run, merged_dir, out, kinds) if kinds else {}
+    result["gguf"] = ggufs
+    modelfile = write_ollama(run, merged_dir, ggufs, ollama, out) if ollama else None
+    if push_to_hub:
+        from tunery.export.hub import format_plan, plan_upload, push
+
+        what, files = push_files(run, merged if merged is not None else (merged_dir if not kinds else None),
+                                 ggufs, modelfile)
+        plan = plan_upload(run, push_to_hub, what, files, private=not public)
+        if dry_run:
+            print(format_plan(plan), end="")
+        else:
+            result["url"] = push(plan, token=os.environ.get("HF_TOKEN"))
+            console.print(f"[green]pushed[/] {result['url']}")
+    return result
