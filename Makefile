@@ -37,7 +37,7 @@ tools:
 
 test: $(FULL) tools
 	$(BIN)/ruff check tunery tests bench
-	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "not gpu"   # gpu tests run on the device: pytest -m gpu
 
 clean:
 	rm -rf $(VENV) tunery-demo runs

@@ -56,15 +56,18 @@ def build(arch: str, gc: bool, stack: str):
 
 def step_fn(model, stack: str):
     from tunery.eval.loss import summed_loss
+    from tunery.kernels.apply import fast_path_for
+
+    fast = fast_path_for(model, "cuda", enabled=stack == "tunery")
 
     def tunery_step(batch):
         n = int((batch["labels"][:, 1:] != -100).sum())
-        (summed_loss(model, batch) / n).backward()
+        (summed_loss(model, batch, fast) / n).backward()
 
     def hf_step(batch):
         model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.backward()
 
-    return tunery_step if stack == "tunery" else hf_step
+    return hf_step if stack == "hf" else tunery_step
 
 
 def run(arch: str, bs: int, seq: int, gc: bool, stack: str, steps: int = 10, warmup: int = 3) -> dict:
@@ -110,7 +113,8 @@ def main() -> None:
     p.add_argument("--bs", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--gc", action="store_true", help="activation checkpointing")
-    p.add_argument("--stack", default="tunery", choices=["tunery", "hf"])
+    p.add_argument("--stack", default="tunery", choices=["tunery", "tunery-ref", "hf"],
+                   help="tunery: fast path; tunery-ref: tunery's loop on the reference path; hf: model(labels)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--matrix", action="store_true", help="run every MATRIX row for both stacks")
     a = p.parse_args()
@@ -118,7 +122,7 @@ def main() -> None:
         print(json.dumps(run(a.arch, a.bs, a.seq, a.gc, a.stack, a.steps)), flush=True)
         return
     for arch, bs, seq in MATRIX:
-        for stack in ("hf", "tunery"):
+        for stack in ("hf", "tunery-ref", "tunery"):
             cmd = [sys.executable, __file__, "--arch", arch, "--bs", str(bs), "--seq", str(seq), "--gc",
                    "--stack", stack, "--steps", str(a.steps)]
             subprocess.run(cmd, check=False)  # one process per row: peak memory is per process

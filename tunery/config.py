@@ -65,6 +65,8 @@ class RunConfig:
         "auto", "Weights dtype; auto = bf16 on GPUs that support it, else fp32.")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "Where to train; auto = cuda when available.")
     gpus: int = _f(1, "Data-parallel processes (torchrun + DDP): one per GPU; on CPU, gloo processes.")
+    fast: bool = _f(True, "Use tunery's fused kernels where the family has them (CUDA); --no-fast forces "
+                          "the plain reference path.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the model.")
     trust_remote_code: bool = _f(False, "Allow model code from the Hub repo (only for repos you trust).")

@@ -17,6 +17,7 @@ from tunery.data.dataset import PreparedData, prepare_data
 from tunery.data.templates import ensure_chat_template
 from tunery.errors import RunError
 from tunery.eval.loss import held_out_loss, summed_loss
+from tunery.kernels.apply import FastPath, fast_path_for
 from tunery.models.load import load_model, load_tokenizer, model_fingerprint, pick_device, pick_dtype
 from tunery.models.lora import apply_lora
 from tunery.progress import console
@@ -43,6 +44,7 @@ class Trainer:
     total_steps: int
     dist: Dist = Dist()
     forward_model: object = None  # the DDP wrapper when distributed, else `model`
+    fast: FastPath | None = None  # fused kernels in use, or the reason there are none
 
     def __post_init__(self):
         self.forward_model = self.forward_model or self.model
@@ -99,7 +101,9 @@ def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
 
         ids = [dist.local_rank] if device.startswith("cuda") else None
         forward = DistributedDataParallel(model, device_ids=ids)
-    return Trainer(cfg, run, model, tokenizer, data, optimizer, scheduler, device, steps, dist, forward)
+    fast = fast_path_for(model, device, cfg.fast, dist.enabled)
+    log.info(fast.describe())
+    return Trainer(cfg, run, model, tokenizer, data, optimizer, scheduler, device, steps, dist, forward, fast)
 
 
 def train_step(t: Trainer, step: int) -> dict:
@@ -118,7 +122,7 @@ def train_step(t: Trainer, step: int) -> dict:
         sync = i == len(batches) - 1 or not dist.enabled
         with contextlib.nullcontext() if sync else t.forward_model.no_sync():
             # DDP averages gradients over ranks; scaling by world makes that the sum over all tokens
-            loss = summed_loss(t.forward_model, batch) / n_tokens
+            loss = summed_loss(t.forward_model, batch, t.fast) / n_tokens
             (loss * dist.world).backward()
         total += float(loss.detach())
     total = distributed.all_sum(total, dist)
@@ -210,7 +214,7 @@ def _train_in(cfg: RunConfig, run: Path, resuming: bool, dist: Dist) -> Path:
         return run
     report = t.data.report()
     console.print(f"[bold]{run}[/]: {report['train_examples']} train / {report['eval_examples']} eval "
-                  f"examples, {t.total_steps} steps on {t.device}")
+                  f"examples, {t.total_steps} steps on {t.device}; {t.fast.describe()}")
     for f in report["files"]:
         if f["rejected"] or f["truncated"] or f["no_trainable_tokens"]:
             console.print(f"[yellow]{f['path']}[/]: {f['rejected']} rows rejected {f['rejected_reasons']}, "

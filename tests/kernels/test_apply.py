@@ -1,0 +1,57 @@
+"""The fast path on a real (tiny) PEFT model gives the reference loss and gradients, and says what it did."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunery.data.tokenize import IGNORE
+from tunery.eval.loss import summed_loss
+from tunery.kernels.apply import fast_path_for
+from tunery.models.lora import apply_lora
+from tunery.models.tiny import TinySpec, make_config, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(["hello world 123", "user", "assistant", "the quick brown fox"], vocab_size=300)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_fused_loss_equals_reference_loss_and_lora_grads(tokenizer, family):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    spec = TinySpec(family=family, hidden_size=32, intermediate_size=64, num_layers=2)
+    model = apply_lora(AutoModelForCausalLM.from_config(make_config(spec, tokenizer)), 4, 8, 0.0)
+    ids = torch.randint(0, len(tokenizer), (3, 17))
+    labels = ids.clone()
+    labels[:, :5] = IGNORE
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    fast = fast_path_for(model, "cpu", allow_cpu=True)
+    assert fast.applied and "fused linear+cross-entropy" in fast.describe()
+
+    def run(path):
+        model.zero_grad(set_to_none=True)
+        loss = summed_loss(model, batch, path)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_loss, ref_grads = run(None)
+    got_loss, got_grads = run(fast)
+    assert torch.allclose(got_loss, ref_loss, rtol=1e-5)
+    assert ref_grads.keys() == got_grads.keys()
+    for name, g in ref_grads.items():
+        rel = float((got_grads[name] - g).norm() / g.norm().clamp_min(1e-12))
+        assert rel < 1e-5, (name, rel)
+
+
+def test_fast_path_reasons(tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(make_config(TinySpec(hidden_size=32, intermediate_size=64,
+                                                                  num_layers=1), tokenizer))
+    assert "CPU" in fast_path_for(model, "cpu").describe()
+    assert "--no-fast" in fast_path_for(model, "cuda", enabled=False).describe()
+    assert "DDP" in fast_path_for(model, "cuda", distributed=True).describe()
+    assert fast_path_for(model, "cuda").applied

@@ -1,0 +1,1 @@
+"""Fast paths for training, each beside its plain PyTorch reference (see linear_ce.py, apply.py)."""

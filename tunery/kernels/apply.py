@@ -1,0 +1,56 @@
+"""Which fast paths a model gets: decided per family (data), applied explicitly, reported, switchable off.
+
+    report = fast_path_for(model, device, enabled=cfg.fast)   # -> FastPath(...), with .describe()
+
+Today: the fused linear + cross-entropy loss (kernels/linear_ce.py) for families whose output is a plain
+`lm_head` over the final norm (no logit soft-capping or scaling). It is used on CUDA in single-process
+training; CPU training keeps the reference path, which is what CI checks the fast path against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# model_type -> fast paths that are exact for it
+FAMILY_FAST_PATHS: dict[str, tuple[str, ...]] = {
+    "llama": ("fused_linear_ce",),
+    "mistral": ("fused_linear_ce",),
+    "qwen2": ("fused_linear_ce",),
+    "qwen3": ("fused_linear_ce",),
+}
+
+
+@dataclass
+class FastPath:
+    decoder: object = None  # the transformer body that returns hidden states
+    lm_head: object = None
+    applied: list[str] = field(default_factory=list)
+    reason: str = ""
+
+    def describe(self) -> str:
+        return ("fast path: " + ", ".join(self.applied)) if self.applied else f"reference path ({self.reason})"
+
+
+def _unwrap(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def fast_path_for(model, device: str, enabled: bool = True, distributed: bool = False,
+                  allow_cpu: bool = False) -> FastPath:
+    """The fast paths `model` gets here, with the reason when it gets none."""
+    if not enabled:
+        return FastPath(reason="switched off (--no-fast)")
+    if not device.startswith("cuda") and not allow_cpu:
+        return FastPath(reason="CPU: the reference path is the tested one")
+    if distributed:
+        return FastPath(reason="multi-process training uses the DDP-wrapped forward")
+    base = _unwrap(model)
+    paths = FAMILY_FAST_PATHS.get(getattr(base.config, "model_type", ""), ())
+    if "fused_linear_ce" not in paths:
+        return FastPath(reason=f"no fast path for model type {base.config.model_type!r} yet")
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
+    lm_head = base.get_output_embeddings()
+    if decoder is None or lm_head is None or getattr(lm_head, "bias", None) is not None:
+        return FastPath(reason="model has no plain decoder + lm_head")
+    return FastPath(decoder=decoder, lm_head=lm_head,
+                    applied=["fused linear+cross-entropy (chunked; no full-vocabulary logits)"])
