@@ -54,11 +54,12 @@ def build(arch: str, gc: bool, stack: str):
     return model, cfg
 
 
-def step_fn(model, stack: str):
+def step_fn(model, stack: str, ops: bool = False, compile: bool = False):
     from tunery.eval.loss import summed_loss
     from tunery.kernels.apply import fast_path_for
 
-    fast = fast_path_for(model, "cuda", enabled=stack == "tunery")
+    fast = fast_path_for(model, "cuda", enabled=stack == "tunery", ops=ops, compile=compile)
+    print(fast.describe(), file=sys.stderr)
 
     def tunery_step(batch):
         n = int((batch["labels"][:, 1:] != -100).sum())
@@ -70,7 +71,8 @@ def step_fn(model, stack: str):
     return hf_step if stack == "hf" else tunery_step
 
 
-def run(arch: str, bs: int, seq: int, gc: bool, stack: str, steps: int = 10, warmup: int = 3) -> dict:
+def run(arch: str, bs: int, seq: int, gc: bool, stack: str, steps: int = 10, warmup: int = 3, ops: bool = False,
+        compile: bool = False) -> dict:
     import torch
 
     model, cfg = build(arch, gc, stack)
@@ -80,7 +82,7 @@ def run(arch: str, bs: int, seq: int, gc: bool, stack: str, steps: int = 10, war
     for _ in range(4):
         ids = torch.randint(0, cfg.vocab_size, (bs, seq), device="cuda")
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
-    step = step_fn(model, stack)
+    step = step_fn(model, stack, ops, compile)
     torch.cuda.reset_peak_memory_stats()
     times, err = [], None
     try:
@@ -95,9 +97,10 @@ def run(arch: str, bs: int, seq: int, gc: bool, stack: str, steps: int = 10, war
                 times.append(time.perf_counter() - t0)
     except torch.cuda.OutOfMemoryError:
         err = "OOM"
-    res = {"stack": stack, "arch": arch, "bs": bs, "seq": seq, "gc": gc, "err": err,
+    name = stack + ("+ops" if ops else "") + ("+compile" if compile else "")
+    res = {"stack": name, "arch": arch, "bs": bs, "seq": seq, "gc": gc, "err": err,
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
-    if times:
+    if times:  # warm-up steps absorb compilation
         med = sorted(times)[len(times) // 2]
         n_total = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
         n_mat = n_total - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
@@ -116,10 +119,12 @@ def main() -> None:
     p.add_argument("--stack", default="tunery", choices=["tunery", "tunery-ref", "hf"],
                    help="tunery: fast path; tunery-ref: tunery's loop on the reference path; hf: model(labels)")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--ops", action="store_true", help="tunery: liger RMSNorm/SwiGLU swaps")
+    p.add_argument("--compile", action="store_true", help="tunery: torch.compile each block")
     p.add_argument("--matrix", action="store_true", help="run every MATRIX row for both stacks")
     a = p.parse_args()
     if not a.matrix:
-        print(json.dumps(run(a.arch, a.bs, a.seq, a.gc, a.stack, a.steps)), flush=True)
+        print(json.dumps(run(a.arch, a.bs, a.seq, a.gc, a.stack, a.steps, ops=a.ops, compile=a.compile)), flush=True)
         return
     for arch, bs, seq in MATRIX:
         for stack in ("hf", "tunery-ref", "tunery"):

@@ -12,12 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # model_type -> fast paths that are exact for it
-FAMILY_FAST_PATHS: dict[str, tuple[str, ...]] = {
-    "llama": ("fused_linear_ce",),
-    "mistral": ("fused_linear_ce",),
-    "qwen2": ("fused_linear_ce",),
-    "qwen3": ("fused_linear_ce",),
-}
+_ALL = ("fused_linear_ce", "ops", "compile")
+FAMILY_FAST_PATHS: dict[str, tuple[str, ...]] = {"llama": _ALL, "mistral": _ALL, "qwen2": _ALL, "qwen3": _ALL}
 
 
 @dataclass
@@ -26,6 +22,14 @@ class FastPath:
     lm_head: object = None
     applied: list[str] = field(default_factory=list)
     reason: str = ""
+    undo: list = field(default_factory=list)
+
+    def remove(self) -> None:
+        """Put the replaced modules back (the fused loss needs nothing undone: it is chosen per call)."""
+        for fn in reversed(self.undo):
+            fn()
+        self.undo.clear()
+        self.applied = [a for a in self.applied if a.startswith("fused linear")]
 
     def describe(self) -> str:
         return ("fast path: " + ", ".join(self.applied)) if self.applied else f"reference path ({self.reason})"
@@ -36,7 +40,7 @@ def _unwrap(model):
 
 
 def fast_path_for(model, device: str, enabled: bool = True, distributed: bool = False,
-                  allow_cpu: bool = False) -> FastPath:
+                  allow_cpu: bool = False, ops: bool = True, compile: bool = False) -> FastPath:
     """The fast paths `model` gets here, with the reason when it gets none."""
     if not enabled:
         return FastPath(reason="switched off (--no-fast)")
@@ -52,5 +56,16 @@ def fast_path_for(model, device: str, enabled: bool = True, distributed: bool = 
     lm_head = base.get_output_embeddings()
     if decoder is None or lm_head is None or getattr(lm_head, "bias", None) is not None:
         return FastPath(reason="model has no plain decoder + lm_head")
-    return FastPath(decoder=decoder, lm_head=lm_head,
+    fast = FastPath(decoder=decoder, lm_head=lm_head,
                     applied=["fused linear+cross-entropy (chunked; no full-vocabulary logits)"])
+    from tunery.kernels import ops as kops
+
+    if ops and "ops" in paths and kops.liger_available():
+        done, undo = kops.swap_ops(decoder)
+        fast.applied += done
+        fast.undo += undo
+    if compile and "compile" in paths:
+        done, undo = kops.compile_blocks(decoder)
+        fast.applied += done
+        fast.undo += undo
+    return fast
