@@ -120,7 +120,7 @@ def main() -> None:
                    help="tunery: fast path; tunery-ref: tunery's loop on the reference path; hf: model(labels)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--ops", action="store_true", help="tunery: liger RMSNorm/SwiGLU swaps")
-    p.add_argument("--compile", action="store_true", help="tunery: torch.compile each block")
+    p.add_argument("--compile", action="store_true", help="tunery: torch.compile each block (the trainer's default)")
     p.add_argument("--matrix", action="store_true", help="run every MATRIX row for both stacks")
     a = p.parse_args()
     if not a.matrix:

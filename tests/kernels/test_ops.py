@@ -45,7 +45,7 @@ def test_swapped_ops_match_the_reference_modules(family):
     ids = torch.randint(0, 1000, (2, 128), device="cuda")
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     ref_loss, ref_grads = _loss_and_grads(model, None, batch)
-    fast = fast_path_for(model, "cuda", ops=True)
+    fast = fast_path_for(model, "cuda", ops=True, compile=False)
     assert any("RMSNorm" in a for a in fast.applied) and any("SwiGLU" in a for a in fast.applied), fast.applied
     got_loss, got_grads = _loss_and_grads(model, fast, batch)
     assert abs(got_loss - ref_loss) / abs(ref_loss) < 1e-2

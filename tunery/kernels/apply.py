@@ -2,9 +2,11 @@
 
     report = fast_path_for(model, device, enabled=cfg.fast)   # -> FastPath(...), with .describe()
 
-Today: the fused linear + cross-entropy loss (kernels/linear_ce.py) for families whose output is a plain
-`lm_head` over the final norm (no logit soft-capping or scaling). It is used on CUDA in single-process
-training; CPU training keeps the reference path, which is what CI checks the fast path against.
+Today, for families whose output is a plain `lm_head` over the final norm (no logit soft-capping):
+the fused linear + cross-entropy loss (kernels/linear_ce.py) and torch.compile of each decoder block
+(measured in docs/benchmarks.md: it fuses norms, SwiGLU and the LoRA adds, and beats the liger swaps,
+which stay available as `ops=True`). Used on CUDA in single-process training; CPU training keeps the
+reference path, which is what CI checks the fast path against.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def _unwrap(model):
 
 
 def fast_path_for(model, device: str, enabled: bool = True, distributed: bool = False,
-                  allow_cpu: bool = False, ops: bool = True, compile: bool = False) -> FastPath:
+                  allow_cpu: bool = False, ops: bool = False, compile: bool = True) -> FastPath:
     """The fast paths `model` gets here, with the reason when it gets none."""
     if not enabled:
         return FastPath(reason="switched off (--no-fast)")
