@@ -35,9 +35,16 @@ def _submit(ws, home: Path, config: Path, name: str, *extra: str) -> str:
 
 
 def _worker(home: Path) -> subprocess.Popen:
+    """A worker whose output goes to home/worker-N.log (read them when a test fails)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNERY_HOME": str(home), "HF_TOKEN": TOKEN}
+    home.mkdir(parents=True, exist_ok=True)
+    log = open(home / f"worker-{len(list(home.glob('worker-*.log')))}.log", "w")
     return subprocess.Popen([sys.executable, "-m", "tunery.cli.app", "worker", "--exit-when-idle", "3"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def _worker_logs(home: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted(home.glob("worker-*.log")))
 
 
 def _store(home: Path):
@@ -116,7 +123,7 @@ def test_worker_sigkill_mid_job_then_restart_finishes_on_the_same_loss(workspace
 
     _worker(home).wait(timeout=300)
     job = store.get(job_id)
-    assert job.state == "succeeded", store.transitions(job_id)
+    assert job.state == "succeeded", (store.transitions(job_id), _worker_logs(home))
     assert job.attempts == 2 and any("died" in t["reason"] for t in store.transitions(job_id))
     final = json.loads((run / "result.json").read_text())
     assert final["final_loss"] == pytest.approx(straight["final_loss"], rel=1e-4)

@@ -35,6 +35,19 @@ def test_each_epoch_visits_every_example_once_in_a_seeded_order():
     assert step_examples(n, 1, per_step, seed=4) != step_examples(n, 1, per_step, seed=3)
 
 
+def test_collate_pads_right_and_rounds_up_to_a_multiple():
+    from tunery.data.tokenize import IGNORE, Tokenized
+    from tunery.train.batching import collate
+
+    batch = [Tokenized([5, 6, 7], [IGNORE, 6, 7], False), Tokenized([8], [8], False)]
+    plain = collate(batch, 0, "cpu")
+    assert plain["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert plain["labels"].tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
+    assert plain["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    rounded = collate(batch, 0, "cpu", multiple=64)
+    assert rounded["input_ids"].shape == (2, 64) and int(rounded["attention_mask"].sum()) == 4
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("units")

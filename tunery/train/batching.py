@@ -27,11 +27,14 @@ def _permutation(n: int, seed: int) -> list[int]:
     return _PERMS[key]
 
 
-def collate(batch: list[Tokenized], pad_id: int, device: str) -> dict:
-    """Right-padded input_ids / attention_mask / labels tensors of shape (batch, longest)."""
+def collate(batch: list[Tokenized], pad_id: int, device: str, multiple: int = 1) -> dict:
+    """Right-padded input_ids / attention_mask / labels of shape (batch, longest rounded up to `multiple`).
+
+    A compiled model sees few distinct lengths when `multiple` > 1, so it recompiles rarely.
+    """
     import torch
 
-    longest = max(len(t.input_ids) for t in batch)
+    longest = -(-max(len(t.input_ids) for t in batch) // multiple) * multiple
     ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), longest), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(batch), longest), dtype=torch.long)

@@ -115,7 +115,8 @@ def train_step(t: Trainer, step: int) -> dict:
     picked = [t.data.train[i] for i in step_examples(len(t.data.train), step, per_step, cfg.seed)]
     # micro-batch m of rank r: the (m * world + r)-th slice of the step's examples
     starts = range(dist.rank * cfg.batch_size, per_step, cfg.batch_size * dist.world)
-    batches = [collate(picked[i : i + cfg.batch_size], t.tokenizer.pad_token_id, t.device) for i in starts]
+    multiple = 64 if t.fast and any("compile" in a for a in t.fast.applied) else 1
+    batches = [collate(picked[i : i + cfg.batch_size], t.tokenizer.pad_token_id, t.device, multiple) for i in starts]
     n_tokens = max(1.0, distributed.all_sum(sum(trained_tokens(b) for b in batches), dist))
     total = 0.0
     for i, batch in enumerate(batches):
