@@ -7,6 +7,7 @@ two workers never run the same job.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 import uuid
@@ -169,26 +170,37 @@ class JobStore:
                            [(job_id, r["step"], r.get("loss"), r.get("lr"), r.get("eval_loss"), time.time())
                             for r in records])
 
-    def ingest_metrics(self, job: Job, offset: int = 0) -> int:
-        """Copy new complete lines of the run's metrics.jsonl into the store; returns the new offset."""
+    def ingest_metrics(self, job: Job, cursor: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+        """Copy new complete lines of the run's metrics.jsonl into the store.
+
+        `cursor` is (inode, byte offset) of what was read before; a resume rewrites the file under a new
+        inode (tunery.train.metrics), which sends the reader back to its start.
+        """
         path = Path(job.run_dir) / "metrics.jsonl"
-        if not path.exists():
-            return offset
-        if path.stat().st_size < offset:
-            offset = 0  # truncated by a resume: read it again
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            lines = fh.read().split(b"\n")
+        try:
+            with open(path, "rb") as fh:
+                inode = os.fstat(fh.fileno()).st_ino
+                offset = cursor[1] if cursor[0] == inode else 0
+                fh.seek(offset)
+                lines = fh.read().split(b"\n")
+        except FileNotFoundError:
+            return cursor
         complete = lines[:-1]  # the last piece is empty or a line still being written
         offset += sum(len(line) + 1 for line in complete)
-        records = [json.loads(line) for line in complete if line.strip()]
+        records = []
+        for line in complete:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # never let one odd line stop the worker; the file itself stays as written
+        records = [r for r in records if isinstance(r, dict) and "step" in r]
         if records:
             self.add_metrics(job.id, records)
             last = records[-1]
             total = last.get("total_steps") or 0
-            self.update(job.id, step=last["step"], last_loss=last["loss"], total_steps=total or None,
+            self.update(job.id, step=last["step"], last_loss=last.get("loss"), total_steps=total or None,
                         progress=last["step"] / total if total else 0)
-        return offset
+        return inode, offset
 
     def metrics(self, job_id: str) -> list[dict]:
         with self._db() as db:

@@ -34,7 +34,7 @@ class _Running:
     proc: subprocess.Popen
     slot: int
     log: object
-    metrics_offset: int = 0
+    metrics_cursor: tuple[int, int] = (0, 0)
     reason: str | None = None
     final_state: str | None = None
     extra: dict = field(default_factory=dict)
@@ -245,4 +245,4 @@ class LocalWorker:
         self.store.set_state(r.job.id, state, reason, expect=("running",), returncode=code, pid=None)
 
     def _stream_metrics(self, r: _Running) -> None:
-        r.metrics_offset = self.store.ingest_metrics(r.job, r.metrics_offset)
+        r.metrics_cursor = self.store.ingest_metrics(r.job, r.metrics_cursor)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,10 @@ class MetricsFile:
         if keep_through_step is not None and path.exists():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= keep_through_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            # a new file renamed over the old: readers (the job worker) see one or the other, never a mix
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
         self._fh = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
