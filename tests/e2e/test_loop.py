@@ -71,6 +71,9 @@ def test_chat_answers_with_the_run_template(trained):
     reply = proc.stdout.strip().splitlines()[-1]
     assert reply and "<|im_end|>" not in reply
     assert any(ch.isdigit() for ch in reply)
+    base = run_cli("chat", str(trained["run"]), "--base", "--max-new-tokens", "8", "--prompt",
+                   "Rewrite this date as YYYY-MM-DD: 4 July 1976", home=trained["home"])
+    assert base.stdout.strip() != proc.stdout.strip()  # the adapter switched off answers differently
 
 
 def test_data_inspect_reports_format_and_preview(workspace):

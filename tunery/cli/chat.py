@@ -26,9 +26,12 @@ def chat_command(
     device = pick_device(cfg.device)
     with console.status("loading model"):
         base_model, tuned, tokenizer = load_trained(run, device)
-    model = base_model if base and not hasattr(tuned, "disable_adapter") else tuned
-    if base and hasattr(tuned, "disable_adapter"):
-        tuned.base_model.disable_adapter_layers()
+    model = tuned
+    if base:  # LoRA: the same weights with the adapter switched off; full fine-tune: the base model itself
+        if hasattr(tuned, "disable_adapter"):
+            tuned.base_model.disable_adapter_layers()
+        else:
+            model = base_model
     system = system if system is not None else cfg.system_prompt
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     limit = max_new_tokens or cfg.max_new_tokens
