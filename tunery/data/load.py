@@ -6,12 +6,12 @@ Errors name the file and, for JSON Lines, the line. Cells of CSV/Excel that hold
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from tunery.errors import DataError
+from tunery.hashing import sha256_files
 
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".xlsx", ".parquet")
 
@@ -40,14 +40,9 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
 def content_hash(path: str | Path) -> str:
     """sha256 of the file's bytes (of every file, in name order, for a folder)."""
     path = Path(path)
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        digest.update(file.relative_to(path).as_posix().encode() if path.is_dir() else b"")
-        with open(file, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    if not path.is_dir():
+        return sha256_files([("", path)])
+    return sha256_files((p.relative_to(path).as_posix(), p) for p in sorted(path.rglob("*")) if p.is_file())
 
 
 def _load_json(path: Path) -> list[dict]:

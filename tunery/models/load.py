@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from tunery.errors import ModelError
+from tunery.hashing import sha256_files
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -72,11 +72,6 @@ def model_fingerprint(model: str, revision: str | None = None) -> dict:
     folder = Path(model).expanduser()
     if not folder.is_dir():
         return {"model": model, "revision": revision or "main"}
-    digest = hashlib.sha256()
-    for file in sorted(folder.iterdir()):
-        if file.suffix in (".json", ".safetensors", ".bin", ".model") and file.is_file():
-            digest.update(file.name.encode())
-            with open(file, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-    return {"model": str(folder.resolve()), "folder_sha256": digest.hexdigest()}
+    files = [(f.name, f) for f in sorted(folder.iterdir())
+             if f.suffix in (".json", ".safetensors", ".bin", ".model") and f.is_file()]
+    return {"model": str(folder.resolve()), "folder_sha256": sha256_files(files)}

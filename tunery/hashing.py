@@ -1,0 +1,18 @@
+"""Content hashes for data files and model folders (what a manifest records to make a run reproducible)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def sha256_files(files: Iterable[tuple[str, Path]]) -> str:
+    """sha256 over (name, bytes) of each file in the given order; name "" hashes the bytes alone."""
+    digest = hashlib.sha256()
+    for name, file in files:
+        digest.update(name.encode())
+        with open(file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
