@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import os
 import platform
-from importlib.metadata import PackageNotFoundError, version
 
 from rich.table import Table
 
 from tunery.progress import report as console
+from tunery.train.rundir import package_version
 
 _CORE = ("tunery", "torch", "transformers", "peft", "datasets", "tokenizers", "safetensors", "accelerate")
 _OPTIONAL = {"bitsandbytes": "4-bit QLoRA", "liger-kernel": "fused GPU kernels", "gguf": "GGUF export",
              "llama-cpp-python": "GGUF quantize/verify"}
-
-
-def _version(pkg: str) -> str | None:
-    try:
-        return version(pkg)
-    except PackageNotFoundError:
-        return None
 
 
 def doctor_command() -> None:
@@ -31,9 +24,9 @@ def doctor_command() -> None:
     table = Table(title="tunery doctor", show_header=False)
     table.add_row("python", platform.python_version())
     for pkg in _CORE:
-        table.add_row(pkg, _version(pkg) or "[red]missing[/]")
+        table.add_row(pkg, package_version(pkg) or "[red]missing[/]")
     for pkg, use in _OPTIONAL.items():
-        table.add_row(pkg, _version(pkg) or f"[dim]not installed ({use})[/]")
+        table.add_row(pkg, package_version(pkg) or f"[dim]not installed ({use})[/]")
     table.add_row("CUDA available", str(torch.cuda.is_available()))
     if torch.cuda.is_available():
         table.add_row("CUDA (torch build)", str(torch.version.cuda))

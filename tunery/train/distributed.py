@@ -79,4 +79,4 @@ def launch(n: int, args: list[str]) -> int:
     """Run `tunery ARGS` as `n` torchrun processes on this host; returns the launcher's exit status."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            "-m", "tunery.cli.app", *args]
-    return subprocess.call(cmd, env={**os.environ, "TUNERY_LAUNCHED": "1"})
+    return subprocess.call(cmd)

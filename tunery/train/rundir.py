@@ -71,16 +71,19 @@ def hardware() -> dict:
     return info
 
 
-def versions() -> dict:
+def package_version(pkg: str) -> str | None:
+    """The installed version of `pkg`, or None when it is not installed."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {}
-    for pkg in ("tunery", "torch", "transformers", "peft", "datasets", "tokenizers", "safetensors"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return None
+
+
+def versions() -> dict:
+    return {pkg: package_version(pkg)
+            for pkg in ("tunery", "torch", "transformers", "peft", "datasets", "tokenizers", "safetensors")}
 
 
 def manifest(cfg: RunConfig, data_hashes: dict, model_info: dict) -> dict:
