@@ -3,10 +3,13 @@
     report = fast_path_for(model, device, enabled=cfg.fast)   # -> FastPath(...), with .describe()
 
 Today, for families whose output is a plain `lm_head` over the final norm (no logit soft-capping):
-the fused linear + cross-entropy loss (kernels/linear_ce.py) and torch.compile of each decoder block
-(measured in docs/benchmarks.md: it fuses norms, SwiGLU and the LoRA adds, and beats the liger swaps,
-which stay available as `ops=True`). Used on CUDA in single-process training; CPU training keeps the
-reference path, which is what CI checks the fast path against.
+- the fused linear + cross-entropy loss (kernels/linear_ce.py);
+- fused LoRA linears with a hand-written backward, 16-bit or 4-bit base (kernels/lora.py);
+- checkpointing that offloads block inputs to pinned CPU memory, when checkpointing is on (kernels/offload.py);
+- torch.compile of each decoder block, or of its norms, attention and MLP when checkpointing is on (the
+  checkpoint hook stays outside the compiled code); the liger RMSNorm/SwiGLU swaps are the `ops=True` option.
+Used on CUDA in single-process training; CPU training keeps the reference path, which is what CI checks
+the fast path against (tests/kernels compare each piece with its reference on random inputs).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # model_type -> fast paths that are exact for it
-_ALL = ("fused_linear_ce", "ops", "compile")
+_ALL = ("fused_linear_ce", "fused_lora", "offload", "ops", "compile")
 FAMILY_FAST_PATHS: dict[str, tuple[str, ...]] = {"llama": _ALL, "mistral": _ALL, "qwen2": _ALL, "qwen3": _ALL}
 
 
@@ -42,7 +45,8 @@ def _unwrap(model):
 
 
 def fast_path_for(model, device: str, enabled: bool = True, distributed: bool = False,
-                  allow_cpu: bool = False, ops: bool = False, compile: bool = True) -> FastPath:
+                  allow_cpu: bool = False, ops: bool = False, compile: bool = True, lora: bool = True,
+                  offload: bool = True) -> FastPath:
     """The fast paths `model` gets here, with the reason when it gets none."""
     if not enabled:
         return FastPath(reason="switched off (--no-fast)")
@@ -62,12 +66,26 @@ def fast_path_for(model, device: str, enabled: bool = True, distributed: bool = 
                     applied=["fused linear+cross-entropy (chunked; no full-vocabulary logits)"])
     from tunery.kernels import ops as kops
 
+    steps = []
+    if lora and "fused_lora" in paths:
+        from tunery.kernels.lora import fuse_lora
+
+        steps.append(fuse_lora)
+    checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in getattr(decoder, "layers", ()))
+    if offload and checkpointed and "offload" in paths:
+        from tunery.kernels.offload import enable_offload
+
+        steps.append(enable_offload)
+    for step in steps:
+        done, undo = step(model)
+        fast.applied += done
+        fast.undo += undo
     if ops and "ops" in paths and kops.liger_available():
         done, undo = kops.swap_ops(decoder)
         fast.applied += done
         fast.undo += undo
     if compile and "compile" in paths:
-        done, undo = kops.compile_blocks(decoder)
+        done, undo = kops.compile_blocks(decoder, parts=checkpointed)
         fast.applied += done
         fast.undo += undo
     return fast

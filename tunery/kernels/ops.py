@@ -66,12 +66,19 @@ def swap_ops(decoder: nn.Module) -> tuple[list[str], list]:
     return done, undo
 
 
-def compile_blocks(decoder: nn.Module) -> tuple[list[str], list]:
-    """torch.compile each decoder block (identical code: compiled once, reused)."""
+BLOCK_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+def compile_blocks(decoder: nn.Module, parts: bool = False) -> tuple[list[str], list]:
+    """torch.compile each decoder block (identical code: compiled once, reused), or with `parts` each block's
+    norms, attention and MLP, which leaves the block's checkpoint hook (and its offloading) uncompiled."""
     layers = getattr(decoder, "layers", None)
     if layers is None:
         return [], []
-    for layer in layers:
-        layer.compile()
-    return [f"torch.compile x{len(layers)} blocks"], [lambda: [setattr(layer, "_compiled_call_impl", None)
-                                                            for layer in layers]]
+    targets = ([getattr(layer, p) for layer in layers for p in BLOCK_PARTS if hasattr(layer, p)] if parts
+               else list(layers))
+    for module in targets:
+        module.compile()
+    what = "norms, attention and MLP of" if parts else ""
+    return [f"torch.compile {what} x{len(layers)} blocks".replace("  ", " ")], [
+        lambda: [setattr(m, "_compiled_call_impl", None) for m in targets]]
