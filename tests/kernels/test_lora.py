@@ -99,7 +99,25 @@ def test_fuse_lora_keeps_outputs_grads_and_peft_format(tokenizer, tmp_path):
     assert all("forward" not in vars(m) for m in model.modules())
 
 
-def test_dropout_keeps_peft_forward(tokenizer):
-    model = _tiny_lora(tokenizer, dropout=0.1)
-    done, undo = fuse_lora(model)
-    assert done == ["PEFT LoRA kept x14 (lora_dropout > 0)"] and undo == []
+def test_fused_dropout_draws_peft_masks(tokenizer):
+    """Same seed, same dropout masks: the fused op with LoRA dropout gives PEFT's loss and gradients."""
+    model = _tiny_lora(tokenizer, dropout=0.3)
+    model.train()
+    ids = torch.randint(0, len(tokenizer), (2, 11))
+
+    def run():
+        torch.manual_seed(7)
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_loss, ref_grads = run()
+    done, _ = fuse_lora(model)
+    assert done[0].startswith("fused LoRA x14")
+    got_loss, got_grads = run()
+    assert torch.allclose(got_loss, ref_loss, rtol=1e-5)
+    for name, g in ref_grads.items():
+        assert _rel(got_grads[name], g) < 1e-5, name
+    torch.manual_seed(8)
+    assert not torch.allclose(model(input_ids=ids, labels=ids).loss, got_loss)  # dropout does act

@@ -1,4 +1,4 @@
-"""Offloaded checkpointing gives the gradients of no checkpointing and of torch's checkpoint."""
+"""Offloaded checkpointing gives the gradients of no checkpointing and of torch's checkpoint, dropout included."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from tunery.models.tiny import TinySpec, make_config, train_tokenizer
 
 
 def _grads(model, ids):
+    torch.manual_seed(3)  # same dropout masks each run; the recompute must redraw them identically
     model.zero_grad(set_to_none=True)
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
@@ -22,7 +23,7 @@ def test_offloaded_checkpointing_matches_plain_and_undoes():
     tokenizer = train_tokenizer(["hello world 123", "user", "assistant"], vocab_size=300)
     torch.manual_seed(0)
     spec = TinySpec(family="qwen2", hidden_size=32, intermediate_size=64, num_layers=3)
-    model = apply_lora(AutoModelForCausalLM.from_config(make_config(spec, tokenizer)), 4, 8, 0.0)
+    model = apply_lora(AutoModelForCausalLM.from_config(make_config(spec, tokenizer)), 4, 8, 0.3)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)

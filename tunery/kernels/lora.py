@@ -13,8 +13,9 @@ The base weight may be a bitsandbytes 4-bit (NF4) tensor: it is dequantized into
 layer of the same shape, in forward and again in backward, so at most one dense copy per shape exists.
 
 `fuse_lora(model)` rebinds the forward of each PEFT LoRA `Linear` it can handle on that instance, reading
-the PEFT weights (so adapters still save in PEFT format); anything else (dropout > 0, DoRA and other
-variants, several active adapters, a disabled or merged adapter) keeps PEFT's own forward.
+the PEFT weights (so adapters still save in PEFT format). LoRA dropout is applied to the adapter's input
+outside the op (autograd differentiates it), so the base matmul still sees the undropped `x`. Anything
+else (DoRA and other variants, several active adapters, a disabled or merged adapter) keeps PEFT's forward.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def _dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return weight
     import bitsandbytes.functional as bnbf
 
+    if weight.device.type != "cuda":  # bitsandbytes' CPU backend has no in-place (out=) dequantization
+        return bnbf.dequantize_4bit(weight, state).to(dtype)
     key = (tuple(state.shape), state.dtype, weight.device)
     buf = _DEQUANT_BUFFERS.get(key)
     if buf is None:
@@ -50,37 +53,43 @@ def _dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _LoRALinear(torch.autograd.Function):
+    """`x_lora` is the adapter's input: `x` itself (None), or `dropout(x)` computed by autograd outside."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, scale):
+    def forward(ctx, x, x_lora, weight, bias, a, b, scale):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, in)
+        xl = x2 if x_lora is None else x_lora.reshape(-1, shape[-1])
         a_c, b_c = a.to(x.dtype), b.to(x.dtype)
-        xa = x2 @ a_c.t()  # (N, r)
+        xa = xl @ a_c.t()  # (N, r)
         w = _dense_weight(weight, x.dtype)
         out = torch.addmm(bias.to(x.dtype), x2, w.t()) if bias is not None else x2 @ w.t()
         out.addmm_(xa, b_c.t(), alpha=scale)
-        ctx.save_for_backward(x, xa, weight, a, b)
-        ctx.scale = scale
+        ctx.save_for_backward(x if x_lora is None else x_lora, xa, weight, a, b)
+        ctx.scale, ctx.shared = scale, x_lora is None
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x, xa, weight, a, b = ctx.saved_tensors
+        xl, xa, weight, a, b = ctx.saved_tensors
         s = ctx.scale
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        x2 = x.reshape(-1, x.shape[-1])
+        xl2 = xl.reshape(-1, xl.shape[-1])
         a_c, b_c = a.to(g.dtype), b.to(g.dtype)
         gb = (g @ b_c).mul_(s)  # (N, r) = s dy B
-        dx = da = db = None
+        dx = dxl = da = db = None
         if ctx.needs_input_grad[0]:
             dx = g @ _dense_weight(weight, g.dtype)
-            dx.addmm_(gb, a_c)
-            dx = dx.view(x.shape)
-        if ctx.needs_input_grad[3]:
-            da = (gb.t() @ x2).to(a.dtype)
+            if ctx.shared:
+                dx.addmm_(gb, a_c)
+            dx = dx.view(xl.shape)
+        if ctx.needs_input_grad[1]:
+            dxl = (gb @ a_c).view(xl.shape)
         if ctx.needs_input_grad[4]:
+            da = (gb.t() @ xl2).to(a.dtype)
+        if ctx.needs_input_grad[5]:
             db = (g.t() @ xa).mul_(s).to(b.dtype)
-        return dx, None, None, da, db, None
+        return dx, dxl, None, None, da, db, None
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
@@ -88,7 +97,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """`x W^T + bias + s (x A^T) B^T` with W frozen; impl "fused" or "reference"."""
     if impl == "reference":
         return lora_linear_reference(x, _dense_weight(weight, x.dtype), bias, a, b, scale)
-    return _LoRALinear.apply(x, weight, bias, a, b, scale)
+    return _LoRALinear.apply(x, None, weight, bias, a, b, scale)
 
 
 def _fusable(module) -> str | None:
@@ -101,9 +110,8 @@ def _fusable(module) -> str | None:
     for name in module.active_adapters:
         if name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name):
             return "a LoRA variant (DoRA, ...)"
-        dropout = module.lora_dropout[name]
-        if not isinstance(dropout, nn.Identity) and getattr(dropout, "p", 0) > 0:
-            return "lora_dropout > 0"
+        if not isinstance(module.lora_dropout[name], (nn.Identity, nn.Dropout)):
+            return f"lora_dropout is {type(module.lora_dropout[name]).__name__}"
     return None
 
 
@@ -113,7 +121,12 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return type(self).forward(self, x, *args, **kwargs)  # PEFT's own path
     name = active[0]
     base = self.get_base_layer()
-    return _LoRALinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+    if getattr(getattr(base.weight, "quant_state", None), "packing_format_for_cpu", False):
+        # bitsandbytes repacked this 4-bit weight for its CPU inference kernel: only its own matmul reads it
+        return type(self).forward(self, x, *args, **kwargs)
+    dropout = self.lora_dropout[name]
+    x_lora = dropout(x) if isinstance(dropout, nn.Dropout) and dropout.p > 0 and self.training else None
+    return _LoRALinear.apply(x, x_lora, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                              self.scaling[name])
 
 

@@ -74,6 +74,7 @@ class _Slot:
 class _OffloadedBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, offloader: _Offloader, run, hidden: torch.Tensor):
+        ctx.rng = _rng_state(hidden.device)  # the recompute must draw the same dropout masks
         with torch.no_grad():
             out = run(hidden)
         ctx.run, ctx.slot = run, _Slot(offloader, hidden)
@@ -90,10 +91,22 @@ class _OffloadedBlock(torch.autograd.Function):
             owner.pending.pop(i)
             if i > 0 and order[i - 1] is not None:
                 order[i - 1].prefetch()
-        with torch.enable_grad():
+        cuda = [hidden.device] if hidden.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda, device_type="cuda"), torch.enable_grad():
+            _set_rng_state(ctx.rng, hidden.device)
             out = ctx.run(hidden)
         torch.autograd.backward(out, grad)
         return None, None, hidden.grad
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def offloaded_checkpoint(offloader: _Offloader, run, hidden: torch.Tensor, *args):
