@@ -21,9 +21,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# the extras the tests exercise: Ray (jobs backend) and GGUF export (builds llama.cpp)
+# the extras the tests exercise: Ray (jobs backend), GGUF export (builds llama.cpp), QLoRA (bitsandbytes)
 $(FULL): $(STAMP)
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -e '.[dev,ray,gguf]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -e '.[dev,ray,gguf,qlora]'
 	touch $(FULL)
 
 install: $(FULL)

@@ -38,7 +38,9 @@ class RunConfig:
     eval_split: float = _f(0.1, "Fraction of data held out for evaluation when eval_data is unset (0 = none).")
     output_dir: str = _f("runs", "Folder that holds run folders.")
     name: str | None = _f(None, "Run folder name; default: <model name>-<date>-<time>.")
-    method: Literal["lora", "full"] = _f("lora", "lora: train adapters (PEFT); full: train every weight.")
+    method: Literal["lora", "qlora", "full"] = _f(
+        "lora", "lora: train adapters (PEFT) on a 16-bit base; qlora: adapters on a 4-bit NF4 base (bitsandbytes, "
+        "`pip install 'tunery[qlora]'`); full: train every weight.")
     lora_r: int = _f(16, "LoRA rank.")
     lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r).")
     lora_dropout: float = _f(0.05, "Dropout on the LoRA input.")

@@ -53,3 +53,17 @@ def test_data_inspect_exits_non_zero_when_nothing_would_train(workspace, tmp_pat
     proc = run_cli("data", "inspect", str(data), "--model", str(workspace["model"]), "--max-seq-len", "32",
                    home=workspace["home"], check=False)
     assert proc.returncode == 1 and "problem" in proc.stdout + proc.stderr
+
+
+def test_qlora_trains_adapters_on_a_4bit_base_and_eval_reads_them(workspace):
+    pytest.importorskip("bitsandbytes", reason="the qlora extra is installed by `make test`")
+    run_cli(*train_args(workspace, "qlora", "--method", "qlora", "--max-steps", "8", "--lr", "2e-3",
+                        "--lora-dropout", "0"), home=workspace["home"])
+    run = workspace["root"] / "runs" / "qlora"
+    rows = metrics(run)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert (run / "adapter" / "adapter_model.safetensors").exists() and not (run / "model").exists()
+    assert yaml.safe_load((run / "config.yaml").read_text())["method"] == "qlora"
+    run_cli("eval", str(run), "--samples", "4", home=workspace["home"])
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert report["fine_tuned"]["loss"] < report["base"]["loss"]

@@ -193,7 +193,8 @@ def _summary(kinds: list[str], base_model: str, cfg: RunConfig) -> str:
     names = {"adapter": "a LoRA adapter (PEFT format)", "merged": "full model weights (safetensors)",
              "gguf": "a GGUF file for llama.cpp and Ollama"}
     base = f"`{base_model}`" if _is_local(base_model) else f"[`{base_model}`](https://huggingface.co/{base_model})"
-    method = f"LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}" if cfg.method == "lora" else "full fine-tuning"
+    method = (f"{'QLoRA' if cfg.method == 'qlora' else 'LoRA'} r={cfg.lora_r}, alpha={cfg.lora_alpha}"
+              if cfg.method != "full" else "full fine-tuning")
     return f"This repo holds {' and '.join(names[k] for k in kinds)}: {base} fine-tuned with tunery ({method})."
 
 
@@ -223,10 +224,11 @@ def _training(cfg: RunConfig, manifest: dict, result: dict) -> list[str]:
 
 
 def _method(cfg: RunConfig) -> str:
-    if cfg.method != "lora":
+    if cfg.method == "full":
         return "full fine-tuning"
     targets = ", ".join(cfg.lora_targets) if cfg.lora_targets else "all linear layers"
-    return f"LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout:g}, on {targets}"
+    base = "QLoRA (4-bit NF4 base)" if cfg.method == "qlora" else "LoRA"
+    return f"{base} r={cfg.lora_r}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout:g}, on {targets}"
 
 
 def _results(result: dict, report: dict) -> list[str]:

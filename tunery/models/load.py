@@ -56,15 +56,30 @@ def load_tokenizer(model: str, revision: str | None = None, trust_remote_code: b
     return tokenizer
 
 
-def load_model(model: str, device: str, dtype, revision: str | None = None, trust_remote_code: bool = False):
+def four_bit_config(dtype):
+    """NF4 with double quantization, computing in the model's dtype: the QLoRA recipe."""
+    import importlib.util
+
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError("method qlora needs bitsandbytes: pip install 'tunery[qlora]' (or use method lora)")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def load_model(model: str, device: str, dtype, revision: str | None = None, trust_remote_code: bool = False,
+               four_bit: bool = False):
+    """The model on `device`; `four_bit` loads linear weights as NF4 (quantized while loading, on `device`)."""
     from transformers import AutoModelForCausalLM
 
+    extra = {"quantization_config": four_bit_config(dtype), "device_map": {"": device}} if four_bit else {}
     try:
         loaded = AutoModelForCausalLM.from_pretrained(model, revision=revision, dtype=dtype,
-                                                      trust_remote_code=trust_remote_code)
+                                                      trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as e:
         raise _explain(model, e) from None
-    return loaded.to(device)
+    return loaded if four_bit else loaded.to(device)
 
 
 def model_fingerprint(model: str, revision: str | None = None) -> dict:

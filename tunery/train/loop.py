@@ -71,7 +71,7 @@ def _make_trainable(model, cfg: RunConfig):
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.method == "lora":
+        if cfg.method != "full":
             model.enable_input_require_grads()
     model.train()
     return model
@@ -87,7 +87,8 @@ def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
         log.info("tokenizer has no chat template: using tunery's default (ChatML text + eos)")
     data = prepare_data(cfg, tokenizer)
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.revision, cfg.trust_remote_code)
+    model = load_model(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.revision, cfg.trust_remote_code,
+                       four_bit=cfg.method == "qlora")
     model = _make_trainable(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
