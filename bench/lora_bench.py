@@ -1,19 +1,26 @@
-"""LoRA SFT step throughput and peak GPU memory: tunery's training step vs a plain HF+PEFT step.
+"""LoRA SFT step throughput and peak GPU memory: tunery against Unsloth and a plain HF+PEFT stack, side by side.
 
 Random-init models from public architecture configs (speed and memory do not depend on weight values),
-LoRA r=16 on all linear layers of the blocks, random token batches, labels on every token.
+LoRA r=16 (alpha 32, dropout 0) on every linear layer of the blocks, random token batches, labels on every
+token, activation checkpointing on, AdamW. Each run is its own process (peak memory is per process, and
+Unsloth patches transformers when imported). On the GPU machine, with the reference stacks unpacked on
+PYTHONPATH (../shared/tools/reference-stacks-bundle.sh):
 
-    python bench/lora_bench.py --arch qwen-0.5b --bs 8 --seq 2048 --gc --stack tunery
-    python bench/lora_bench.py --matrix            # every row of docs/benchmarks.md, one process per row
+    python bench/lora_bench.py --rows small            # Llama-3.2-1B bs4, Qwen2.5-0.5B bs8 (seq 2048)
+    python bench/lora_bench.py --rows big qlora long   # 8B/7B rows, 8B 4-bit, 8B bs1 x 16384
+    python bench/lora_bench.py --rows maxseq           # longest sequence that fits at bs 1, tunery vs Unsloth
+    python bench/lora_bench.py --one tunery llama-8b 2 2048 [--quant 4bit] [--profile]   # a single run
 
-Prints one JSON line per run: tok_s, tflops (useful LoRA FLOP/s), peak_gib. Unsloth rows come from
-../shared/tools/reference_lora_bench.py run in the same device call (see docs/benchmarks.md).
+Prints one JSON line per run, then a table per row: tokens/s, useful TFLOP/s, peak GiB, ratio to each
+reference. Useful FLOPs per token are 4 x (matmul params) + attention (forward 2*L*seq*hidden, x3); the
+recompute of checkpointing is not counted, as in ../shared/tools/reference_lora_bench.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -21,75 +28,168 @@ import time
 ARCHS = {  # public config.json values of each model
     "llama-1b": ("LlamaConfig", dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                                      num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                                     rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)),
+                                     max_position_embeddings=131072, rope_theta=500000.0,
+                                     tie_word_embeddings=True, rms_norm_eps=1e-5)),
     "llama-8b": ("LlamaConfig", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                                     rope_theta=500000.0, tie_word_embeddings=False, rms_norm_eps=1e-5)),
+                                     max_position_embeddings=131072, rope_theta=500000.0,
+                                     tie_word_embeddings=False, rms_norm_eps=1e-5)),
     "qwen-0.5b": ("Qwen2Config", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
                                       num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                                      rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6)),
+                                      max_position_embeddings=32768, rope_theta=1000000.0,
+                                      tie_word_embeddings=True, rms_norm_eps=1e-6)),
     "qwen-7b": ("Qwen2Config", dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                                     num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                                    rope_theta=1000000.0, tie_word_embeddings=False, rms_norm_eps=1e-6)),
+                                    max_position_embeddings=32768, rope_theta=1000000.0,
+                                    tie_word_embeddings=False, rms_norm_eps=1e-6)),
 }
-MATRIX = [("llama-1b", 4, 2048), ("qwen-0.5b", 8, 2048), ("llama-8b", 2, 2048), ("qwen-7b", 2, 2048)]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ROWS = {  # (arch, batch, seq, quant)
+    "small": [("llama-1b", 4, 2048, ""), ("qwen-0.5b", 8, 2048, "")],
+    "big": [("llama-8b", 2, 2048, ""), ("qwen-7b", 2, 2048, "")],
+    "qlora": [("llama-8b", 2, 2048, "4bit")],
+    "long": [("llama-8b", 1, 16384, "")],
+}
+STACKS = ("tunery", "unsloth", "hf")
+MAXSEQ_LADDER = (32768, 49152, 65536, 81920, 98304, 131072)
+MODELS = os.environ.get("BENCH_MODELS", "/tmp/bench-models")
 
 
-def build(arch: str, gc: bool, stack: str):
+def _config(arch: str):
+    import transformers
+
+    cls_name, kw = ARCHS[arch]
+    return getattr(transformers, cls_name)(**kw)
+
+
+def model_dir(arch: str) -> str:
+    """A saved random-init model + word-level tokenizer, for loaders that read a folder (Unsloth, 4-bit)."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    path = os.path.join(MODELS, arch)
+    if os.path.exists(os.path.join(path, "tokenizer_config.json")):
+        return path
+    cfg = _config(arch)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(path)
+    vocab = {f"t{i}": i for i in range(cfg.vocab_size - 3)}
+    vocab.update({"<unk>": cfg.vocab_size - 3, "<s>": cfg.vocab_size - 2, "</s>": cfg.vocab_size - 1})
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                         pad_token="<unk>").save_pretrained(path)
+    torch.cuda.empty_cache()
+    return path
+
+
+def _build_tunery(arch: str, quant: str, fast_opts: dict):
     import torch
     import transformers
 
-    from tunery.models.lora import apply_lora
-
-    cls_name, kw = ARCHS[arch]
-    cfg = getattr(transformers, cls_name)(**kw)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model = apply_lora(model, r=16, alpha=32, dropout=0.0)
-    if gc:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    return model, cfg
-
-
-def step_fn(model, stack: str, ops: bool = False, compile: bool = False):
     from tunery.eval.loss import summed_loss
     from tunery.kernels.apply import fast_path_for
+    from tunery.models.load import load_model
+    from tunery.models.lora import apply_lora
 
-    fast = fast_path_for(model, "cuda", enabled=stack == "tunery", ops=ops, compile=compile)
+    if quant:
+        model = load_model(model_dir(arch), "cuda", torch.bfloat16, four_bit=True)
+    else:
+        cfg = _config(arch)
+        with torch.device("cuda"):
+            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model = apply_lora(model, r=16, alpha=32, dropout=0.0, targets=TARGETS)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    fast = fast_path_for(model, "cuda", **fast_opts)
     print(fast.describe(), file=sys.stderr)
 
-    def tunery_step(batch):
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        (summed_loss(model, batch, fast) / n).backward()
+    def step(ids):
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        (summed_loss(model, batch, fast) / (ids.shape[0] * (ids.shape[1] - 1))).backward()
 
-    def hf_step(batch):
-        model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.backward()
-
-    return hf_step if stack == "hf" else tunery_step
+    return model, step
 
 
-def run(arch: str, bs: int, seq: int, gc: bool, stack: str, steps: int = 10, warmup: int = 3, ops: bool = False,
-        compile: bool = False) -> dict:
+def _build_unsloth(arch: str, quant: str, seq: int):
+    import unsloth  # noqa: F401  (patches transformers before it loads a model)
+    from unsloth import FastLanguageModel
+
     import torch
 
-    model, cfg = build(arch, gc, stack)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-4, fused=True)
-    batches = []
-    for _ in range(4):
-        ids = torch.randint(0, cfg.vocab_size, (bs, seq), device="cuda")
-        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
-    step = step_fn(model, stack, ops, compile)
+    model, _ = FastLanguageModel.from_pretrained(model_name=model_dir(arch), max_seq_length=seq, dtype=torch.bfloat16,
+                                                 load_in_4bit=bool(quant), local_files_only=True)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0, target_modules=TARGETS,
+                                             bias="none", use_gradient_checkpointing="unsloth", random_state=0)
+
+    def step(ids):
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    return model, step
+
+
+def _build_hf(arch: str, quant: str):
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quant:
+        bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir(arch), quantization_config=bnb,
+                                                                  dtype=torch.bfloat16, device_map={"": 0})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    else:
+        with torch.device("cuda"):
+            model = transformers.AutoModelForCausalLM.from_config(_config(arch), dtype=torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+    def step(ids):
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    return model, step
+
+
+def _useful_flops_per_token(arch: str, seq: int) -> float:
+    cfg = _config(arch)
+    h, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    kv = h // cfg.num_attention_heads * cfg.num_key_value_heads
+    per_layer = h * (2 * h + 2 * kv) + 3 * h * inter  # q, o, k, v, gate, up, down
+    n_mat = layers * per_layer + cfg.vocab_size * h  # + lm_head
+    return 4 * n_mat + 3 * 2 * layers * seq * h
+
+
+def run_one(stack: str, arch: str, bs: int, seq: int, quant: str = "", steps: int = 6, warmup: int = 3,
+            fast_opts: dict | None = None, profile: bool = False) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    t_load = time.perf_counter()
+    if stack == "tunery":
+        model, step = _build_tunery(arch, quant, fast_opts or {})
+    elif stack == "unsloth":
+        model, step = _build_unsloth(arch, quant, seq)
+    else:
+        model, step = _build_hf(arch, quant)
+    model.train()
+    load_s = time.perf_counter() - t_load
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=True)
+    vocab = _config(arch).vocab_size
+    batches = [torch.randint(0, vocab - 3, (bs, seq), device="cuda") for _ in range(2)]
     torch.cuda.reset_peak_memory_stats()
     times, err = [], None
     try:
         for i in range(warmup + steps):
+            if profile and i == warmup:
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                prof.__enter__()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            step(batches[i % 4])
+            step(batches[i % 2])
             opt.step()
             opt.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
@@ -97,40 +197,98 @@ def run(arch: str, bs: int, seq: int, gc: bool, stack: str, steps: int = 10, war
                 times.append(time.perf_counter() - t0)
     except torch.cuda.OutOfMemoryError:
         err = "OOM"
-    name = stack + ("+ops" if ops else "") + ("+compile" if compile else "")
-    res = {"stack": name, "arch": arch, "bs": bs, "seq": seq, "gc": gc, "err": err,
-           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
-    if times:  # warm-up steps absorb compilation
+    off = [k for k, v in (fast_opts or {}).items() if not v and k != "ops"]
+    tag = stack + "".join(f" -{k}" for k in off) + (" +ops" if (fast_opts or {}).get("ops") else "")
+    res = {"stack": tag, "arch": arch, "bs": bs, "seq": seq, "quant": quant or "bf16", "err": err,
+           "load_s": round(load_s, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    if times:  # warm-up steps absorb compilation and autotuning
         med = sorted(times)[len(times) // 2]
-        n_total = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
-        n_mat = n_total - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
-        flops_tok = 4 * n_mat + 3 * 2 * cfg.num_hidden_layers * seq * cfg.hidden_size
         tok_s = bs * seq / med
-        res.update(step_s=round(med, 4), tok_s=round(tok_s), tflops=round(tok_s * flops_tok / 1e12, 1))
+        res.update(step_s=round(med, 4), tok_s=round(tok_s),
+                   tflops=round(tok_s * _useful_flops_per_token(arch, seq) / 1e12, 1))
+    if profile and times:
+        prof.__exit__(None, None, None)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30), file=sys.stderr)
     return res
 
 
+def _spawn(stack: str, arch: str, bs: int, seq: int, quant: str, steps: int, extra: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--one", stack, arch, str(bs), str(seq), "--steps", str(steps), *extra]
+    if quant:
+        cmd += ["--quant", quant]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        tail = (proc.stderr or "").strip().splitlines()[-3:]
+        res = {"stack": stack, "arch": arch, "bs": bs, "seq": seq, "quant": quant or "bf16",
+               "err": f"exit {proc.returncode}: {' | '.join(tail)}"}
+    else:
+        res = json.loads(lines[-1])
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def _table(results: list[dict]) -> str:
+    out = ["| model | bs x seq | weights | stack | tokens/s | TFLOP/s | peak GiB | vs Unsloth | vs HF+PEFT |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        same = [o for o in results if (o["arch"], o["bs"], o["seq"], o["quant"]) == (r["arch"], r["bs"], r["seq"],
+                                                                                       r["quant"])]
+        ref = {o["stack"]: o for o in same}
+
+        def ratio(name):
+            o = ref.get(name)
+            if not o or "tok_s" not in o or "tok_s" not in r:
+                return "-"
+            return f"{r['tok_s'] / o['tok_s']:.2f}x speed, {r['peak_gib'] / o['peak_gib']:.2f}x mem"
+
+        speed = f"{r['tok_s']:,}" if "tok_s" in r else r.get("err") or "-"
+        out.append(f"| {r['arch']} | {r['bs']} x {r['seq']} | {r['quant']} | {r['stack']} | {speed} | "
+                   f"{r.get('tflops', '-')} | {r.get('peak_gib', '-')} | "
+                   f"{ratio('unsloth') if r['stack'].startswith('tunery') else ''} | "
+                   f"{ratio('hf') if r['stack'].startswith('tunery') else ''} |")
+    return "\n".join(out)
+
+
+def _max_seq(stack: str, arch: str, steps: int, extra: list[str]) -> dict:
+    """The longest ladder sequence that trains at bs 1 (stops at the first that does not fit)."""
+    best = None
+    for seq in MAXSEQ_LADDER:
+        res = _spawn(stack, arch, 1, seq, "", steps, extra)
+        if "tok_s" not in res:
+            break
+        best = res
+    return best or {"stack": stack, "arch": arch, "bs": 1, "seq": 0, "quant": "bf16", "err": "none fit"}
+
+
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--arch", default="qwen-0.5b", choices=sorted(ARCHS))
-    p.add_argument("--bs", type=int, default=8)
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--gc", action="store_true", help="activation checkpointing")
-    p.add_argument("--stack", default="tunery", choices=["tunery", "tunery-ref", "hf"],
-                   help="tunery: fast path; tunery-ref: tunery's loop on the reference path; hf: model(labels)")
-    p.add_argument("--steps", type=int, default=10)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", nargs="*", default=[], help=f"row groups: {', '.join(ROWS)}, maxseq")
+    p.add_argument("--stacks", nargs="*", default=list(STACKS), choices=STACKS)
+    p.add_argument("--one", nargs=4, metavar=("STACK", "ARCH", "BS", "SEQ"), help="a single run in this process")
+    p.add_argument("--quant", default="", choices=["", "4bit"])
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--profile", action="store_true", help="--one: print the top CUDA kernels of the timed steps")
+    p.add_argument("--no-compile", action="store_true", help="tunery: no torch.compile")
+    p.add_argument("--no-offload", action="store_true", help="tunery: keep checkpointed block inputs on the GPU")
+    p.add_argument("--no-lora", action="store_true", help="tunery: PEFT's LoRA forward instead of the fused op")
     p.add_argument("--ops", action="store_true", help="tunery: liger RMSNorm/SwiGLU swaps")
-    p.add_argument("--compile", action="store_true", help="tunery: torch.compile each block (the trainer's default)")
-    p.add_argument("--matrix", action="store_true", help="run every MATRIX row for both stacks")
     a = p.parse_args()
-    if not a.matrix:
-        print(json.dumps(run(a.arch, a.bs, a.seq, a.gc, a.stack, a.steps, ops=a.ops, compile=a.compile)), flush=True)
+    flags = [f for f in ("--no-compile", "--no-offload", "--no-lora", "--ops") if getattr(a, f[2:].replace("-", "_"))]
+    if a.one:
+        stack, arch, bs, seq = a.one
+        opts = {"compile": not a.no_compile, "offload": not a.no_offload, "lora": not a.no_lora, "ops": a.ops}
+        print(json.dumps(run_one(stack, arch, int(bs), int(seq), a.quant, a.steps,
+                                 opts if stack == "tunery" else None, a.profile)), flush=True)
         return
-    for arch, bs, seq in MATRIX:
-        for stack in ("hf", "tunery-ref", "tunery"):
-            cmd = [sys.executable, __file__, "--arch", arch, "--bs", str(bs), "--seq", str(seq), "--gc",
-                   "--stack", stack, "--steps", str(a.steps)]
-            subprocess.run(cmd, check=False)  # one process per row: peak memory is per process
+    results = []
+    for group in a.rows:
+        if group == "maxseq":
+            results += [_max_seq(s, "llama-8b", 2, flags) for s in a.stacks if s != "hf"]
+            continue
+        for arch, bs, seq, quant in ROWS[group]:
+            results += [_spawn(s, arch, bs, seq, quant, a.steps, flags if s == "tunery" else []) for s in a.stacks]
+    print(_table(results))
 
 
 if __name__ == "__main__":
