@@ -114,10 +114,9 @@ def _build_tunery(arch: str, quant: str, fast_opts: dict):
 
 
 def _build_unsloth(arch: str, quant: str, seq: int):
+    import torch
     import unsloth  # noqa: F401  (patches transformers before it loads a model)
     from unsloth import FastLanguageModel
-
-    import torch
 
     model, _ = FastLanguageModel.from_pretrained(model_name=model_dir(arch), max_seq_length=seq, dtype=torch.bfloat16,
                                                  load_in_4bit=bool(quant), local_files_only=True)
@@ -228,6 +227,12 @@ def _spawn(stack: str, arch: str, bs: int, seq: int, quant: str, steps: int, ext
     return res
 
 
+def _ratio(r: dict, o: dict | None) -> str:
+    if not o or "tok_s" not in o or "tok_s" not in r:
+        return "-"
+    return f"{r['tok_s'] / o['tok_s']:.2f}x speed, {r['peak_gib'] / o['peak_gib']:.2f}x mem"
+
+
 def _table(results: list[dict]) -> str:
     out = ["| model | bs x seq | weights | stack | tokens/s | TFLOP/s | peak GiB | vs Unsloth | vs HF+PEFT |",
            "|---|---|---|---|---|---|---|---|---|"]
@@ -235,18 +240,11 @@ def _table(results: list[dict]) -> str:
         same = [o for o in results if (o["arch"], o["bs"], o["seq"], o["quant"]) == (r["arch"], r["bs"], r["seq"],
                                                                                        r["quant"])]
         ref = {o["stack"]: o for o in same}
-
-        def ratio(name):
-            o = ref.get(name)
-            if not o or "tok_s" not in o or "tok_s" not in r:
-                return "-"
-            return f"{r['tok_s'] / o['tok_s']:.2f}x speed, {r['peak_gib'] / o['peak_gib']:.2f}x mem"
-
+        mine = r["stack"].startswith("tunery")
         speed = f"{r['tok_s']:,}" if "tok_s" in r else r.get("err") or "-"
         out.append(f"| {r['arch']} | {r['bs']} x {r['seq']} | {r['quant']} | {r['stack']} | {speed} | "
                    f"{r.get('tflops', '-')} | {r.get('peak_gib', '-')} | "
-                   f"{ratio('unsloth') if r['stack'].startswith('tunery') else ''} | "
-                   f"{ratio('hf') if r['stack'].startswith('tunery') else ''} |")
+                   f"{_ratio(r, ref.get('unsloth')) if mine else ''} | {_ratio(r, ref.get('hf')) if mine else ''} |")
     return "\n".join(out)
 
 
