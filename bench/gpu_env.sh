@@ -1,0 +1,11 @@
+# Source on the GPU machine (repo root, `.whl` carried): puts the reference stacks and tunery's missing
+# dependencies on PYTHONPATH.   . bench/gpu_env.sh && python bench/lora_bench.py --rows small
+# .whl/reference-stacks.tgz: bash ../shared/tools/reference-stacks-bundle.sh
+# .whl/deps/*.whl: pip download --only-binary=:all: --python-version 3.12 of typer rich pytest ... (see docs/benchmarks.md)
+mkdir -p /tmp/site
+[ -f /tmp/site/.unpacked ] || {
+  tar xzf .whl/reference-stacks.tgz -C /tmp/site
+  for w in .whl/deps/*.whl; do python3 -m zipfile -e "$w" /tmp/site; done
+  touch /tmp/site/.unpacked
+}
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
