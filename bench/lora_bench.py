@@ -276,8 +276,8 @@ def main() -> None:
     if a.one:
         stack, arch, bs, seq = a.one
         opts = {"compile": not a.no_compile, "offload": not a.no_offload, "lora": not a.no_lora, "ops": a.ops}
-        print(json.dumps(run_one(stack, arch, int(bs), int(seq), a.quant, a.steps,
-                                 opts if stack == "tunery" else None, a.profile)), flush=True)
+        print(json.dumps(run_one(stack, arch, int(bs), int(seq), a.quant, steps=a.steps,
+                                 fast_opts=opts if stack == "tunery" else None, profile=a.profile)), flush=True)
         return
     results = []
     for group in a.rows:
