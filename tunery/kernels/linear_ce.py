@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100
-_CHUNK_ELEMENTS = 2**27  # logits per chunk (512 MB in fp32)
+_CHUNK_ELEMENTS = 2**25  # logits per chunk (128 MB in fp32; the chunk's peak is ~3x that)
 
 
 def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -38,11 +38,12 @@ class _ChunkedLinearCE(torch.autograd.Function):
             target = y.clamp(min=0)
             picked = logits.gather(1, target[:, None]).squeeze(1)
             total += torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
-            # d loss / d logits = softmax - onehot(label), zero on ignored rows
-            grad_logits = torch.exp(logits - lse[:, None])
+            # d loss / d logits = softmax - onehot(label), zero on ignored rows; in place over the logits
+            grad_logits = logits.sub_(lse[:, None]).exp_()
             grad_logits[torch.arange(len(y), device=y.device), target] -= 1.0
             grad_logits *= valid[:, None]
             grad_logits = grad_logits.to(weight.dtype)
+            del logits
             grad_hidden[start : start + chunk] = grad_logits @ weight
             if grad_weight is not None:
                 grad_weight += (grad_logits.t() @ h).float()
