@@ -207,7 +207,7 @@ def run_one(stack: str, arch: str, bs: int, seq: int, quant: str = "", steps: in
                    tflops=round(tok_s * _useful_flops_per_token(arch, seq) / 1e12, 1))
     if profile and times:
         prof.__exit__(None, None, None)
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30), file=sys.stderr)
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40), file=sys.stderr)
     return res
 
 
