@@ -6,9 +6,9 @@ token, activation checkpointing on, AdamW. Each run is its own process (peak mem
 Unsloth patches transformers when imported). On the GPU machine, with the reference stacks unpacked on
 PYTHONPATH (../shared/tools/reference-stacks-bundle.sh):
 
-    python bench/lora_bench.py --rows small            # Llama-3.2-1B bs4, Qwen2.5-0.5B bs8 (seq 2048)
-    python bench/lora_bench.py --rows big qlora long   # 8B/7B rows, 8B 4-bit, 8B bs1 x 16384
-    python bench/lora_bench.py --rows maxseq           # longest sequence that fits at bs 1, tunery vs Unsloth
+    python bench/lora_bench.py --rows llama-1b qwen-0.5b llama-8b   # rows by name (ROWS), 3 stacks each
+    python bench/lora_bench.py --rows qwen-7b llama-8b-4bit llama-8b-16k
+    python bench/lora_bench.py --rows maxseq     # longest sequence at bs 1 in 80 GB, tunery vs Unsloth
     python bench/lora_bench.py --one tunery llama-8b 2 2048 [--quant 4bit] [--profile]   # a single run
 
 Prints one JSON line per run, then a table per row: tokens/s, useful TFLOP/s, peak GiB, ratio to each
@@ -44,14 +44,15 @@ ARCHS = {  # public config.json values of each model
                                     tie_word_embeddings=False, rms_norm_eps=1e-6)),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ROWS = {  # (arch, batch, seq, quant)
-    "small": [("llama-1b", 4, 2048, ""), ("qwen-0.5b", 8, 2048, "")],
-    "big": [("llama-8b", 2, 2048, ""), ("qwen-7b", 2, 2048, "")],
-    "qlora": [("llama-8b", 2, 2048, "4bit")],
-    "long": [("llama-8b", 1, 16384, "")],
+ROWS = {  # name: (arch, batch, seq, quant)
+    "llama-1b": ("llama-1b", 4, 2048, ""),
+    "qwen-0.5b": ("qwen-0.5b", 8, 2048, ""),
+    "llama-8b": ("llama-8b", 2, 2048, ""),
+    "qwen-7b": ("qwen-7b", 2, 2048, ""),
+    "llama-8b-4bit": ("llama-8b", 2, 2048, "4bit"),
+    "llama-8b-16k": ("llama-8b", 1, 16384, ""),
 }
 STACKS = ("tunery", "unsloth", "hf")
-MAXSEQ_LADDER = (32768, 49152, 65536, 81920, 98304, 131072)
 MODELS = os.environ.get("BENCH_MODELS", "/tmp/bench-models")
 
 
@@ -211,8 +212,10 @@ def run_one(stack: str, arch: str, bs: int, seq: int, quant: str = "", steps: in
     return res
 
 
-def _spawn(stack: str, arch: str, bs: int, seq: int, quant: str, steps: int, extra: list[str]) -> dict:
-    cmd = [sys.executable, __file__, "--one", stack, arch, str(bs), str(seq), "--steps", str(steps), *extra]
+def _spawn(stack: str, arch: str, bs: int, seq: int, quant: str, steps: int, extra: list[str],
+           warmup: int = 3) -> dict:
+    cmd = [sys.executable, __file__, "--one", stack, arch, str(bs), str(seq), "--steps", str(steps),
+           "--warmup", str(warmup), *extra]
     if quant:
         cmd += ["--quant", quant]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -248,15 +251,22 @@ def _table(results: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _max_seq(stack: str, arch: str, steps: int, extra: list[str]) -> dict:
-    """The longest ladder sequence that trains at bs 1 (stops at the first that does not fit)."""
-    best = None
-    for seq in MAXSEQ_LADDER:
-        res = _spawn(stack, arch, 1, seq, "", steps, extra)
-        if "tok_s" not in res:
-            break
-        best = res
-    return best or {"stack": stack, "arch": arch, "bs": 1, "seq": 0, "quant": "bf16", "err": "none fit"}
+def _max_seq(stack: str, arch: str, extra: list[str], budget_gib: float = 78.0) -> dict:
+    """Longest bs-1 sequence whose peak fits `budget_gib`: peak memory is linear in the sequence (flash
+    attention, chunked loss), so two measured lengths give the line; the estimate is then checked by running
+    the longest multiple of 4096 under it (one step), stepping down 4096 at a time if that does not fit."""
+    a, b = (_spawn(stack, arch, 1, seq, "", 1, extra, warmup=1) for seq in (8192, 16384))
+    if "tok_s" not in a or "tok_s" not in b:
+        return {**b, "err": f"could not measure: {a.get('err') or b.get('err')}"}
+    per_token = (b["peak_gib"] - a["peak_gib"]) / 8192
+    estimate = int(16384 + (budget_gib - b["peak_gib"]) / per_token)
+    seq = estimate // 4096 * 4096
+    while seq > 16384:
+        res = _spawn(stack, arch, 1, seq, "", 1, extra, warmup=0)
+        if "tok_s" in res:
+            return {**res, "estimate": estimate, "gib_per_1k_tokens": round(per_token * 1024, 3)}
+        seq -= 4096
+    return {**b, "err": "nothing past 16384 fits"}
 
 
 def main() -> None:
@@ -266,6 +276,7 @@ def main() -> None:
     p.add_argument("--one", nargs=4, metavar=("STACK", "ARCH", "BS", "SEQ"), help="a single run in this process")
     p.add_argument("--quant", default="", choices=["", "4bit"])
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="--one: print the top CUDA kernels of the timed steps")
     p.add_argument("--no-compile", action="store_true", help="tunery: no torch.compile")
     p.add_argument("--no-offload", action="store_true", help="tunery: keep checkpointed block inputs on the GPU")
@@ -276,16 +287,16 @@ def main() -> None:
     if a.one:
         stack, arch, bs, seq = a.one
         opts = {"compile": not a.no_compile, "offload": not a.no_offload, "lora": not a.no_lora, "ops": a.ops}
-        print(json.dumps(run_one(stack, arch, int(bs), int(seq), a.quant, steps=a.steps,
+        print(json.dumps(run_one(stack, arch, int(bs), int(seq), a.quant, steps=a.steps, warmup=a.warmup,
                                  fast_opts=opts if stack == "tunery" else None, profile=a.profile)), flush=True)
         return
     results = []
     for group in a.rows:
         if group == "maxseq":
-            results += [_max_seq(s, "llama-8b", 2, flags) for s in a.stacks if s != "hf"]
+            results += [_max_seq(s, "llama-8b", flags if s == "tunery" else []) for s in a.stacks if s != "hf"]
             continue
-        for arch, bs, seq, quant in ROWS[group]:
-            results += [_spawn(s, arch, bs, seq, quant, a.steps, flags if s == "tunery" else []) for s in a.stacks]
+        arch, bs, seq, quant = ROWS[group]
+        results += [_spawn(s, arch, bs, seq, quant, a.steps, flags if s == "tunery" else []) for s in a.stacks]
     print(_table(results))
 
 

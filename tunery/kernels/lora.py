@@ -38,11 +38,16 @@ _DEQUANT_BUFFERS: dict[tuple, torch.Tensor] = {}
 
 def _dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The base weight as a dense (out, in) tensor: itself, or a 4-bit weight dequantized into a reused buffer."""
-    state = getattr(weight, "quant_state", None)
-    if state is None:
+    if getattr(weight, "quant_state", None) is None:
         return weight
+    return _dequantize(weight, dtype)
+
+
+@torch.compiler.disable  # bitsandbytes' tensor subclass and ops stay outside compiled graphs
+def _dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     import bitsandbytes.functional as bnbf
 
+    state = weight.quant_state
     if weight.device.type != "cuda":  # bitsandbytes' CPU backend has no in-place (out=) dequantization
         return bnbf.dequantize_4bit(weight, state).to(dtype)
     key = (tuple(state.shape), state.dtype, weight.device)
