@@ -69,6 +69,11 @@ class RunConfig:
     gpus: int = _f(1, "Data-parallel processes (torchrun + DDP): one per GPU; on CPU, gloo processes.")
     fast: bool = _f(True, "Use tunery's fused kernels where the family has them (CUDA); --no-fast forces "
                           "the plain reference path.")
+    packing: bool = _f(False, "Pack each micro-batch into one padding-free row; attention and loss stay within "
+                              "each example. Saves the padding's compute when lengths vary widely; off by default "
+                              "because with sdpa/eager attention runs over the whole row under a (tokens x tokens) "
+                              "mask, which costs more than padding when lengths are similar (flash-attention "
+                              "needs no mask).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the model.")
     trust_remote_code: bool = _f(False, "Allow model code from the Hub repo (only for repos you trust).")

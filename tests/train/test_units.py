@@ -79,6 +79,18 @@ def test_gradient_accumulation_equals_one_big_batch(tiny, monkeypatch):
             assert nb == na and (pa - pb).abs().max() < 1e-5, na
 
 
+def test_packed_step_equals_padded_step(tiny, monkeypatch):
+    padded = _trainer(tiny, monkeypatch, batch_size=4, grad_accum=2)
+    packed = _trainer(tiny, monkeypatch, batch_size=4, grad_accum=2, packing=True)
+    a, b = train_step(padded, 0), train_step(packed, 0)
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert b["tokens"] == a["tokens"]  # real tokens, not padding
+    for (na, pa), (nb, pb) in zip(padded.model.named_parameters(), packed.model.named_parameters()):
+        if pa.requires_grad:
+            assert nb == na and (pa - pb).abs().max() < 1e-5, na
+
+
 def test_only_lora_weights_train_and_full_method_trains_everything(tiny, monkeypatch):
     lora = _trainer(tiny, monkeypatch)
     names = [n for n, p in lora.model.named_parameters() if p.requires_grad]

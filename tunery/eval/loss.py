@@ -10,18 +10,22 @@ from tunery.data.tokenize import IGNORE, Tokenized
 def summed_loss(model, batch: dict, fast=None):
     """Sum of next-token cross-entropy over label tokens of `batch` (a scalar tensor).
 
-    With a `fast` path (tunery.kernels.apply.FastPath) the loss is fused with the lm_head and full logits
-    are never built; otherwise the reference: logits, then cross-entropy.
+    `batch` is padded (attention_mask, from `collate`) or packed (position_ids and no attention_mask, from
+    `pack_batch`). With a `fast` path (tunery.kernels.apply.FastPath) the loss is fused with the lm_head and
+    full logits are never built; otherwise the reference: logits, then cross-entropy.
     """
     import torch.nn.functional as F
 
+    # no KV cache: a loss never reuses one, and with a cache transformers ignores the document boundaries
+    # that position_ids mark in a packed batch (it builds a plain causal mask)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     if fast is not None and fast.applied:
         from tunery.kernels.linear_ce import linear_cross_entropy
 
-        hidden = fast.decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = fast.decoder(**inputs, use_cache=False).last_hidden_state
         return linear_cross_entropy(hidden[:, :-1].flatten(0, 1), fast.lm_head.weight,
                                     batch["labels"][:, 1:].flatten())
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**inputs, use_cache=False).logits
     # (batch, seq-1, vocab) against (batch, seq-1): predict token t+1 from position t
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
                            ignore_index=IGNORE, reduction="sum")

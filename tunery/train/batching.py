@@ -1,4 +1,4 @@
-"""Seeded data order (a pure function of seed and step, so resume needs only the step) and padding."""
+"""Seeded data order (a pure function of seed and step, so resume needs only the step), padding and packing."""
 
 from __future__ import annotations
 
@@ -42,7 +42,34 @@ def collate(batch: list[Tokenized], pad_id: int, device: str, multiple: int = 1)
         ids[row, : len(t.input_ids)] = torch.tensor(t.input_ids)
         labels[row, : len(t.labels)] = torch.tensor(t.labels)
         mask[row, : len(t.input_ids)] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
+            "real_tokens": int(mask.sum())}
+
+
+def pack_batch(batch: list[Tokenized], device: str, multiple: int = 1) -> dict:
+    """The micro-batch as one row (1, total) with no padding: input_ids, labels and position_ids that restart
+    at 0 for each example, and no attention_mask.
+
+    Given position_ids and no attention_mask (and no KV cache), transformers reads a restart of the positions
+    as a new document and builds a block-diagonal causal mask (sdpa, eager, flex) or runs varlen flash
+    attention, so no token attends across examples. The first label of each example is IGNORE so that the
+    last token of one example is not trained to predict the first of the next. With `multiple` > 1 the tail
+    is filled with one dummy example (labels IGNORE, its own positions) for a compiled model's sake.
+    """
+    import torch
+
+    ids, labels, positions = [], [], []
+    for t in batch:
+        ids += t.input_ids
+        labels += [IGNORE, *t.labels[1:]][: len(t.labels)]  # nothing predicts an example's first token
+        positions += range(len(t.input_ids))
+    total = len(ids)
+    tail = -(-total // multiple) * multiple - total
+    # any id would do for the tail: its labels are IGNORE and no real token can attend to it
+    row = {"input_ids": ids + [0] * tail, "labels": labels + [IGNORE] * tail,
+           "position_ids": positions + list(range(tail))}
+    return {**{k: torch.tensor([v], dtype=torch.long, device=device) for k, v in row.items()},
+            "real_tokens": total}
 
 
 def trained_tokens(batch: dict) -> int:

@@ -22,7 +22,7 @@ from tunery.models.load import load_model, load_tokenizer, model_fingerprint, pi
 from tunery.models.lora import apply_lora
 from tunery.progress import console
 from tunery.train import checkpoint, distributed, rundir
-from tunery.train.batching import collate, step_examples, trained_tokens
+from tunery.train.batching import collate, pack_batch, step_examples, trained_tokens
 from tunery.train.distributed import Dist
 from tunery.train.metrics import MetricsFile, TrainDisplay
 from tunery.train.reporters import Reporters
@@ -117,7 +117,11 @@ def train_step(t: Trainer, step: int) -> dict:
     # micro-batch m of rank r: the (m * world + r)-th slice of the step's examples
     starts = range(dist.rank * cfg.batch_size, per_step, cfg.batch_size * dist.world)
     multiple = 64 if t.fast and any("compile" in a for a in t.fast.applied) else 1
-    batches = [collate(picked[i : i + cfg.batch_size], t.tokenizer.pad_token_id, t.device, multiple) for i in starts]
+    if cfg.packing:
+        batches = [pack_batch(picked[i : i + cfg.batch_size], t.device, multiple) for i in starts]
+    else:
+        batches = [collate(picked[i : i + cfg.batch_size], t.tokenizer.pad_token_id, t.device, multiple)
+                   for i in starts]
     n_tokens = max(1.0, distributed.all_sum(sum(trained_tokens(b) for b in batches), dist))
     total = 0.0
     for i, batch in enumerate(batches):
@@ -134,7 +138,7 @@ def train_step(t: Trainer, step: int) -> dict:
     t.optimizer.step()
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
-    tokens = distributed.all_sum(sum(int(b["attention_mask"].sum()) for b in batches), dist)
+    tokens = distributed.all_sum(sum(b["real_tokens"] for b in batches), dist)
     return {"loss": total, "lr": lr, "grad_norm": float(norm), "tokens": int(tokens)}
 
 

@@ -1,0 +1,109 @@
+"""Packed micro-batches train exactly what the examples trained one by one would: no attention and no loss
+crosses an example's boundary, for the reference forward and for the fused-loss fast path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunery.data.tokenize import IGNORE, Tokenized
+from tunery.eval.loss import summed_loss
+from tunery.models.lora import apply_lora
+from tunery.models.tiny import TinySpec, make_config, train_tokenizer
+from tunery.train.batching import collate, pack_batch, trained_tokens
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(["hello world 123", "user", "assistant", "the quick brown fox"], vocab_size=300)
+
+
+def _model(tokenizer, family: str, attn: str = "sdpa"):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    spec = TinySpec(family=family, hidden_size=32, intermediate_size=64, num_layers=2)
+    base = AutoModelForCausalLM.from_config(make_config(spec, tokenizer), attn_implementation=attn)
+    return apply_lora(base, 4, 8, 0.0).train()
+
+
+def _examples(vocab: int, lengths=(9, 3, 14, 6), seed: int = 1) -> list[Tokenized]:
+    """Examples of varied lengths whose prompts (first third) carry no loss."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(0, vocab, (n,), generator=g).tolist()
+        out.append(Tokenized(ids, [IGNORE] * (n // 3) + ids[n // 3 :], False))
+    return out
+
+
+def _loss_and_grads(model, batches: list[dict], fast=None):
+    model.zero_grad(set_to_none=True)
+    loss = sum(summed_loss(model, b, fast) for b in batches)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same(got, ref):
+    (got_loss, got_grads), (ref_loss, ref_grads) = got, ref
+    assert torch.allclose(got_loss, ref_loss, rtol=1e-5), (float(got_loss), float(ref_loss))
+    assert got_grads.keys() == ref_grads.keys() and got_grads
+    for name, g in ref_grads.items():
+        rel = float((got_grads[name] - g).norm() / g.norm().clamp_min(1e-12))
+        assert rel < 1e-5, (name, rel)
+
+
+def test_pack_batch_restarts_positions_ignores_each_first_label_and_fills_the_tail():
+    batch = [Tokenized([5, 6, 7], [IGNORE, 6, 7], False), Tokenized([8, 9], [8, 9], False)]
+    packed = pack_batch(batch, "cpu")
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert packed["labels"].tolist() == [[IGNORE, 6, 7, IGNORE, 9]]
+    assert "attention_mask" not in packed and packed["real_tokens"] == 5
+    # the same tokens carry loss as when each example is padded on its own row
+    assert trained_tokens(packed) == trained_tokens(collate(batch, 0, "cpu")) == 3
+    rounded = pack_batch(batch, "cpu", multiple=8)
+    assert rounded["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert rounded["labels"][0, 5:].tolist() == [IGNORE] * 3 and rounded["real_tokens"] == 5
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_packed_loss_and_lora_grads_equal_each_example_alone(tokenizer, family, attn):
+    model = _model(tokenizer, family, attn)
+    examples = _examples(len(tokenizer))
+    alone = _loss_and_grads(model, [collate([t], tokenizer.pad_token_id, "cpu") for t in examples])
+    _assert_same(_loss_and_grads(model, [pack_batch(examples, "cpu")]), alone)
+    # the dummy tail a compiled model gets changes nothing either
+    _assert_same(_loss_and_grads(model, [pack_batch(examples, "cpu", multiple=16)]), alone)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_packed_batch_through_the_fused_fast_path_equals_each_example_alone(tokenizer, family):
+    from tunery.kernels.apply import fast_path_for
+
+    model = _model(tokenizer, family)
+    examples = _examples(len(tokenizer))
+    alone = _loss_and_grads(model, [collate([t], tokenizer.pad_token_id, "cpu") for t in examples])
+    fast = fast_path_for(model, "cpu", allow_cpu=True, compile=False)
+    assert fast.applied
+    _assert_same(_loss_and_grads(model, [pack_batch(examples, "cpu", multiple=16)], fast), alone)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_an_example_does_not_see_the_one_packed_before_it(tokenizer, attn):
+    model = _model(tokenizer, "qwen2", attn).eval()
+    first, second = _examples(len(tokenizer), lengths=(12, 10))
+    other_first = _examples(len(tokenizer), lengths=(12,), seed=7)[0]
+
+    def second_loss(before: Tokenized, plain_causal: bool = False) -> float:
+        batch = pack_batch([Tokenized(before.input_ids, [IGNORE] * 12, False), second], "cpu")
+        if plain_causal:  # what a mask that ignores the boundaries would give
+            batch.pop("position_ids")
+        with torch.no_grad():
+            return float(summed_loss(model, batch))
+
+    assert second_loss(first) == pytest.approx(second_loss(other_first), rel=1e-6, abs=0)
+    # and the check has teeth: with a plain causal mask the second example's loss depends on the first
+    assert second_loss(first, plain_causal=True) != pytest.approx(second_loss(other_first, plain_causal=True),
+                                                                   rel=1e-3)
