@@ -1,4 +1,5 @@
-"""Smaller CLI paths: doctor, YAML config with flag overrides, full fine-tuning, data inspect exit codes."""
+"""Smaller CLI paths: doctor, YAML config with flag overrides, full fine-tuning, packing, data inspect exit
+codes."""
 
 from __future__ import annotations
 
@@ -45,6 +46,16 @@ def test_full_fine_tune_writes_a_model_folder_that_eval_and_export_use(workspace
     assert report["fine_tuned"]["loss"] < report["base"]["loss"]
     run_cli("export", str(run), "--merged", str(tmp_path / "merged"), home=workspace["home"])
     assert (tmp_path / "merged" / "model.safetensors").exists()
+
+
+def test_packing_trains_and_the_loss_falls(workspace):
+    run_cli(*train_args(workspace, "packed", "--packing", "--max-steps", "30"), home=workspace["home"])
+    run = workspace["root"] / "runs" / "packed"
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    assert written["packing"] is True
+    losses = [m["loss"] for m in metrics(run)]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert len(losses) == 30 and last <= 0.7 * first, f"loss fell only from {first:.3f} to {last:.3f}"
 
 
 def test_data_inspect_exits_non_zero_when_nothing_would_train(workspace, tmp_path):
