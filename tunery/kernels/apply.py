@@ -15,6 +15,7 @@ the fast path against (tests/kernels compare each piece with its reference on ra
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 # model_type -> fast paths that are exact for it
 _ALL = ("fused_linear_ce", "fused_lora", "offload", "ops", "compile")
@@ -66,26 +67,22 @@ def fast_path_for(model, device: str, enabled: bool = True, distributed: bool = 
                     applied=["fused linear+cross-entropy (chunked; no full-vocabulary logits)"])
     from tunery.kernels import ops as kops
 
-    steps = []
+    checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in getattr(decoder, "layers", ()))
+    steps = []  # each returns (what it did, undo callables)
     if lora and "fused_lora" in paths:
         from tunery.kernels.lora import fuse_lora
 
-        steps.append(fuse_lora)
-    checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in getattr(decoder, "layers", ()))
+        steps.append(partial(fuse_lora, model))
     if offload and checkpointed and "offload" in paths:
         from tunery.kernels.offload import enable_offload
 
-        steps.append(enable_offload)
-    for step in steps:
-        done, undo = step(model)
-        fast.applied += done
-        fast.undo += undo
+        steps.append(partial(enable_offload, model))
     if ops and "ops" in paths and kops.liger_available():
-        done, undo = kops.swap_ops(decoder)
-        fast.applied += done
-        fast.undo += undo
+        steps.append(partial(kops.swap_ops, decoder))
     if compile and "compile" in paths:
-        done, undo = kops.compile_blocks(decoder, parts=checkpointed)
+        steps.append(partial(kops.compile_blocks, decoder, parts=checkpointed))
+    for step in steps:
+        done, undo = step()
         fast.applied += done
         fast.undo += undo
     return fast

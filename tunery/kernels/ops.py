@@ -79,6 +79,6 @@ def compile_blocks(decoder: nn.Module, parts: bool = False) -> tuple[list[str], 
                else list(layers))
     for module in targets:
         module.compile()
-    what = "norms, attention and MLP of" if parts else ""
-    return [f"torch.compile {what} x{len(layers)} blocks".replace("  ", " ")], [
+    what = "norms, attention and MLP of " if parts else ""
+    return [f"torch.compile {what}x{len(layers)} blocks"], [
         lambda: [setattr(m, "_compiled_call_impl", None) for m in targets]]
