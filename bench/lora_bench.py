@@ -90,20 +90,20 @@ def _build_tunery(arch: str, quant: str, fast_opts: dict):
     import torch
     import transformers
 
+    from tunery.config import RunConfig
     from tunery.eval.loss import summed_loss
     from tunery.kernels.apply import fast_path_for
     from tunery.models.load import load_model
-    from tunery.models.lora import apply_lora
+    from tunery.train.loop import make_trainable
 
     if quant:
         model = load_model(model_dir(arch), "cuda", torch.bfloat16, four_bit=True)
     else:
-        cfg = _config(arch)
         with torch.device("cuda"):
-            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model = apply_lora(model, r=16, alpha=32, dropout=0.0, targets=TARGETS)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
+            model = transformers.AutoModelForCausalLM.from_config(_config(arch), dtype=torch.bfloat16)
+    cfg = RunConfig(method="qlora" if quant else "lora", lora_r=16, lora_alpha=32, lora_dropout=0.0,
+                    lora_targets=TARGETS, gradient_checkpointing=True)
+    model = make_trainable(model, cfg)  # exactly what `tunery train` trains
     fast = fast_path_for(model, "cuda", **fast_opts)
     print(fast.describe(), file=sys.stderr)
 

@@ -64,7 +64,8 @@ def _attach_log(run: Path) -> logging.Handler:
     return handler
 
 
-def _make_trainable(model, cfg: RunConfig):
+def make_trainable(model, cfg: RunConfig):
+    """Adapters (or every weight) set to train, checkpointing as configured, train mode: what a run trains."""
     if cfg.method == "full":
         model.requires_grad_(True)
     else:
@@ -89,7 +90,7 @@ def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.revision, cfg.trust_remote_code,
                        four_bit=cfg.method == "qlora")
-    model = _make_trainable(model, cfg)
+    model = make_trainable(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = total_steps(cfg, len(data.train))
