@@ -6,8 +6,6 @@ import pytest
 import torch
 
 from tunery.kernels.lora import fuse_lora, lora_linear
-from tunery.models.lora import apply_lora
-from tunery.models.tiny import TinySpec, make_config, train_tokenizer
 
 
 def _grads(impl, x, weight, bias, a, b, scale, grad_out):
@@ -53,26 +51,9 @@ def test_fused_matches_reference_bf16_gpu(shape):
         assert _rel(g, e) <= max(2 * _rel(r, e), 1e-2), (name, _rel(g, e), _rel(r, e))
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer(["hello world 123", "user", "assistant"], vocab_size=300)
-
-
-def _tiny_lora(tokenizer, dropout=0.0):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    spec = TinySpec(family="llama", hidden_size=32, intermediate_size=64, num_layers=2)
-    model = apply_lora(AutoModelForCausalLM.from_config(make_config(spec, tokenizer)), 4, 8, dropout)
-    for name, p in model.named_parameters():  # B starts at zero in PEFT; make the adapter do something
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1)
-    return model
-
-
-def test_fuse_lora_keeps_outputs_grads_and_peft_format(tokenizer, tmp_path):
-    model = _tiny_lora(tokenizer)
-    ids = torch.randint(0, len(tokenizer), (2, 11))
+def test_fuse_lora_keeps_outputs_grads_and_peft_format(tiny_lora, tiny_tokenizer, tmp_path):
+    model = tiny_lora()
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 11))
 
     def run():
         model.zero_grad(set_to_none=True)
@@ -99,11 +80,11 @@ def test_fuse_lora_keeps_outputs_grads_and_peft_format(tokenizer, tmp_path):
     assert all("forward" not in vars(m) for m in model.modules())
 
 
-def test_fused_dropout_draws_peft_masks(tokenizer):
+def test_fused_dropout_draws_peft_masks(tiny_lora, tiny_tokenizer):
     """Same seed, same dropout masks: the fused op with LoRA dropout gives PEFT's loss and gradients."""
-    model = _tiny_lora(tokenizer, dropout=0.3)
+    model = tiny_lora(dropout=0.3)
     model.train()
-    ids = torch.randint(0, len(tokenizer), (2, 11))
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 11))
 
     def run():
         torch.manual_seed(7)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 
 from tunery.kernels.offload import enable_offload
-from tunery.models.lora import apply_lora
-from tunery.models.tiny import TinySpec, make_config, train_tokenizer
 
 
 def _grads(model, ids):
@@ -17,18 +15,10 @@ def _grads(model, ids):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_offloaded_checkpointing_matches_plain_and_undoes():
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = train_tokenizer(["hello world 123", "user", "assistant"], vocab_size=300)
-    torch.manual_seed(0)
-    spec = TinySpec(family="qwen2", hidden_size=32, intermediate_size=64, num_layers=3)
-    model = apply_lora(AutoModelForCausalLM.from_config(make_config(spec, tokenizer)), 4, 8, 0.3)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1)
+def test_offloaded_checkpointing_matches_plain_and_undoes(tiny_lora, tiny_tokenizer):
+    model = tiny_lora("qwen2", num_layers=3, dropout=0.3)
     model.train()
-    ids = torch.randint(0, len(tokenizer), (2, 13))
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 13))
     ref_loss, ref = _grads(model, ids)
     assert enable_offload(model) == ([], [])  # nothing checkpointed: nothing to offload
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
