@@ -102,3 +102,88 @@ def test_fused_dropout_draws_peft_masks(tiny_lora, tiny_tokenizer):
         assert _rel(got_grads[name], g) < 1e-5, name
     torch.manual_seed(8)
     assert not torch.allclose(model(input_ids=ids, labels=ids).loss, got_loss)  # dropout does act
+
+
+def _nf4_weight(d_out, d_in, seed=0):
+    import bitsandbytes as bnb
+
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.randn(d_out, d_in, generator=g).to(torch.bfloat16)
+    return bnb.nn.Params4bit(data=dense, requires_grad=False, quant_type="nf4", compress_statistics=True).to("cpu")
+
+
+def test_nf4_dequantizes_like_bitsandbytes_and_the_op_matches_its_reference():
+    import bitsandbytes.functional as bnbf
+
+    from tunery.kernels.lora import dequantize_nf4, nf4_of
+
+    weight = _nf4_weight(80, 64)
+    nf4 = nf4_of(weight)
+    assert nf4 is not None and type(nf4.packed) is torch.Tensor and nf4.absmax2 is not None  # nested scales
+    expected = bnbf.dequantize_4bit(weight, weight.quant_state).to(torch.float32)
+    assert torch.equal(dequantize_nf4(nf4, torch.float32), expected)
+    assert nf4_of(torch.nn.Linear(4, 4).weight) is None
+    x, _, _, a, b, scale, grad_out = _case(9, 64, 80, 4, torch.float32, "cpu", False)
+
+    def grads(impl):
+        xx, aa, bb = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
+        out = lora_linear(xx, None, None, aa, bb, scale, impl=impl, nf4=nf4)
+        out.backward(grad_out)
+        return out.detach(), xx.grad, aa.grad, bb.grad
+
+    dense = lora_linear(x, expected, None, a, b, scale, impl="reference")
+    for name, r, g in zip(("out", "dx", "dA", "dB"), grads("reference"), grads("fused")):
+        assert _rel(g, r) < 1e-5, (name, _rel(g, r))
+    assert _rel(grads("fused")[0], dense) < 1e-5
+
+
+def test_nf4_op_compiles_as_one_graph():
+    """No graph break: bitsandbytes' tensor subclass and Python-side dequantization would split compiled regions."""
+    from tunery.kernels.lora import _LoRALinear, nf4_of
+
+    nf4 = nf4_of(_nf4_weight(48, 32))
+    x, _, _, a, b, scale, _ = _case(5, 32, 48, 4, torch.float32, "cpu", False)
+    x, a, b = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
+
+    def step(x, a, b):
+        return _LoRALinear.apply(x, None, None, nf4, None, a, b, scale, False).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # fullgraph: a break raises
+    loss = compiled(x, a, b)
+    loss.backward()
+    expected = step(x.detach(), a.detach(), b.detach())
+    assert torch.allclose(loss.detach(), expected, rtol=1e-5) and a.grad is not None and x.grad is not None
+
+
+def test_recompute_skips_the_unread_down_projection(tiny_lora, tiny_tokenizer, monkeypatch):
+    """Fused LoRA + offloaded checkpointing: the same loss and gradients as PEFT with no checkpointing, and
+    the down projection's base matmul runs in forward and backward but not in the recompute."""
+    from tunery.kernels import lora as klora
+    from tunery.kernels.apply import fast_path_for
+    from tunery.eval.loss import summed_loss
+
+    model = tiny_lora("llama", num_layers=2)
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 11))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def run(fast):
+        model.zero_grad(set_to_none=True)
+        loss = summed_loss(model, batch, fast)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_loss, ref_grads = run(None)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    fast = fast_path_for(model, "cpu", allow_cpu=True, compile=False)
+    assert "mlp.down_proj base matmul skipped in recompute x2" in fast.describe()
+    down_shape = model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight.shape
+    calls = []
+    real_dense = klora._dense
+    monkeypatch.setattr(klora, "_dense", lambda w, q, d: calls.append(tuple(w.shape)) or real_dense(w, q, d))
+    got_loss, got_grads = run(fast)
+    assert calls.count(tuple(down_shape)) == 2 * 2  # forward + backward per layer; the recompute skipped it
+    assert torch.allclose(got_loss, ref_loss, rtol=1e-5)
+    for name, g in ref_grads.items():
+        assert _rel(got_grads[name], g) < 1e-5, name

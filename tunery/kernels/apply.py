@@ -5,7 +5,8 @@
 Today, for families whose output is a plain `lm_head` over the final norm (no logit soft-capping):
 - the fused linear + cross-entropy loss (kernels/linear_ce.py);
 - fused LoRA linears with a hand-written backward, 16-bit or 4-bit base (kernels/lora.py);
-- checkpointing that offloads block inputs to pinned CPU memory, when checkpointing is on (kernels/offload.py);
+- checkpointing that offloads block inputs to pinned CPU memory, when checkpointing is on (kernels/offload.py),
+  whose recompute skips the MLP's down projection (its output is never read in backward);
 - torch.compile of each decoder block, or of its norms, attention and MLP when checkpointing is on (the
   checkpoint hook stays outside the compiled code); the liger RMSNorm/SwiGLU swaps are the `ops=True` option.
 Used on CUDA in single-process training; CPU training keeps the reference path, which is what CI checks
@@ -20,6 +21,10 @@ from functools import partial
 # model_type -> fast paths that are exact for it
 _ALL = ("fused_linear_ce", "fused_lora", "offload", "ops", "compile")
 FAMILY_FAST_PATHS: dict[str, tuple[str, ...]] = {"llama": _ALL, "mistral": _ALL, "qwen2": _ALL, "qwen3": _ALL}
+# model_type -> layers whose output only feeds the block's last residual add (no norm after the MLP), so a
+# recompute for backward need not compute it (kernels/lora.py)
+UNREAD_IN_RECOMPUTE: dict[str, tuple[str, ...]] = {
+    t: ("mlp.down_proj",) for t in ("llama", "mistral", "qwen2", "qwen3")}
 
 
 @dataclass
@@ -69,11 +74,13 @@ def fast_path_for(model, device: str, enabled: bool = True, distributed: bool = 
 
     checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in getattr(decoder, "layers", ()))
     steps = []  # each returns (what it did, undo callables)
+    offloaded = offload and checkpointed and "offload" in paths
     if lora and "fused_lora" in paths:
         from tunery.kernels.lora import fuse_lora
 
-        steps.append(partial(fuse_lora, model))
-    if offload and checkpointed and "offload" in paths:
+        unread = UNREAD_IN_RECOMPUTE.get(base.config.model_type, ()) if offloaded else ()
+        steps.append(partial(fuse_lora, model, unread))
+    if offloaded:
         from tunery.kernels.offload import enable_offload
 
         steps.append(partial(enable_offload, model))

@@ -9,8 +9,15 @@ frozen base needs:
 
     dx = dy W + (s dy B) A        dA = (s dy B)^T x        dB = s dy^T (x A^T)
 
-The base weight may be a bitsandbytes 4-bit (NF4) tensor: it is dequantized into a buffer reused by every
-layer of the same shape, in forward and again in backward, so at most one dense copy per shape exists.
+The base weight may be a bitsandbytes 4-bit (NF4) tensor. It enters the op as plain tensors (`NF4`: the
+packed bytes and the block scales) and is dequantized through bitsandbytes' registered torch ops, in forward
+and again in backward, so only one dense copy exists at a time and the op stays inside compiled graphs
+(bitsandbytes' Python-side tensor subclass would split them).
+
+The output of a projection that only feeds the block's last residual add (the MLP's down projection in
+Llama-like blocks) is never read in backward. When the offloaded checkpoint recomputes a block to build its
+graph (kernels/offload.py), such a layer skips its base matmul and returns an uninitialised tensor: the
+backward needs only its saved input.
 
 `fuse_lora(model)` rebinds the forward of each PEFT LoRA `Linear` it can handle on that instance, reading
 the PEFT weights (so adapters still save in PEFT format). LoRA dropout is applied to the adapter's input
@@ -21,10 +28,13 @@ else (DoRA and other variants, several active adapters, a disabled or merged ada
 from __future__ import annotations
 
 import types
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tunery.kernels import offload
 
 
 def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
@@ -33,45 +43,63 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return F.linear(x, weight, bias) + scale * F.linear(F.linear(x.to(a.dtype), a), b).to(x.dtype)
 
 
-_DEQUANT_BUFFERS: dict[tuple, torch.Tensor] = {}
+class NF4(NamedTuple):
+    """A bitsandbytes 4-bit weight as plain tensors and constants: what its dequantization ops read."""
+
+    packed: torch.Tensor  # uint8, two 4-bit codes a byte
+    absmax: torch.Tensor  # per-block scales: fp32, or uint8 when themselves quantized (nested)
+    absmax2: torch.Tensor | None  # nested: the scales' own fp32 scales
+    code2: torch.Tensor | None  # nested: the 8-bit code book of the scales
+    offset: float  # nested: added back to the dequantized scales
+    meta: tuple  # (blocksize, nested blocksize, quant type, shape, dtype)
 
 
-def _dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The base weight as a dense (out, in) tensor: itself, or a 4-bit weight dequantized into a reused buffer."""
-    if getattr(weight, "quant_state", None) is None:
-        return weight
-    return _dequantize(weight, dtype)
+def nf4_of(weight) -> NF4 | None:
+    """`weight` as NF4 tensors, or None when it is not a bitsandbytes 4-bit weight in the standard layout."""
+    state = getattr(weight, "quant_state", None)
+    if state is None or getattr(state, "packing_format_for_cpu", False):
+        return None  # a dense weight, or one bitsandbytes repacked for its CPU inference kernel
+    packed = weight.detach()  # a plain tensor on the same storage (Params4bit's torch function unwraps)
+    nested = state.nested
+    return NF4(packed, state.absmax, state.state2.absmax if nested else None, state.state2.code if nested else None,
+               float(state.offset) if nested else 0.0,
+               (state.blocksize, state.state2.blocksize if nested else 0, state.quant_type, tuple(state.shape),
+                state.dtype))
 
 
-@torch.compiler.disable  # bitsandbytes' tensor subclass and ops stay outside compiled graphs
-def _dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    import bitsandbytes.functional as bnbf
+def dequantize_nf4(q: NF4, dtype: torch.dtype) -> torch.Tensor:
+    """The dense (out, in) weight, through bitsandbytes' registered ops (traceable by torch.compile)."""
+    blocksize, blocksize2, quant_type, shape, qdtype = q.meta
+    absmax = q.absmax
+    if q.absmax2 is not None:
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise(absmax, q.absmax2, q.code2, blocksize2, torch.float32)
+        absmax = absmax + q.offset
+    dense = torch.ops.bitsandbytes.dequantize_4bit(q.packed, absmax, blocksize, quant_type, list(shape), qdtype)
+    return dense.to(dtype)
 
-    state = weight.quant_state
-    if weight.device.type != "cuda":  # bitsandbytes' CPU backend has no in-place (out=) dequantization
-        return bnbf.dequantize_4bit(weight, state).to(dtype)
-    key = (tuple(state.shape), state.dtype, weight.device)
-    buf = _DEQUANT_BUFFERS.get(key)
-    if buf is None:
-        buf = _DEQUANT_BUFFERS[key] = torch.empty(state.shape, dtype=state.dtype, device=weight.device)
-    return bnbf.dequantize_4bit(weight, state, out=buf).to(dtype)
+
+def _dense(weight: torch.Tensor, nf4: NF4 | None, dtype: torch.dtype) -> torch.Tensor:
+    return weight if nf4 is None else dequantize_nf4(nf4, dtype)
 
 
 class _LoRALinear(torch.autograd.Function):
-    """`x_lora` is the adapter's input: `x` itself (None), or `dropout(x)` computed by autograd outside."""
+    """`x_lora` is the adapter's input: `x` itself (None), or `dropout(x)` computed by autograd outside.
+    `weight` is the dense base weight, or unused (None) when `nf4` holds it; `skip_base`: see the module doc."""
 
     @staticmethod
-    def forward(ctx, x, x_lora, weight, bias, a, b, scale):
+    def forward(ctx, x, x_lora, weight, nf4, bias, a, b, scale, skip_base):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, in)
         xl = x2 if x_lora is None else x_lora.reshape(-1, shape[-1])
         a_c, b_c = a.to(x.dtype), b.to(x.dtype)
         xa = xl @ a_c.t()  # (N, r)
-        w = _dense_weight(weight, x.dtype)
+        ctx.save_for_backward(x if x_lora is None else x_lora, xa, weight, a, b)
+        ctx.nf4, ctx.scale, ctx.shared = nf4, scale, x_lora is None
+        if skip_base:  # the caller never reads this output (see the module doc); only the graph is needed
+            return x.new_empty(*shape[:-1], b.shape[0])
+        w = _dense(weight, nf4, x.dtype)
         out = torch.addmm(bias.to(x.dtype), x2, w.t()) if bias is not None else x2 @ w.t()
         out.addmm_(xa, b_c.t(), alpha=scale)
-        ctx.save_for_backward(x if x_lora is None else x_lora, xa, weight, a, b)
-        ctx.scale, ctx.shared = scale, x_lora is None
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -84,25 +112,25 @@ class _LoRALinear(torch.autograd.Function):
         gb = (g @ b_c).mul_(s)  # (N, r) = s dy B
         dx = dxl = da = db = None
         if ctx.needs_input_grad[0]:
-            dx = g @ _dense_weight(weight, g.dtype)
+            dx = g @ _dense(weight, ctx.nf4, g.dtype)
             if ctx.shared:
                 dx.addmm_(gb, a_c)
             dx = dx.view(xl.shape)
         if ctx.needs_input_grad[1]:
             dxl = (gb @ a_c).view(xl.shape)
-        if ctx.needs_input_grad[4]:
-            da = (gb.t() @ xl2).to(a.dtype)
         if ctx.needs_input_grad[5]:
+            da = (gb.t() @ xl2).to(a.dtype)
+        if ctx.needs_input_grad[6]:
             db = (g.t() @ xa).mul_(s).to(b.dtype)
-        return dx, dxl, None, None, da, db, None
+        return dx, dxl, None, None, None, da, db, None, None
 
 
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
-                scale: float, impl: str = "fused") -> torch.Tensor:
-    """`x W^T + bias + s (x A^T) B^T` with W frozen; impl "fused" or "reference"."""
+def lora_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, a: torch.Tensor,
+                b: torch.Tensor, scale: float, impl: str = "fused", nf4: NF4 | None = None) -> torch.Tensor:
+    """`x W^T + bias + s (x A^T) B^T` with W frozen (dense, or 4-bit as `nf4`); impl "fused" or "reference"."""
     if impl == "reference":
-        return lora_linear_reference(x, _dense_weight(weight, x.dtype), bias, a, b, scale)
-    return _LoRALinear.apply(x, None, weight, bias, a, b, scale)
+        return lora_linear_reference(x, _dense(weight, nf4, x.dtype), bias, a, b, scale)
+    return _LoRALinear.apply(x, None, weight, nf4, bias, a, b, scale, False)
 
 
 def _fusable(module) -> str | None:
@@ -110,6 +138,8 @@ def _fusable(module) -> str | None:
     base = module.get_base_layer()
     if type(base) is not nn.Linear and type(base).__name__ != "Linear4bit":
         return f"base layer is {type(base).__name__}"
+    if type(base).__name__ == "Linear4bit" and (base.weight.device.type != "cuda" or nf4_of(base.weight) is None):
+        return "4-bit base off CUDA (bitsandbytes' CPU kernels repack it)"
     if getattr(module, "fan_in_fan_out", False):
         return "fan_in_fan_out weights"
     for name in module.active_adapters:
@@ -126,30 +156,37 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return type(self).forward(self, x, *args, **kwargs)  # PEFT's own path
     name = active[0]
     base = self.get_base_layer()
-    if getattr(getattr(base.weight, "quant_state", None), "packing_format_for_cpu", False):
-        # bitsandbytes repacked this 4-bit weight for its CPU inference kernel: only its own matmul reads it
-        return type(self).forward(self, x, *args, **kwargs)
+    nf4 = self._tunery_nf4
     dropout = self.lora_dropout[name]
     x_lora = dropout(x) if isinstance(dropout, nn.Dropout) and dropout.p > 0 and self.training else None
-    return _LoRALinear.apply(x, x_lora, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                             self.scaling[name])
+    skip = self._tunery_unread_in_recompute and offload.RECOMPUTING
+    return _LoRALinear.apply(x, x_lora, base.weight if nf4 is None else None, nf4, base.bias,
+                             self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], skip)
 
 
-def fuse_lora(model: nn.Module) -> tuple[list[str], list]:
-    """Rebind each fusable PEFT LoRA Linear's forward to the fused op; returns (what was done, undo callables)."""
+def fuse_lora(model: nn.Module, unread_in_recompute: tuple[str, ...] = ()) -> tuple[list[str], list]:
+    """Rebind each fusable PEFT LoRA Linear's forward to the fused op; returns (what was done, undo callables).
+
+    `unread_in_recompute`: name suffixes of layers whose output only feeds the block's last residual add
+    (family data, kernels/apply.py); they skip their base matmul when the offloaded checkpoint recomputes."""
     from peft.tuners.lora import LoraLayer
 
-    fused, skipped, undo = 0, {}, []
-    for module in model.modules():
+    fused, skipped, undo, unread = 0, {}, [], 0
+    for module_name, module in model.named_modules():
         if not isinstance(module, LoraLayer) or not hasattr(module, "lora_A"):
             continue
         why = _fusable(module)
         if why:
             skipped[why] = skipped.get(why, 0) + 1
             continue
+        module._tunery_nf4 = nf4_of(module.get_base_layer().weight)
+        module._tunery_unread_in_recompute = module_name.endswith(unread_in_recompute) if unread_in_recompute else False
+        unread += module._tunery_unread_in_recompute
         module.forward = types.MethodType(_fused_forward, module)
-        undo.append(lambda m=module: delattr(m, "forward"))
+        undo.append(lambda m=module: [delattr(m, a) for a in ("forward", "_tunery_nf4", "_tunery_unread_in_recompute")])
         fused += 1
     done = [f"fused LoRA x{fused} (base + adapter in one op, hand-written backward)"] if fused else []
+    if unread:
+        done.append(f"{', '.join(unread_in_recompute)} base matmul skipped in recompute x{unread}")
     done += [f"PEFT LoRA kept x{n} ({why})" for why, n in skipped.items()]
     return done, undo

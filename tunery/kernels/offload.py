@@ -18,6 +18,10 @@ import weakref
 
 import torch
 
+# True while a block is being recomputed in backward: layers whose output backward never reads skip their
+# base matmul then (kernels/lora.py). A plain module global, so compiled code guards on it.
+RECOMPUTING = False
+
 
 class _Offloader:
     """The host copies of the blocks' inputs in forward order, with the copy stream that moves them."""
@@ -92,9 +96,14 @@ class _OffloadedBlock(torch.autograd.Function):
             if i > 0 and order[i - 1] is not None:
                 order[i - 1].prefetch()
         cuda = [hidden.device] if hidden.device.type == "cuda" else []
+        global RECOMPUTING
         with torch.random.fork_rng(devices=cuda, device_type="cuda"), torch.enable_grad():
             _set_rng_state(ctx.rng, hidden.device)
-            out = ctx.run(hidden)
+            RECOMPUTING = True
+            try:
+                out = ctx.run(hidden)
+            finally:
+                RECOMPUTING = False
         torch.autograd.backward(out, grad)
         return None, None, hidden.grad
 
