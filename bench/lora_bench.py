@@ -185,7 +185,9 @@ def run_one(stack: str, arch: str, bs: int, seq: int, quant: str = "", steps: in
     try:
         for i in range(warmup + steps):
             if profile and i == warmup:
-                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                          torch.profiler.ProfilerActivity.CUDA],
+                                              record_shapes=True, with_stack=True)
                 prof.__enter__()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -208,8 +210,22 @@ def run_one(stack: str, arch: str, bs: int, seq: int, quant: str = "", steps: in
                    tflops=round(tok_s * _useful_flops_per_token(arch, seq) / 1e12, 1))
     if profile and times:
         prof.__exit__(None, None, None)
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40), file=sys.stderr)
+        _print_profile(prof)
     return res
+
+
+COPIES = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy", "aten::cat", "aten::add", "aten::mul")
+
+
+def _print_profile(prof) -> None:
+    """Top CUDA kernels, then where the copy and elementwise ops come from (Python stack, input shapes)."""
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40), file=sys.stderr)
+    events = [e for e in prof.key_averages(group_by_input_shape=True, group_by_stack_n=6) if e.key in COPIES]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    for e in events[:25]:
+        stack = " <- ".join(s.split("/")[-1] for s in e.stack[:6] if "torch/" not in s)
+        print(f"{e.device_time_total / 1e3:9.1f} ms  x{e.count:<5d} {e.key} {e.input_shapes}  {stack}",
+              file=sys.stderr)
 
 
 def _spawn(stack: str, arch: str, bs: int, seq: int, quant: str, steps: int, extra: list[str],

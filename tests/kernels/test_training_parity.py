@@ -13,7 +13,10 @@ pytestmark = pytest.mark.gpu
 DATA = Path(__file__).resolve().parents[2] / "tunery" / "assets" / "dates.jsonl"
 
 
-def test_fast_and_reference_loss_curves_agree_over_50_steps(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method, checkpointing", [("lora", False), ("lora", True), ("qlora", True)])
+def test_fast_and_reference_loss_curves_agree_over_50_steps(tmp_path, monkeypatch, method, checkpointing):
+    """With checkpointing the fast path also offloads block inputs and skips the recompute's down projection;
+    qlora runs the fused op on NF4 weights dequantized inside the compiled blocks."""
     if not torch.cuda.is_available():
         pytest.fail("needs a CUDA GPU: run on the device")
     from tunery.config import RunConfig
@@ -28,7 +31,8 @@ def test_fast_and_reference_loss_curves_agree_over_50_steps(tmp_path, monkeypatc
     for fast in (False, True):
         cfg = RunConfig(model=str(model), data=str(DATA), output_dir=str(tmp_path / "runs"), name=f"fast-{fast}",
                         max_steps=50, batch_size=16, lr=1e-3, lora_dropout=0.0, max_seq_len=64, save_every=0,
-                        dtype="bf16", device="cuda", fast=fast)
+                        dtype="bf16", device="cuda", fast=fast, method=method,
+                        gradient_checkpointing=checkpointing)
         run = train(cfg)
         curves[fast] = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     ref, got = curves[False], curves[True]
