@@ -7,6 +7,7 @@ Today, for families whose output is a plain `lm_head` over the final norm (no lo
 - fused LoRA linears with a hand-written backward, 16-bit or 4-bit base (kernels/lora.py);
 - checkpointing that offloads block inputs to pinned CPU memory, when checkpointing is on (kernels/offload.py),
   whose recompute skips the MLP's down projection (its output is never read in backward);
+- attention through sdpa with cuDNN's fused kernel first (kernels/attention.py);
 - torch.compile of each decoder block, or of its norms, attention and MLP when checkpointing is on (the
   checkpoint hook stays outside the compiled code); the liger RMSNorm/SwiGLU swaps are the `ops=True` option.
 Used on CUDA in single-process training; CPU training keeps the reference path, which is what CI checks
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 # model_type -> fast paths that are exact for it
-_ALL = ("fused_linear_ce", "fused_lora", "offload", "ops", "compile")
+_ALL = ("fused_linear_ce", "fused_lora", "offload", "attention", "ops", "compile")
 FAMILY_FAST_PATHS: dict[str, tuple[str, ...]] = {"llama": _ALL, "mistral": _ALL, "qwen2": _ALL, "qwen3": _ALL}
 # model_type -> layers whose output only feeds the block's last residual add (no norm after the MLP), so a
 # recompute for backward need not compute it (kernels/lora.py)
@@ -84,6 +85,10 @@ def fast_path_for(model, device: str, enabled: bool = True, distributed: bool = 
         from tunery.kernels.offload import enable_offload
 
         steps.append(partial(enable_offload, model))
+    if "attention" in paths:
+        from tunery.kernels.attention import use_cudnn_attention
+
+        steps.append(partial(use_cudnn_attention, model))
     if ops and "ops" in paths and kops.liger_available():
         steps.append(partial(kops.swap_ops, decoder))
     if compile and "compile" in paths:
