@@ -66,3 +66,34 @@ def test_cudnn_first_matches_flash_bf16_gpu(shape):
     for name, e, r, o in zip(("out", "dq", "dk", "dv"), truth, ref, got):
         err = float((o.float() - e).norm() / e.norm())
         assert err <= max(2 * float((r.float() - e).norm() / e.norm()), 1e-2), (name, err)
+
+
+@pytest.mark.gpu
+def test_training_step_runs_cudnn_attention_not_flash():
+    """Inside the compiled blocks of a checkpointed training step (transformers' q/k/v layouts, the offloaded
+    recompute), attention must run cuDNN's kernels: the speed in docs/benchmarks.md rests on it."""
+    import transformers
+
+    from tunery.eval.loss import summed_loss
+    from tunery.kernels.apply import fast_path_for
+    from tunery.models.lora import apply_lora
+
+    cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                                   num_attention_heads=8, num_key_value_heads=2)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model = apply_lora(model, 8, 16, 0.0)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    fast = fast_path_for(model, "cuda")
+    assert "cuDNN" in fast.describe()
+    ids = torch.randint(0, 1000, (2, 1024), device="cuda")
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    summed_loss(model, batch, fast).backward()  # compiles
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        summed_loss(model, batch, fast).backward()
+        torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages()]
+    assert any("cudnn" in n.lower() for n in names), names
+    assert not any("pytorch_flash" in n for n in names), [n for n in names if "flash" in n]
