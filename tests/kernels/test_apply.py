@@ -54,4 +54,8 @@ def test_fast_path_reasons(tokenizer):
     assert "CPU" in fast_path_for(model, "cpu").describe()
     assert "--no-fast" in fast_path_for(model, "cuda", enabled=False).describe()
     assert "DDP" in fast_path_for(model, "cuda", distributed=True).describe()
-    assert fast_path_for(model, "cuda").applied
+    fast = fast_path_for(model, "cuda")
+    assert fast.applied and fast.compiled
+    fast.remove()
+    assert not fast.compiled and fast.applied == ["fused linear+cross-entropy (chunked; no full-vocabulary logits)"]
+    assert not fast_path_for(model, "cpu", allow_cpu=True, compile=False).compiled

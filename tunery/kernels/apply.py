@@ -35,6 +35,7 @@ class FastPath:
     applied: list[str] = field(default_factory=list)
     reason: str = ""
     undo: list = field(default_factory=list)
+    compiled: bool = False  # blocks run under torch.compile: batches padded to a few lengths recompile less
 
     def remove(self) -> None:
         """Put the replaced modules back (the fused loss needs nothing undone: it is chosen per call)."""
@@ -42,6 +43,7 @@ class FastPath:
             fn()
         self.undo.clear()
         self.applied = [a for a in self.applied if a.startswith("fused linear")]
+        self.compiled = False
 
     def describe(self) -> str:
         return ("fast path: " + ", ".join(self.applied)) if self.applied else f"reference path ({self.reason})"
@@ -97,4 +99,5 @@ def fast_path_for(model, device: str, enabled: bool = True, distributed: bool = 
         done, undo = step()
         fast.applied += done
         fast.undo += undo
+        fast.compiled |= step.func is kops.compile_blocks and bool(done)
     return fast

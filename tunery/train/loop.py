@@ -117,7 +117,7 @@ def train_step(t: Trainer, step: int) -> dict:
     picked = [t.data.train[i] for i in step_examples(len(t.data.train), step, per_step, cfg.seed)]
     # micro-batch m of rank r: the (m * world + r)-th slice of the step's examples
     starts = range(dist.rank * cfg.batch_size, per_step, cfg.batch_size * dist.world)
-    multiple = 64 if t.fast and any("compile" in a for a in t.fast.applied) else 1
+    multiple = 64 if t.fast and t.fast.compiled else 1
     if cfg.packing:
         batches = [pack_batch(picked[i : i + cfg.batch_size], t.device, multiple) for i in starts]
     else:
