@@ -24,3 +24,17 @@ def tiny_lora(tiny_tokenizer):
         return model
 
     return build
+
+
+@pytest.fixture
+def loss_and_grads():
+    """loss_and_grads(model, batch, fast) -> (summed loss, {trainable name: grad}) of one forward + backward."""
+    from tunery.eval.loss import summed_loss
+
+    def run(model, batch, fast=None):
+        model.zero_grad(set_to_none=True)
+        loss = summed_loss(model, batch, fast)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    return run

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from tunery.data.tokenize import IGNORE
-from tunery.eval.loss import summed_loss
 from tunery.kernels.apply import fast_path_for
 from tunery.models.lora import apply_lora
 from tunery.models.tiny import TinySpec, make_config, train_tokenizer
@@ -18,7 +17,7 @@ def tokenizer():
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_fused_loss_equals_reference_loss_and_lora_grads(tokenizer, family):
+def test_fused_loss_equals_reference_loss_and_lora_grads(tokenizer, family, loss_and_grads):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -29,16 +28,10 @@ def test_fused_loss_equals_reference_loss_and_lora_grads(tokenizer, family):
     labels[:, :5] = IGNORE
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
-    def run(path):
-        model.zero_grad(set_to_none=True)
-        loss = summed_loss(model, batch, path)
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    ref_loss, ref_grads = run(None)
+    ref_loss, ref_grads = loss_and_grads(model, batch)
     fast = fast_path_for(model, "cpu", allow_cpu=True, compile=False)
     assert "fused linear+cross-entropy" in fast.describe() and "fused LoRA x14" in fast.describe()
-    got_loss, got_grads = run(fast)
+    got_loss, got_grads = loss_and_grads(model, batch, fast)
     assert torch.allclose(got_loss, ref_loss, rtol=1e-5)
     assert ref_grads.keys() == got_grads.keys()
     for name, g in ref_grads.items():

@@ -156,24 +156,16 @@ def test_nf4_op_compiles_as_one_graph():
     assert torch.allclose(loss.detach(), expected, rtol=1e-5) and a.grad is not None and x.grad is not None
 
 
-def test_recompute_skips_the_unread_down_projection(tiny_lora, tiny_tokenizer, monkeypatch):
+def test_recompute_skips_the_unread_down_projection(tiny_lora, tiny_tokenizer, loss_and_grads, monkeypatch):
     """Fused LoRA + offloaded checkpointing: the same loss and gradients as PEFT with no checkpointing, and
     the down projection's base matmul runs in forward and backward but not in the recompute."""
-    from tunery.eval.loss import summed_loss
     from tunery.kernels import lora as klora
     from tunery.kernels.apply import fast_path_for
 
     model = tiny_lora("llama", num_layers=2)
     ids = torch.randint(0, len(tiny_tokenizer), (2, 11))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-
-    def run(fast):
-        model.zero_grad(set_to_none=True)
-        loss = summed_loss(model, batch, fast)
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    ref_loss, ref_grads = run(None)
+    ref_loss, ref_grads = loss_and_grads(model, batch)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     fast = fast_path_for(model, "cpu", allow_cpu=True, compile=False)
@@ -182,7 +174,7 @@ def test_recompute_skips_the_unread_down_projection(tiny_lora, tiny_tokenizer, m
     calls = []
     real_dense = klora._dense
     monkeypatch.setattr(klora, "_dense", lambda w, q, d: calls.append(tuple(w.shape)) or real_dense(w, q, d))
-    got_loss, got_grads = run(fast)
+    got_loss, got_grads = loss_and_grads(model, batch, fast)
     assert calls.count(tuple(down_shape)) == 2 * 2  # forward + backward per layer; the recompute skipped it
     assert torch.allclose(got_loss, ref_loss, rtol=1e-5)
     for name, g in ref_grads.items():
