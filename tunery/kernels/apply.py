@@ -7,7 +7,8 @@ Today, for families whose output is a plain `lm_head` over the final norm (no lo
 - fused LoRA linears with a hand-written backward, 16-bit or 4-bit base (kernels/lora.py);
 - checkpointing that offloads block inputs to pinned CPU memory, when checkpointing is on (kernels/offload.py),
   whose recompute skips the MLP's down projection (its output is never read in backward);
-- attention through sdpa with cuDNN's fused kernel first (kernels/attention.py);
+- attention through sdpa with cuDNN's fused kernel first, on Hopper and newer GPUs, where it was measured
+  faster (kernels/attention.py);
 - torch.compile of each decoder block, or of its norms, attention and MLP when checkpointing is on (the
   checkpoint hook stays outside the compiled code); the liger RMSNorm/SwiGLU swaps are the `ops=True` option.
 Used on CUDA in single-process training; CPU training keeps the reference path, which is what CI checks
@@ -49,6 +50,13 @@ class FastPath:
         return ("fast path: " + ", ".join(self.applied)) if self.applied else f"reference path ({self.reason})"
 
 
+def _hopper_or_newer(device: str) -> bool:
+    import torch
+
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
+    return cuda and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def _unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -87,7 +95,7 @@ def fast_path_for(model, device: str, enabled: bool = True, distributed: bool = 
         from tunery.kernels.offload import enable_offload
 
         steps.append(partial(enable_offload, model))
-    if "attention" in paths:
+    if "attention" in paths and _hopper_or_newer(device):
         from tunery.kernels.attention import use_cudnn_attention
 
         steps.append(partial(use_cudnn_attention, model))

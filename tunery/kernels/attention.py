@@ -6,9 +6,11 @@ attention runs the same causal GQA shapes at 1.5-1.9x the speed, forward and bac
 function called under `sdpa_kernel(PRIORITY, set_priority=True)`: inputs cuDNN cannot take (a mask it does
 not support, an old GPU) fall through to flash, memory-efficient, then math, so the numbers are those of sdpa.
 
-`use_cudnn_attention(model)` registers that function (and sdpa's mask builder) under `NAME` with
-transformers' attention registries and switches the model instance to it; its undo switches back to sdpa.
-Models that use another implementation (eager, flash_attention_2, flex) are left alone.
+The fast path uses it on Hopper (compute capability 9.0) and newer, where it was measured; on older GPUs
+sdpa keeps its own order. `use_cudnn_attention(model)` registers that function (and sdpa's mask builder)
+under `NAME` with transformers' attention registries and switches the model instance to it; its undo
+switches back to sdpa. Models that use another implementation (eager, flash_attention_2, flex) are left
+alone.
 """
 
 from __future__ import annotations
