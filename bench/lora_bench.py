@@ -8,6 +8,7 @@ PYTHONPATH (../shared/tools/reference-stacks-bundle.sh):
 
     python bench/lora_bench.py --rows llama-1b qwen-0.5b llama-8b   # rows by name (ROWS), 3 stacks each
     python bench/lora_bench.py --rows qwen-7b llama-8b-4bit llama-8b-16k
+    python bench/lora_bench.py --rows llama-1b --repeat 2   # stacks alternate twice; median and spread
     python bench/lora_bench.py --rows maxseq     # longest sequence at bs 1 in 80 GB, tunery vs Unsloth
     python bench/lora_bench.py --one tunery llama-8b 2 2048 [--quant 4bit] [--profile]   # a single run
 
@@ -261,6 +262,8 @@ def _table(results: list[dict]) -> str:
         ref = {o["stack"]: o for o in same}
         mine = r["stack"].startswith("tunery")
         speed = f"{r['tok_s']:,}" if "tok_s" in r else r.get("err") or "-"
+        if len(r.get("repeats_tok_s", ())) > 1:
+            speed += f" ({min(r['repeats_tok_s']):,}-{max(r['repeats_tok_s']):,})"
         out.append(f"| {r['arch']} | {r['bs']} x {r['seq']} | {r['quant']} | {r['stack']} | {speed} | "
                    f"{r.get('tflops', '-')} | {r.get('peak_gib', '-')} | "
                    f"{_ratio(r, ref.get('unsloth')) if mine else ''} | {_ratio(r, ref.get('hf')) if mine else ''} |")
@@ -286,6 +289,9 @@ def main() -> None:
     p.add_argument("--stacks", nargs="*", default=list(STACKS), choices=STACKS)
     p.add_argument("--one", nargs=4, metavar=("STACK", "ARCH", "BS", "SEQ"), help="a single run in this process")
     p.add_argument("--quant", default="", choices=["", "4bit"])
+    p.add_argument("--repeat", type=int, default=1,
+                   help="--rows: run each row's stacks this many times, alternating; the table shows each "
+                        "stack's median run and the spread")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="--one: print the top CUDA kernels of the timed steps")
@@ -307,8 +313,18 @@ def main() -> None:
             results += [_max_seq(s, "llama-8b", flags if s == "tunery" else []) for s in a.stacks if s != "hf"]
             continue
         arch, bs, seq, quant = ROWS[group]
-        results += [_spawn(s, arch, bs, seq, quant, a.steps, flags if s == "tunery" else []) for s in a.stacks]
+        runs = [_spawn(s, arch, bs, seq, quant, a.steps, flags if s == "tunery" else [])
+                for _ in range(a.repeat) for s in a.stacks]  # stacks alternate: A B C A B C ...
+        results += [_median_run([r for r in runs if r["stack"].split()[0] == s]) for s in a.stacks]
     print(_table(results))
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median tokens/s of one stack's repeats, with every repeat's tokens/s beside it."""
+    timed = sorted((r for r in runs if "tok_s" in r), key=lambda r: r["tok_s"])
+    if not timed:
+        return runs[-1]
+    return {**timed[(len(timed) - 1) // 2], "repeats_tok_s": [r["tok_s"] for r in runs if "tok_s" in r]}
 
 
 if __name__ == "__main__":
