@@ -8,9 +8,9 @@ import torch
 from tunery.kernels.lora import fuse_lora, lora_linear
 
 
-def _grads(impl, x, weight, bias, a, b, scale, grad_out):
+def _grads(impl, x, weight, bias, a, b, scale, grad_out, nf4=None):
     x, a, b = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
-    out = lora_linear(x, weight, bias, a, b, scale, impl=impl)
+    out = lora_linear(x, weight, bias, a, b, scale, impl=impl, nf4=nf4)
     out.backward(grad_out)
     return out.detach(), x.grad, a.grad, b.grad
 
@@ -125,16 +125,11 @@ def test_nf4_dequantizes_like_bitsandbytes_and_the_op_matches_its_reference():
     assert nf4_of(torch.nn.Linear(4, 4).weight) is None
     x, _, _, a, b, scale, grad_out = _case(9, 64, 80, 4, torch.float32, "cpu", False)
 
-    def grads(impl):
-        xx, aa, bb = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
-        out = lora_linear(xx, None, None, aa, bb, scale, impl=impl, nf4=nf4)
-        out.backward(grad_out)
-        return out.detach(), xx.grad, aa.grad, bb.grad
-
+    ref, fused = (_grads(impl, x, None, None, a, b, scale, grad_out, nf4=nf4) for impl in ("reference", "fused"))
     dense = lora_linear(x, expected, None, a, b, scale, impl="reference")
-    for name, r, g in zip(("out", "dx", "dA", "dB"), grads("reference"), grads("fused")):
+    for name, r, g in zip(("out", "dx", "dA", "dB"), ref, fused):
         assert _rel(g, r) < 1e-5, (name, _rel(g, r))
-    assert _rel(grads("fused")[0], dense) < 1e-5
+    assert _rel(fused[0], dense) < 1e-5
 
 
 def test_nf4_op_compiles_as_one_graph():

@@ -180,7 +180,7 @@ def fuse_lora(model: nn.Module, unread_in_recompute: tuple[str, ...] = ()) -> tu
             skipped[why] = skipped.get(why, 0) + 1
             continue
         module._tunery_nf4 = nf4_of(module.get_base_layer().weight)
-        module._tunery_unread_in_recompute = module_name.endswith(unread_in_recompute) if unread_in_recompute else False
+        module._tunery_unread_in_recompute = module_name.endswith(unread_in_recompute)  # () matches nothing
         unread += module._tunery_unread_in_recompute
         module.forward = types.MethodType(_fused_forward, module)
         undo.append(lambda m=module: [delattr(m, a) for a in ("forward", "_tunery_nf4", "_tunery_unread_in_recompute")])
