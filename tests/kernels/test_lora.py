@@ -151,6 +151,34 @@ def test_nf4_op_compiles_as_one_graph():
     assert torch.allclose(loss.detach(), expected, rtol=1e-5) and a.grad is not None and x.grad is not None
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_compiled_op_adds_the_adapter_in_place_without_copying_the_base_output(bias):
+    """Traced, the shared-output matmuls must stay the opaque tunery ops (a functionalized `addmm_` copies the
+    whole base output first), in forward and in backward, and give the eager op's results."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, _inputs):
+        graphs.append(gm.code)
+        return make_boxed_func(gm.forward)
+
+    x, weight, b_, a, b, scale, grad_out = _case(7, 32, 48, 4, torch.float32, "cpu", bias)
+    eager = _grads("fused", x, weight, b_, a, b, scale, grad_out)
+    xx, aa, bb = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, a, b: lora_linear(x, weight, b_, a, b, scale), fullgraph=True,
+                             backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+    out = compiled(xx, aa, bb)
+    out.backward(grad_out)
+    forward, backward = graphs
+    assert "tunery.lora_out" in forward and "addmm" not in forward, forward
+    assert "tunery.lora_dx" in backward and "addmm" not in backward, backward
+    for name, e, g in zip(("out", "dx", "dA", "dB"), eager, (out.detach(), xx.grad, aa.grad, bb.grad)):
+        assert _rel(g, e) < 1e-6, (name, _rel(g, e))
+
+
 def test_recompute_skips_the_unread_down_projection(tiny_lora, tiny_tokenizer, loss_and_grads, monkeypatch):
     """Fused LoRA + offloaded checkpointing: the same loss and gradients as PEFT with no checkpointing, and
     the down projection's base matmul runs in forward and backward but not in the recompute."""

@@ -19,6 +19,12 @@ Llama-like blocks) is never read in backward. When the offloaded checkpoint reco
 graph (kernels/offload.py), such a layer skips its base matmul and returns an uninitialised tensor: the
 backward needs only its saved input.
 
+Under torch.compile the two matmuls that share an output (base then adapter in forward, `dy W` then the
+adapter's term of dx in backward) run as one opaque op each (`tunery::lora_out`, `tunery::lora_dx`).
+Traced as plain aten calls, the in-place `addmm_` is functionalized into an out-of-place addmm, which first
+copies the whole (N, out) base output into a new buffer: one device-to-device copy per LoRA layer and pass,
+about 7% of a Llama-3.2-1B or Qwen2.5-0.5B step on the H100. The ops' bodies are the eager code.
+
 `fuse_lora(model)` rebinds the forward of each PEFT LoRA `Linear` it can handle on that instance, reading
 the PEFT weights (so adapters still save in PEFT format). LoRA dropout is applied to the adapter's input
 outside the op (autograd differentiates it), so the base matmul still sees the undropped `x`. Anything
@@ -78,6 +84,31 @@ def dequantize_nf4(q: NF4, dtype: torch.dtype) -> torch.Tensor:
     return dense.to(dtype)
 
 
+def _out(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, xa: torch.Tensor, b: torch.Tensor,
+         scale: float) -> torch.Tensor:
+    """x2 W^T (+ bias) + scale (x A^T) B^T, the adapter's term added in place into the base output."""
+    out = torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()
+    return out.addmm_(xa, b.t(), alpha=scale)
+
+
+def _dx(g: torch.Tensor, w: torch.Tensor, gb: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """dy W + (s dy B) A, the adapter's term added in place."""
+    return (g @ w).addmm_(gb, a)
+
+
+_out_op = torch.library.custom_op(
+    "tunery::lora_out", _out, mutates_args=(),
+    schema="(Tensor x2, Tensor w, Tensor? bias, Tensor xa, Tensor b, float scale) -> Tensor")
+_dx_op = torch.library.custom_op("tunery::lora_dx", _dx, mutates_args=(),
+                                 schema="(Tensor g, Tensor w, Tensor gb, Tensor a) -> Tensor")
+_out_op.register_fake(lambda x2, w, bias, xa, b, scale: x2.new_empty(x2.shape[0], w.shape[0]))
+_dx_op.register_fake(lambda g, w, gb, a: g.new_empty(g.shape[0], w.shape[1]))
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
 def _dense(weight: torch.Tensor, nf4: NF4 | None, dtype: torch.dtype) -> torch.Tensor:
     return weight if nf4 is None else dequantize_nf4(nf4, dtype)
 
@@ -98,8 +129,8 @@ class _LoRALinear(torch.autograd.Function):
         if skip_base:  # the caller never reads this output (see the module doc); only the graph is needed
             return x.new_empty(*shape[:-1], b.shape[0])
         w = _dense(weight, nf4, x.dtype)
-        out = torch.addmm(bias.to(x.dtype), x2, w.t()) if bias is not None else x2 @ w.t()
-        out.addmm_(xa, b_c.t(), alpha=scale)
+        bias = bias.to(x.dtype) if bias is not None else None
+        out = (_out_op if _compiling() else _out)(x2, w, bias, xa, b_c, scale)
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -112,10 +143,8 @@ class _LoRALinear(torch.autograd.Function):
         gb = (g @ b_c).mul_(s)  # (N, r) = s dy B
         dx = dxl = da = db = None
         if ctx.needs_input_grad[0]:
-            dx = g @ _dense(weight, ctx.nf4, g.dtype)
-            if ctx.shared:
-                dx.addmm_(gb, a_c)
-            dx = dx.view(xl.shape)
+            w = _dense(weight, ctx.nf4, g.dtype)
+            dx = ((_dx_op if _compiling() else _dx)(g, w, gb, a_c) if ctx.shared else g @ w).view(xl.shape)
         if ctx.needs_input_grad[1]:
             dxl = (gb @ a_c).view(xl.shape)
         if ctx.needs_input_grad[5]:
