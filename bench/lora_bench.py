@@ -183,21 +183,23 @@ def run_one(stack: str, arch: str, bs: int, seq: int, quant: str = "", steps: in
     batches = [torch.randint(0, vocab - 3, (bs, seq), device="cuda") for _ in range(2)]
     torch.cuda.reset_peak_memory_stats()
     times, err = [], None
+
+    def one_step(i: int) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step(batches[i % 2])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
     try:
         for i in range(warmup + steps):
-            if profile and i == warmup:
-                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                          torch.profiler.ProfilerActivity.CUDA],
-                                              record_shapes=True, with_stack=True)
-                prof.__enter__()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            step(batches[i % 2])
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
+            dt = one_step(i)
             if i >= warmup:
-                times.append(time.perf_counter() - t0)
+                times.append(dt)
+        if profile and times:  # after the timed steps, so the profiler's overhead stays out of tokens/s
+            _profile_steps(one_step)
     except torch.cuda.OutOfMemoryError:
         err = "OOM"
     off = [k for k, v in (fast_opts or {}).items() if not v and k != "ops"]
@@ -209,18 +211,51 @@ def run_one(stack: str, arch: str, bs: int, seq: int, quant: str = "", steps: in
         tok_s = bs * seq / med
         res.update(step_s=round(med, 4), tok_s=round(tok_s),
                    tflops=round(tok_s * _useful_flops_per_token(arch, seq) / 1e12, 1))
-    if profile and times:
-        prof.__exit__(None, None, None)
-        _print_profile(prof)
     return res
+
+
+def _profile_steps(one_step) -> None:
+    """One step under a light profiler (kernel table, how busy the GPU was), then one with Python stacks and
+    shapes (where the copies and elementwise ops come from)."""
+    import torch
+
+    cpu_cuda = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=cpu_cuda) as prof:
+        wall = one_step(0)
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40), file=sys.stderr)
+    print(_busy(prof, wall), file=sys.stderr)
+    with torch.profiler.profile(activities=cpu_cuda, record_shapes=True, with_stack=True) as prof:
+        one_step(1)
+    _print_copies(prof)
+
+
+def _busy(prof, wall_s: float) -> str:
+    """Time some kernel ran on the GPU (host<->device copies left out: they run on a side stream), by kind,
+    against the step's wall time: a step well above its busy time waits on the host."""
+    spans, kinds = [], {}
+    for e in prof.events():
+        if not str(e.device_type).endswith("CUDA") or e.name.startswith(("Memcpy HtoD", "Memcpy DtoH")):
+            continue
+        spans.append((e.time_range.start, e.time_range.end))
+        n = e.name.lower()
+        kind = ("attention" if "attention" in n or "sdpa" in n or "flash" in n else
+                "gemm" if "gemm" in n or "nvjet" in n or "cutlass" in n or "xmma" in n else
+                "device copy" if n.startswith("memcpy") else "triton" if n.startswith("triton") else "other")
+        kinds[kind] = kinds.get(kind, 0) + (e.time_range.end - e.time_range.start)
+    busy, last = 0, float("-inf")
+    for start, end in sorted(spans):
+        busy += max(0, end - max(start, last))
+        last = max(last, end)
+    parts = ", ".join(f"{k} {v / 1e3:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    return (f"GPU busy {busy / 1e3:.1f} ms of a {wall_s * 1e3:.1f} ms step ({100 * busy / 1e3 / (wall_s * 1e3):.0f}%); "
+            f"kernel ms by kind: {parts}")
 
 
 COPIES = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy", "aten::cat", "aten::add", "aten::mul")
 
 
-def _print_profile(prof) -> None:
-    """Top CUDA kernels, then where the copy and elementwise ops come from (Python stack, input shapes)."""
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40), file=sys.stderr)
+def _print_copies(prof) -> None:
+    """Where the copy and elementwise ops come from (Python stack, input shapes)."""
     events = [e for e in prof.key_averages(group_by_input_shape=True, group_by_stack_n=6) if e.key in COPIES]
     events.sort(key=lambda e: e.device_time_total, reverse=True)
     for e in events[:25]:
@@ -294,7 +329,9 @@ def main() -> None:
                         "stack's median run and the spread")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--profile", action="store_true", help="--one: print the top CUDA kernels of the timed steps")
+    p.add_argument("--profile", action="store_true",
+                   help="--one: after the timed steps, profile two more: the top CUDA kernels, GPU busy time "
+                        "against the step's, and where copies come from")
     p.add_argument("--no-compile", action="store_true", help="tunery: no torch.compile")
     p.add_argument("--no-offload", action="store_true", help="tunery: keep checkpointed block inputs on the GPU")
     p.add_argument("--no-lora", action="store_true", help="tunery: PEFT's LoRA forward instead of the fused op")
