@@ -96,7 +96,7 @@ def fresh_dynamo():
 
 
 def _hook_on_call(model) -> None:
-    """Make the model's decoder layers checkpoint as transformers did before 5.x: the hook gets a partial of
+    """Make the model's decoder layers checkpoint as older transformers releases do: the hook gets a partial of
     `nn.Module.__call__` (a bound method), not of the layer's `forward`."""
     layers = model.base_model.model.model.layers
     cls = type(layers[0])
@@ -169,7 +169,7 @@ def test_offloaded_blocks_compile_whole_once_per_mode(tiny_lora, tiny_tokenizer,
 
 
 def test_compiled_blocks_when_the_hook_wraps_module_call(tiny_lora, tiny_tokenizer, loss_and_grads, fresh_dynamo):
-    """transformers before 5.x checkpoints `__call__`, not `forward`: the same results and compilations."""
+    """Older transformers releases checkpoint `__call__`, not `forward`: the same results and compilations."""
     ids = torch.randint(0, len(tiny_tokenizer), (2, 11))
     _, _, ref, got, fast, log = _compiled_step(tiny_lora, ids, loss_and_grads, 3, True, hook_on_call=True)
     _assert_close(got, ref)

@@ -90,7 +90,7 @@ def compile_blocks(decoder: nn.Module, backend: str | Callable = "inductor") -> 
     would pull its checkpoint hook (host copies, CUDA streams, an autograd.Function) into the compiled code.
     Its hook is wrapped instead, so the forward the hook runs and recomputes (norms, attention, MLP and the
     residual adds) goes through one compiled function shared by all blocks. transformers hands the hook a
-    partial of the layer's `forward` (5.2x) or of `nn.Module.__call__` (earlier); both are just called.
+    partial of the layer's `forward` (as in 5.23) or of `nn.Module.__call__` (older releases); both are just called.
     The blocks run the same code on same-shaped inputs, so dynamo compiles that function once per mode, not
     once per block: twice for the offloaded (or reentrant) checkpoint, whose forward runs without grad and
     whose recompute with grad, once for torch's non-reentrant one (both with grad). In eval mode transformers
