@@ -1,23 +1,24 @@
-"""liger RMSNorm/SwiGLU swaps against the modules they replace, on the GPU (run on the device: pytest -m gpu)."""
+"""liger RMSNorm/SwiGLU swaps against the modules they replace, on the GPU (run on the device: pytest -m gpu), and
+the compiled blocks against PEFT's uncompiled forward without checkpointing (CPU with aot_eager; GPU with inductor)."""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
 
 from tunery.kernels.apply import fast_path_for
 
-pytestmark = pytest.mark.gpu
 
-
-def _model(family: str):
+def _model(family: str, num_layers: int = 2):
     import transformers
 
     from tunery.models.lora import apply_lora
 
     cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[family]
-    cfg = cls(vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, tie_word_embeddings=False)
+    cfg = cls(vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=num_layers,
+              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
@@ -37,6 +38,7 @@ def _loss_and_grads(model, fast, batch):
     return float(loss), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_swapped_ops_match_the_reference_modules(family):
     if not torch.cuda.is_available():
@@ -55,3 +57,155 @@ def test_swapped_ops_match_the_reference_modules(family):
     fast.remove()
     again, _ = _loss_and_grads(model, None, batch)
     assert again == pytest.approx(ref_loss, rel=1e-6)
+
+
+class _GraphLog:
+    """A torch.compile backend that keeps each dynamo graph (one per compilation) and the AOT graphs it lowers to
+    (`inference` under no_grad, else `forward` and `backward`), then runs them with `then` (eager by default)."""
+
+    def __init__(self, then=None):
+        self.dynamo, self.aot, self.then = [], [], then
+
+    def __call__(self, gm, inputs):
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        self.dynamo.append(gm)
+        if self.then is not None:
+            return self.then(gm, inputs)
+
+        def keep(kind):
+            return lambda g, _: self.aot.append((kind, g)) or make_boxed_func(g.forward)
+
+        return aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"),
+                            inference_compiler=keep("inference"))(gm, inputs)
+
+    def weights(self, kind: str, *ops) -> list[tuple]:
+        """Shapes of the second inputs of `ops` in the `kind` graphs: the base weights of tunery::lora_out and
+        lora_dx (and of aten.mm in a backward, where `dy W` is a plain matmul when LoRA dropout is on)."""
+        return [tuple(n.args[1].meta["val"].shape) for k, g in self.aot if k == kind
+                for n in g.graph.nodes if n.target in ops]
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Compiled code is cached per Python function, across models: each test starts and ends with none."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _hook_on_call(model) -> None:
+    """Make the model's decoder layers checkpoint as older transformers releases do: the hook gets a partial of
+    `nn.Module.__call__` (a bound method), not of the layer's `forward`."""
+    layers = model.base_model.model.model.layers
+    cls = type(layers[0])
+
+    class CallHookDecoderLayer(cls):  # the name ends like the layers that kernels/offload.py looks for
+        def __call__(self, *args, **kwargs):
+            if self.gradient_checkpointing and self.training:
+                return self._gradient_checkpointing_func(functools.partial(super().__call__, **kwargs), *args)
+            return super().__call__(*args, **kwargs)
+
+    CallHookDecoderLayer.forward = getattr(cls.forward, "__wrapped__", cls.forward)  # the un-checkpointed one
+    for layer in layers:  # one class for all, as in a real model (compiled code guards on the layer's type)
+        layer.__class__ = CallHookDecoderLayer
+
+
+def _compiled_step(tiny_lora, ids, loss_and_grads, num_layers, offload, dropout=0.0, hook_on_call=False):
+    """PEFT's loss and grads without checkpointing, then the compiled, checkpointed fast path's: (model, batch,
+    reference, got, fast, backend log)."""
+    model = tiny_lora("llama", num_layers=num_layers, dropout=dropout)
+    if hook_on_call:
+        _hook_on_call(model)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    torch.manual_seed(1)  # the same dropout masks in each run
+    ref = loss_and_grads(model, batch)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    log = _GraphLog()
+    torch._dynamo.reset()
+    fast = fast_path_for(model, "cpu", allow_cpu=True, offload=offload, compile_backend=log)
+    torch.manual_seed(1)
+    return model, batch, ref, loss_and_grads(model, batch, fast), fast, log
+
+
+def _assert_close(got, ref):
+    assert torch.allclose(got[0], ref[0], rtol=1e-5), (got[0], ref[0])
+    assert got[1].keys() == ref[1].keys()
+    for name, g in ref[1].items():
+        rel = float((got[1][name] - g).norm() / g.norm().clamp_min(1e-12))
+        assert rel < 1e-5, (name, rel)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_offloaded_blocks_compile_whole_once_per_mode(tiny_lora, tiny_tokenizer, loss_and_grads, fresh_dynamo,
+                                                      dropout):
+    """Each block's forward is one compiled region inside the offloaded checkpoint: PEFT's loss and gradients,
+    two compilations (forward without grad, recompute with grad) whatever the depth, the down projection's base
+    matmul in forward and backward but not in the recompute, and undo restores the eager hooks."""
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 11))
+    counts = {}
+    for layers in (2, 4):
+        model, batch, ref, got, fast, log = _compiled_step(tiny_lora, ids, loss_and_grads, layers, True, dropout)
+        _assert_close(got, ref)
+        counts[layers] = len(log.dynamo)
+    assert counts == {2: 2, 4: 2}
+    assert fast.compiled and ("torch.compile of each block's whole forward as one region x4 "
+                              "(its checkpoint hook outside it: x4)") in fast.describe()
+    down = tuple(fast.decoder.layers[0].mlp.down_proj.base_layer.weight.shape)
+    lora_out = torch.ops.tunery.lora_out.default
+    forward, recompute = log.weights("inference", lora_out), log.weights("forward", lora_out)
+    assert len(forward) == 7 and forward.count(down) == 1  # q k v o gate up down: the whole block, one graph
+    assert len(recompute) == 6 and down not in recompute  # RECOMPUTING: the down projection's output is unread
+    assert log.weights("backward", torch.ops.tunery.lora_dx.default, torch.ops.aten.mm.default).count(down) == 1
+
+    fast.remove()
+    assert not fast.compiled
+    assert all("offloaded" not in repr(layer._gradient_checkpointing_func) for layer in fast.decoder.layers)
+    torch.manual_seed(1)
+    _assert_close(loss_and_grads(model, batch), ref)
+    assert len(log.dynamo) == 2  # the restored model runs eagerly
+
+
+def test_compiled_blocks_when_the_hook_wraps_module_call(tiny_lora, tiny_tokenizer, loss_and_grads, fresh_dynamo):
+    """Older transformers releases checkpoint `__call__`, not `forward`: the same results and compilations."""
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 11))
+    _, _, ref, got, fast, log = _compiled_step(tiny_lora, ids, loss_and_grads, 3, True, hook_on_call=True)
+    _assert_close(got, ref)
+    assert len(log.dynamo) == 2 and "offloaded" in fast.describe() and "one region x3" in fast.describe()
+
+
+def test_plain_checkpointed_blocks_compile_whole_once(tiny_lora, tiny_tokenizer, loss_and_grads, fresh_dynamo):
+    """Without offloading, torch's (non-reentrant) checkpoint runs the compiled forward and its recompute, both
+    with grad: one compilation, PEFT's loss and gradients."""
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 11))
+    _, _, ref, got, fast, log = _compiled_step(tiny_lora, ids, loss_and_grads, 3, False)
+    _assert_close(got, ref)
+    assert len(log.dynamo) == 1 and "offloaded" not in fast.describe()
+    assert "one region x3 (its checkpoint hook outside it: x3)" in fast.describe()
+
+
+@pytest.mark.gpu
+def test_offloaded_blocks_compile_whole_with_inductor_gpu(fresh_dynamo):
+    """As on the CPU, with inductor in bf16: PEFT's loss and gradients (bf16 tolerances), two compilations."""
+    from torch._inductor.compile_fx import compile_fx
+
+    if not torch.cuda.is_available():
+        pytest.fail("needs a CUDA GPU: run on the device")
+    model = _model("llama", num_layers=4)
+    ids = torch.randint(0, 1000, (2, 128), device="cuda")
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    ref_loss, ref_grads = _loss_and_grads(model, None, batch)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    log = _GraphLog(then=compile_fx)
+    fast = fast_path_for(model, "cuda", compile_backend=log)
+    assert "offloaded" in fast.describe() and "one region x4" in fast.describe(), fast.describe()
+    for _ in range(2):
+        got_loss, got_grads = _loss_and_grads(model, fast, batch)
+    assert len(log.dynamo) == 2
+    assert abs(got_loss - ref_loss) / abs(ref_loss) < 1e-2
+    for name, g in ref_grads.items():
+        rel = float((got_grads[name] - g).norm() / g.norm().clamp_min(1e-12))
+        assert rel < 5e-2, (name, rel)

@@ -9,14 +9,16 @@ Today, for families whose output is a plain `lm_head` over the final norm (no lo
   whose recompute skips the MLP's down projection (its output is never read in backward);
 - attention through sdpa with cuDNN's fused kernel first, on Hopper and newer GPUs, where it was measured
   faster (kernels/attention.py);
-- torch.compile of each decoder block, or of its norms, attention and MLP when checkpointing is on (the
-  checkpoint hook stays outside the compiled code); the liger RMSNorm/SwiGLU swaps are the `ops=True` option.
+- torch.compile of each decoder block's forward as one region, reused by all blocks; when checkpointing is
+  on, inside the block's checkpoint hook, which stays outside the compiled code (kernels/ops.py); the liger
+  RMSNorm/SwiGLU swaps are the `ops=True` option.
 Used on CUDA in single-process training; CPU training keeps the reference path, which is what CI checks
 the fast path against (tests/kernels compare each piece with its reference on random inputs).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -63,8 +65,9 @@ def _unwrap(model):
 
 def fast_path_for(model, device: str, enabled: bool = True, distributed: bool = False,
                   allow_cpu: bool = False, ops: bool = False, compile: bool = True, lora: bool = True,
-                  offload: bool = True) -> FastPath:
-    """The fast paths `model` gets here, with the reason when it gets none."""
+                  offload: bool = True, compile_backend: str | Callable = "inductor") -> FastPath:
+    """The fast paths `model` gets here, with the reason when it gets none. `compile_backend` is torch.compile's
+    backend (the tests compile on CPU with "aot_eager")."""
     if not enabled:
         return FastPath(reason="switched off (--no-fast)")
     if not device.startswith("cuda") and not allow_cpu:
@@ -102,7 +105,7 @@ def fast_path_for(model, device: str, enabled: bool = True, distributed: bool = 
     if ops and "ops" in paths and kops.liger_available():
         steps.append(partial(kops.swap_ops, decoder))
     if compile and "compile" in paths:
-        steps.append(partial(kops.compile_blocks, decoder, parts=checkpointed))
+        steps.append(partial(kops.compile_blocks, decoder, backend=compile_backend))
     for step in steps:
         done, undo = step()
         fast.applied += done

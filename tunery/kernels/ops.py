@@ -4,12 +4,17 @@ Each swap is explicit and undoable: RMSNorm modules are replaced by a module tha
 Parameter (state_dict keys do not change); MLP forwards are rebound on the instance, so PEFT's LoRA
 layers inside them keep working. The plain PyTorch references are the modules being replaced (HF's
 RMSNorm and MLP); tests/kernels compares the two on random inputs on the GPU.
+
+`compile_blocks` torch.compiles each block's forward as one region, inside the block's checkpoint hook when
+checkpointing is on; tests/kernels compares its loss and gradients with PEFT's without compile or checkpointing.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import types
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -66,19 +71,43 @@ def swap_ops(decoder: nn.Module) -> tuple[list[str], list]:
     return done, undo
 
 
-BLOCK_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+def _run_block(run, *inputs):
+    """A decoder block's forward: `run` is transformers' partial of it (call arguments bound), `inputs` what
+    the checkpoint hook passes on (the hidden states first)."""
+    return run(*inputs)
 
 
-def compile_blocks(decoder: nn.Module, parts: bool = False) -> tuple[list[str], list]:
-    """torch.compile each decoder block (identical code: compiled once, reused), or with `parts` each block's
-    norms, attention and MLP, which leaves the block's checkpoint hook (and its offloading) uncompiled."""
+def _through(compiled, hook, run, *inputs):
+    """A checkpoint hook (torch's checkpoint or the offloaded one) that runs, and recomputes, the block's
+    forward through `compiled` instead of eagerly; the hook itself stays outside the compiled code."""
+    return hook(functools.partial(compiled, run), *inputs)
+
+
+def compile_blocks(decoder: nn.Module, backend: str | Callable = "inductor") -> tuple[list[str], list]:
+    """torch.compile each decoder block's forward as one region; returns (what was done, undo callables).
+
+    A block without checkpointing is compiled as a module. A checkpointed block is not: compiling the module
+    would pull its checkpoint hook (host copies, CUDA streams, an autograd.Function) into the compiled code.
+    Its hook is wrapped instead, so the forward the hook runs and recomputes (norms, attention, MLP and the
+    residual adds) goes through one compiled function shared by all blocks. transformers hands the hook a
+    partial of the layer's `forward` (as in 5.23) or of `nn.Module.__call__` (older releases); both are just called.
+    The blocks run the same code on same-shaped inputs, so dynamo compiles that function once per mode, not
+    once per block: twice for the offloaded (or reentrant) checkpoint, whose forward runs without grad and
+    whose recompute with grad, once for torch's non-reentrant one (both with grad). In eval mode transformers
+    calls no hook, so checkpointed blocks evaluate uncompiled."""
     layers = getattr(decoder, "layers", None)
     if layers is None:
         return [], []
-    targets = ([getattr(layer, p) for layer in layers for p in BLOCK_PARTS if hasattr(layer, p)] if parts
-               else list(layers))
-    for module in targets:
-        module.compile()
-    what = "norms, attention and MLP of " if parts else ""
-    return [f"torch.compile {what}x{len(layers)} blocks"], [
-        lambda: [setattr(m, "_compiled_call_impl", None) for m in targets]]
+    compiled = torch.compile(_run_block, backend=backend)
+    undo, hooked = [], 0
+    for layer in layers:
+        hook = getattr(layer, "_gradient_checkpointing_func", None)
+        if getattr(layer, "gradient_checkpointing", False) and hook is not None:
+            layer._gradient_checkpointing_func = functools.partial(_through, compiled, hook)
+            undo.append(lambda m=layer, f=hook: setattr(m, "_gradient_checkpointing_func", f))
+            hooked += 1
+        else:
+            layer.compile(backend=backend)
+            undo.append(lambda m=layer: setattr(m, "_compiled_call_impl", None))
+    outside = f" (its checkpoint hook outside it: x{hooked})" if hooked else ""
+    return [f"torch.compile of each block's whole forward as one region x{len(layers)}{outside}"], undo
