@@ -1,8 +1,10 @@
-"""A tiny PEFT LoRA model whose adapters already act (B is not zero), for the kernel tests."""
+"""A tiny PEFT LoRA model whose adapters already act (B is not zero), and what the compile tests read, for the
+kernel tests."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 
 @pytest.fixture
@@ -38,3 +40,39 @@ def loss_and_grads():
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     return run
+
+
+class GraphLog:
+    """A torch.compile backend that keeps each dynamo graph (one per compilation) and the AOT graphs it lowers to
+    (`inference` under no_grad, else `forward` and `backward`), then runs them with `then` (eager by default)."""
+
+    def __init__(self, then=None):
+        self.dynamo, self.aot, self.then = [], [], then
+
+    def __call__(self, gm, inputs):
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        self.dynamo.append(gm)
+        if self.then is not None:
+            return self.then(gm, inputs)
+
+        def keep(kind):
+            return lambda g, _: self.aot.append((kind, g)) or make_boxed_func(g.forward)
+
+        return aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"),
+                            inference_compiler=keep("inference"))(gm, inputs)
+
+    def weights(self, kind: str, *ops) -> list[tuple]:
+        """Shapes of the second inputs of `ops` in the `kind` graphs: the base weights of tunery::lora_out and
+        lora_dx (and of aten.mm in a backward, where `dy W` is a plain matmul when LoRA dropout is on)."""
+        return [tuple(n.args[1].meta["val"].shape) for k, g in self.aot if k == kind
+                for n in g.graph.nodes if n.target in ops]
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Compiled code is cached per Python function, across models: each test starts and ends with none."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

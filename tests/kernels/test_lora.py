@@ -7,6 +7,8 @@ import torch
 
 from tunery.kernels.lora import fuse_lora, lora_linear
 
+from .conftest import GraphLog
+
 
 def _grads(impl, x, weight, bias, a, b, scale, grad_out, nf4=None):
     x, a, b = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
@@ -152,29 +154,19 @@ def test_nf4_op_compiles_as_one_graph():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_compiled_op_adds_the_adapter_in_place_without_copying_the_base_output(bias):
+def test_compiled_op_adds_the_adapter_in_place_without_copying_the_base_output(bias, fresh_dynamo):
     """Traced, the shared-output matmuls must stay the opaque tunery ops (a functionalized `addmm_` copies the
     whole base output first), in forward and in backward, and give the eager op's results."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = []
-
-    def keep(gm, _inputs):
-        graphs.append(gm.code)
-        return make_boxed_func(gm.forward)
-
     x, weight, b_, a, b, scale, grad_out = _case(7, 32, 48, 4, torch.float32, "cpu", bias)
     eager = _grads("fused", x, weight, b_, a, b, scale, grad_out)
     xx, aa, bb = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
-    torch._dynamo.reset()
-    compiled = torch.compile(lambda x, a, b: lora_linear(x, weight, b_, a, b, scale), fullgraph=True,
-                             backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+    log = GraphLog()
+    compiled = torch.compile(lambda x, a, b: lora_linear(x, weight, b_, a, b, scale), fullgraph=True, backend=log)
     out = compiled(xx, aa, bb)
     out.backward(grad_out)
-    forward, backward = graphs
-    assert "tunery.lora_out" in forward and "addmm" not in forward, forward
-    assert "tunery.lora_dx" in backward and "addmm" not in backward, backward
+    (_, forward), (_, backward) = log.aot
+    assert "tunery.lora_out" in forward.code and "addmm" not in forward.code, forward.code
+    assert "tunery.lora_dx" in backward.code and "addmm" not in backward.code, backward.code
     for name, e, g in zip(("out", "dx", "dA", "dB"), eager, (out.detach(), xx.grad, aa.grad, bb.grad)):
         assert _rel(g, e) < 1e-6, (name, _rel(g, e))
 

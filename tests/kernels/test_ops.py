@@ -10,6 +10,8 @@ import torch
 
 from tunery.kernels.apply import fast_path_for
 
+from .conftest import GraphLog
+
 
 def _model(family: str, num_layers: int = 2):
     import transformers
@@ -59,42 +61,6 @@ def test_swapped_ops_match_the_reference_modules(family):
     assert again == pytest.approx(ref_loss, rel=1e-6)
 
 
-class _GraphLog:
-    """A torch.compile backend that keeps each dynamo graph (one per compilation) and the AOT graphs it lowers to
-    (`inference` under no_grad, else `forward` and `backward`), then runs them with `then` (eager by default)."""
-
-    def __init__(self, then=None):
-        self.dynamo, self.aot, self.then = [], [], then
-
-    def __call__(self, gm, inputs):
-        from functorch.compile import make_boxed_func
-        from torch._dynamo.backends.common import aot_autograd
-
-        self.dynamo.append(gm)
-        if self.then is not None:
-            return self.then(gm, inputs)
-
-        def keep(kind):
-            return lambda g, _: self.aot.append((kind, g)) or make_boxed_func(g.forward)
-
-        return aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"),
-                            inference_compiler=keep("inference"))(gm, inputs)
-
-    def weights(self, kind: str, *ops) -> list[tuple]:
-        """Shapes of the second inputs of `ops` in the `kind` graphs: the base weights of tunery::lora_out and
-        lora_dx (and of aten.mm in a backward, where `dy W` is a plain matmul when LoRA dropout is on)."""
-        return [tuple(n.args[1].meta["val"].shape) for k, g in self.aot if k == kind
-                for n in g.graph.nodes if n.target in ops]
-
-
-@pytest.fixture
-def fresh_dynamo():
-    """Compiled code is cached per Python function, across models: each test starts and ends with none."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def _hook_on_call(model) -> None:
     """Make the model's decoder layers checkpoint as older transformers releases do: the hook gets a partial of
     `nn.Module.__call__` (a bound method), not of the layer's `forward`."""
@@ -123,7 +89,7 @@ def _compiled_step(tiny_lora, ids, loss_and_grads, num_layers, offload, dropout=
     ref = loss_and_grads(model, batch)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    log = _GraphLog()
+    log = GraphLog()
     torch._dynamo.reset()
     fast = fast_path_for(model, "cpu", allow_cpu=True, offload=offload, compile_backend=log)
     torch.manual_seed(1)
@@ -199,7 +165,7 @@ def test_offloaded_blocks_compile_whole_with_inductor_gpu(fresh_dynamo):
     ref_loss, ref_grads = _loss_and_grads(model, None, batch)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    log = _GraphLog(then=compile_fx)
+    log = GraphLog(then=compile_fx)
     fast = fast_path_for(model, "cuda", compile_backend=log)
     assert "offloaded" in fast.describe() and "one region x4" in fast.describe(), fast.describe()
     for _ in range(2):
