@@ -94,9 +94,10 @@ def _build_tunery(arch: str, quant: str, fast_opts: dict):
     from tunery.config import RunConfig
     from tunery.eval.loss import summed_loss
     from tunery.kernels.apply import fast_path_for
-    from tunery.models.load import load_model
+    from tunery.models.load import load_model, pick_device
     from tunery.train.loop import make_trainable
 
+    pick_device("cuda")  # as `tunery train` does: sets the CUDA allocator up before CUDA starts
     if quant:
         model = load_model(model_dir(arch), "cuda", torch.bfloat16, four_bit=True)
     else:
@@ -305,20 +306,26 @@ def _table(results: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _max_seq(stack: str, arch: str, extra: list[str], budget_gib: float = 78.0) -> dict:
-    """Longest bs-1 sequence whose peak fits `budget_gib`: peak memory is linear in the sequence (flash
-    attention, chunked loss), so two measured lengths give the line; the estimate is then checked by running
-    the longest multiple of 4096 under it (one step, once: a device call has minutes, not hours)."""
+def _max_seq(stack: str, arch: str, extra: list[str], budget_gib: float = 78.0, tries: int = 3) -> dict:
+    """Longest bs-1 sequence whose step fits: peak memory is linear in the sequence (flash attention, chunked
+    loss), so two measured lengths give the line to `budget_gib`; the longest multiple of 4096 under it is then
+    run for one step, and on OOM 4% shorter, up to `tries` lengths (a step there takes minutes)."""
     a, b = (_spawn(stack, arch, 1, seq, "", 1, extra, warmup=1) for seq in (8192, 16384))
     if "tok_s" not in a or "tok_s" not in b:
         return {**b, "err": f"could not measure: {a.get('err') or b.get('err')}"}
     per_token = (b["peak_gib"] - a["peak_gib"]) / 8192
     estimate = int(16384 + (budget_gib - b["peak_gib"]) / per_token)
-    res = _spawn(stack, arch, 1, estimate // 4096 * 4096, "", 1, extra, warmup=0)
+    seq, failed = estimate // 4096 * 4096, []
+    for _ in range(tries):
+        res = _spawn(stack, arch, 1, seq, "", 1, extra, warmup=0)
+        if res.get("err") != "OOM":
+            break
+        failed.append(seq)
+        seq = int(seq * 0.96) // 4096 * 4096
     for key in ("step_s", "tok_s", "tflops"):  # one step, compilation included: a fit check, not a speed
         res.pop(key, None)
-    return {**res, "estimate": estimate, "gib_per_1k_tokens": round(per_token * 1024, 3),
-            "note": "one step, compilation included: peak only"}
+    return {**res, "estimate": estimate, "oom_at": failed, "gib_per_1k_tokens": round(per_token * 1024, 3),
+            "note": "fits: one step, compilation included, peak only" if not res.get("err") else res["err"]}
 
 
 def main() -> None:

@@ -134,3 +134,26 @@ def test_report_to_forwards_metrics_to_an_installed_tracker_and_names_missing_on
         Reporters(["wandb"], tmp_path, "p", {})
     with pytest.raises(TuneryError, match="unknown tracker"):
         Reporters(["mlflow"], tmp_path, "p", {})
+
+
+def test_cuda_runs_get_an_expandable_allocator_unless_the_user_set_one(monkeypatch):
+    import os
+
+    import torch
+
+    from tunery.models import load
+
+    for var in load.ALLOC_VARS:  # set then unset: monkeypatch records the original state and puts it back
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    assert load.pick_device("cpu") == "cpu" and not any(v in os.environ for v in load.ALLOC_VARS)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert load.pick_device("auto") == "cuda"
+    assert os.environ["PYTORCH_ALLOC_CONF"] == os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")  # the user's own setting stays
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF")
+    assert not load.lean_cuda_allocator() and os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # too late once CUDA has started
+    assert not load.lean_cuda_allocator() and "PYTORCH_ALLOC_CONF" not in os.environ

@@ -13,9 +13,27 @@ def pick_device(requested: str = "auto") -> str:
 
     if requested == "cuda" and not torch.cuda.is_available():
         raise ModelError("device=cuda was asked for but torch sees no CUDA GPU (run `tunery doctor`)")
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if requested == "auto" else requested
+    if device.startswith("cuda"):
+        lean_cuda_allocator()
+    return device
+
+
+ALLOC_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # torch >= 2.10 reads the first, older the second
+
+
+def lean_cuda_allocator() -> bool:
+    """Let the CUDA caching allocator grow segments instead of cutting new ones (`expandable_segments`), so long
+    sequences' GiB-sized activations do not strand memory between fixed blocks. Only before CUDA starts, and
+    never over a setting of the user's; True when set."""
+    import os
+
+    import torch
+
+    if any(v in os.environ for v in ALLOC_VARS) or torch.cuda.is_initialized():
+        return False
+    os.environ["PYTORCH_ALLOC_CONF"] = os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    return True
 
 
 def pick_dtype(requested: str, device: str):
