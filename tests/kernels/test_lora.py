@@ -153,34 +153,6 @@ def test_nf4_op_compiles_as_one_graph():
     assert torch.allclose(loss.detach(), expected, rtol=1e-5) and a.grad is not None and x.grad is not None
 
 
-@pytest.mark.parametrize("dropout", [False, True])
-def test_compiled_nf4_op_saves_no_dense_weight_for_backward(dropout, fresh_dynamo):
-    """Compiled and split as inductor splits it, the 4-bit op must dequantize again in backward: a dense copy
-    saved from forward would hold every 4-bit projection of a block in 16 bits until its backward."""
-    from tunery.kernels.lora import _LoRALinear, nf4_of
-
-    nf4 = nf4_of(_nf4_weight(48, 32))
-    x, _, _, a, b, scale, grad_out = _case(5, 32, 48, 4, torch.float32, "cpu", False)
-    mask = (torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) > 0.3).float() if dropout else None
-
-    def op(x, a, b):
-        return _LoRALinear.apply(x, None if mask is None else x * mask, None, nf4, None, a, b, scale, False)
-
-    def grads(fn):
-        xx, aa, bb = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
-        out = fn(xx, aa, bb)
-        out.backward(grad_out)
-        return out.detach(), xx.grad, aa.grad, bb.grad
-
-    eager = grads(op)
-    log = GraphLog(min_cut=True)
-    compiled = grads(torch.compile(op, fullgraph=True, backend=log))
-    saved = log.saved()
-    assert saved and (48, 32) not in saved and (32, 48) not in saved, saved
-    for name, e, g in zip(("out", "dx", "dA", "dB"), eager, compiled):
-        assert _rel(g, e) < 1e-6, (name, _rel(g, e))
-
-
 @pytest.mark.parametrize("bias", [False, True])
 def test_compiled_op_adds_the_adapter_in_place_without_copying_the_base_output(bias, fresh_dynamo):
     """Traced, the shared-output matmuls must stay the opaque tunery ops (a functionalized `addmm_` copies the

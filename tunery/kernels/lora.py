@@ -12,11 +12,7 @@ frozen base needs:
 The base weight may be a bitsandbytes 4-bit (NF4) tensor. It enters the op as plain tensors (`NF4`: the
 packed bytes and the block scales) and is dequantized through bitsandbytes' registered torch ops, in forward
 and again in backward, so only one dense copy exists at a time and the op stays inside compiled graphs
-(bitsandbytes' Python-side tensor subclass would split them). Under torch.compile the dequantization runs
-inside the opaque ops below, so the dense weight is never a value of the graph: traced as its own op, the
-min-cut partitioner saves the forward's dense copy for backward rather than dequantize twice, which held
-every 4-bit projection of a block but the last in 16 bits from recompute to backward (0.25 GiB more peak
-than Unsloth on Llama-3.1-8B QLoRA).
+(bitsandbytes' Python-side tensor subclass would split them).
 
 The output of a projection that only feeds the block's last residual add (the MLP's down projection in
 Llama-like blocks) is never read in backward. When the offloaded checkpoint recomputes a block to build its
@@ -108,39 +104,6 @@ _dx_op = torch.library.custom_op("tunery::lora_dx", _dx, mutates_args=(),
 _out_op.register_fake(lambda x2, w, bias, xa, b, scale: x2.new_empty(x2.shape[0], w.shape[0]))
 _dx_op.register_fake(lambda g, w, gb, a: g.new_empty(g.shape[0], w.shape[1]))
 
-# The same two ops for a 4-bit base, dequantized inside; an NF4 travels as its fields (`_nf4_args`).
-_NF4_SCHEMA = ("Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? code2, float offset, int blocksize, "
-               "int blocksize2, str quant_type, int[] shape, ScalarType qdtype")
-
-
-def _nf4_args(q: NF4) -> tuple:
-    return (q.packed, q.absmax, q.absmax2, q.code2, q.offset, *q.meta[:3], list(q.meta[3]), q.meta[4])
-
-
-def _from_args(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, quant_type, shape, qdtype) -> NF4:
-    return NF4(packed, absmax, absmax2, code2, offset, (blocksize, blocksize2, quant_type, tuple(shape), qdtype))
-
-
-def _out_nf4(x2, *args):
-    *q, bias, xa, b, scale = args
-    return _out(x2, dequantize_nf4(_from_args(*q), x2.dtype), bias, xa, b, scale)
-
-
-def _dx_nf4(g, *args):
-    """`_dx` with the weight dequantized here; without the adapter's term (`gb` None), just dy W."""
-    *q, gb, a = args
-    w = dequantize_nf4(_from_args(*q), g.dtype)
-    return g @ w if gb is None else _dx(g, w, gb, a)
-
-
-_out_nf4_op = torch.library.custom_op(
-    "tunery::lora_out_nf4", _out_nf4, mutates_args=(),
-    schema=f"(Tensor x2, {_NF4_SCHEMA}, Tensor? bias, Tensor xa, Tensor b, float scale) -> Tensor")
-_dx_nf4_op = torch.library.custom_op("tunery::lora_dx_nf4", _dx_nf4, mutates_args=(),
-                                     schema=f"(Tensor g, {_NF4_SCHEMA}, Tensor? gb, Tensor? a) -> Tensor")
-_out_nf4_op.register_fake(lambda x2, *args: x2.new_empty(x2.shape[0], args[8][0]))
-_dx_nf4_op.register_fake(lambda g, *args: g.new_empty(g.shape[0], args[8][1]))
-
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
@@ -165,11 +128,9 @@ class _LoRALinear(torch.autograd.Function):
         ctx.nf4, ctx.scale, ctx.shared = nf4, scale, x_lora is None
         if skip_base:  # the caller never reads this output (see the module doc); only the graph is needed
             return x.new_empty(*shape[:-1], b.shape[0])
+        w = _dense(weight, nf4, x.dtype)
         bias = bias.to(x.dtype) if bias is not None else None
-        if nf4 is not None and _compiling():
-            out = _out_nf4_op(x2, *_nf4_args(nf4), bias, xa, b_c, scale)
-        else:
-            out = (_out_op if _compiling() else _out)(x2, _dense(weight, nf4, x.dtype), bias, xa, b_c, scale)
+        out = (_out_op if _compiling() else _out)(x2, w, bias, xa, b_c, scale)
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -182,12 +143,8 @@ class _LoRALinear(torch.autograd.Function):
         gb = (g @ b_c).mul_(s)  # (N, r) = s dy B
         dx = dxl = da = db = None
         if ctx.needs_input_grad[0]:
-            if ctx.nf4 is not None and _compiling():
-                dx = _dx_nf4_op(g, *_nf4_args(ctx.nf4), gb if ctx.shared else None, a_c if ctx.shared else None)
-            else:
-                w = _dense(weight, ctx.nf4, g.dtype)
-                dx = (_dx_op if _compiling() else _dx)(g, w, gb, a_c) if ctx.shared else g @ w
-            dx = dx.view(xl.shape)
+            w = _dense(weight, ctx.nf4, g.dtype)
+            dx = ((_dx_op if _compiling() else _dx)(g, w, gb, a_c) if ctx.shared else g @ w).view(xl.shape)
         if ctx.needs_input_grad[1]:
             dxl = (gb @ a_c).view(xl.shape)
         if ctx.needs_input_grad[5]:
