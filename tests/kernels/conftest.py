@@ -44,10 +44,11 @@ def loss_and_grads():
 
 class GraphLog:
     """A torch.compile backend that keeps each dynamo graph (one per compilation) and the AOT graphs it lowers to
-    (`inference` under no_grad, else `forward` and `backward`), then runs them with `then` (eager by default)."""
+    (`inference` under no_grad, else `forward` and `backward`), then runs them with `then` (eager by default).
+    `min_cut`: split forward from backward as inductor does, instead of aot_autograd's default split."""
 
-    def __init__(self, then=None):
-        self.dynamo, self.aot, self.then = [], [], then
+    def __init__(self, then=None, min_cut: bool = False):
+        self.dynamo, self.aot, self.then, self.min_cut = [], [], then, min_cut
 
     def __call__(self, gm, inputs):
         from functorch.compile import make_boxed_func
@@ -60,8 +61,18 @@ class GraphLog:
         def keep(kind):
             return lambda g, _: self.aot.append((kind, g)) or make_boxed_func(g.forward)
 
+        split = {}
+        if self.min_cut:  # what inductor partitions with: it decides what backward saves and what it recomputes
+            from functorch.compile import min_cut_rematerialization_partition as split_fn
+
+            split = {"partition_fn": split_fn}
         return aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"),
-                            inference_compiler=keep("inference"))(gm, inputs)
+                            inference_compiler=keep("inference"), **split)(gm, inputs)
+
+    def saved(self) -> list[tuple]:
+        """Shapes of the backward graphs' tensor inputs: what forward saved for them (and the output grads)."""
+        return [tuple(n.meta["val"].shape) for k, g in self.aot if k == "backward"
+                for n in g.graph.nodes if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)]
 
     def weights(self, kind: str, *ops) -> list[tuple]:
         """Shapes of the second inputs of `ops` in the `kind` graphs: the base weights of tunery::lora_out and
