@@ -10,13 +10,13 @@ frozen base needs:
     dx = dy W + (s dy B) A        dA = (s dy B)^T x        dB = s dy^T (x A^T)
 
 The base weight may be a bitsandbytes 4-bit (NF4) tensor. It enters the op as plain tensors (`NF4`: the
-packed bytes and the block scales) and is dequantized through bitsandbytes' registered torch ops, in forward
-and again in backward, so only one dense copy exists at a time and the op stays inside compiled graphs
-(bitsandbytes' Python-side tensor subclass would split them). Compiled, inductor's min-cut partitioner keeps
-the forward's dense copy for backward instead of dequantizing again: a block's 4-bit projections (all but
-the one skipped in recompute) sit in 16 bits from its recompute to its backward, 0.2 GiB on Llama-3.1-8B.
-That is kept on purpose: dequantizing inside opaque ops, so backward dequantizes again, measured 28% slower
-on the H100 for 0.21 GiB less peak (docs/benchmarks.md, fifth session).
+packed bytes and the block scales) and is dequantized through bitsandbytes' registered torch ops, so the op
+stays inside compiled graphs (bitsandbytes' Python-side tensor subclass would split them). Eager, it
+dequantizes in forward and again in backward, one dense copy at a time. Compiled, inductor's min-cut
+partitioner keeps the forward's dense copy for backward instead: a block's 4-bit projections (all but the
+one skipped in recompute) sit in 16 bits from its recompute to its backward. That is kept on purpose:
+dequantizing inside opaque ops, so that backward dequantizes again, saved 0.21 GiB of peak on Llama-3.1-8B
+and cost 28% of the speed on the H100 (docs/benchmarks.md, fifth session).
 
 The output of a projection that only feeds the block's last residual add (the MLP's down projection in
 Llama-like blocks) is never read in backward. When the offloaded checkpoint recomputes a block to build its
