@@ -10,11 +10,17 @@ from tunery.kernels.lora import fuse_lora, lora_linear
 from .conftest import GraphLog
 
 
-def _grads(impl, x, weight, bias, a, b, scale, grad_out, nf4=None):
+def _grads_of(fn, x, a, b, grad_out):
+    """(out, dx, dA, dB) of `fn(x, a, b)` on fresh leaf copies of the inputs."""
     x, a, b = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
-    out = lora_linear(x, weight, bias, a, b, scale, impl=impl, nf4=nf4)
+    out = fn(x, a, b)
     out.backward(grad_out)
     return out.detach(), x.grad, a.grad, b.grad
+
+
+def _grads(impl, x, weight, bias, a, b, scale, grad_out, nf4=None):
+    return _grads_of(lambda x, a, b: lora_linear(x, weight, bias, a, b, scale, impl=impl, nf4=nf4), x, a, b,
+                     grad_out)
 
 
 def _rel(got, ref):
@@ -164,15 +170,9 @@ def test_compiled_nf4_op_dequantizes_once_per_forward_and_backward(fresh_dynamo)
     def op(x, a, b):
         return _LoRALinear.apply(x, None, None, nf4, None, a, b, scale, False)
 
-    def grads(fn):
-        xx, aa, bb = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
-        out = fn(xx, aa, bb)
-        out.backward(grad_out)
-        return out.detach(), xx.grad, aa.grad, bb.grad
-
-    eager = grads(op)
+    eager = _grads_of(op, x, a, b, grad_out)
     log = GraphLog(min_cut=True)
-    compiled = grads(torch.compile(op, fullgraph=True, backend=log))
+    compiled = _grads_of(torch.compile(op, fullgraph=True, backend=log), x, a, b, grad_out)
     assert (48, 32) in log.saved(), log.saved()
     (_, forward), (_, backward) = log.aot
     assert "dequantize_4bit" in forward.code and "dequantize_4bit" not in backward.code, backward.code
@@ -186,15 +186,13 @@ def test_compiled_op_adds_the_adapter_in_place_without_copying_the_base_output(b
     whole base output first), in forward and in backward, and give the eager op's results."""
     x, weight, b_, a, b, scale, grad_out = _case(7, 32, 48, 4, torch.float32, "cpu", bias)
     eager = _grads("fused", x, weight, b_, a, b, scale, grad_out)
-    xx, aa, bb = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
     log = GraphLog()
     compiled = torch.compile(lambda x, a, b: lora_linear(x, weight, b_, a, b, scale), fullgraph=True, backend=log)
-    out = compiled(xx, aa, bb)
-    out.backward(grad_out)
+    got = _grads_of(compiled, x, a, b, grad_out)
     (_, forward), (_, backward) = log.aot
     assert "tunery.lora_out" in forward.code and "addmm" not in forward.code, forward.code
     assert "tunery.lora_dx" in backward.code and "addmm" not in backward.code, backward.code
-    for name, e, g in zip(("out", "dx", "dA", "dB"), eager, (out.detach(), xx.grad, aa.grad, bb.grad)):
+    for name, e, g in zip(("out", "dx", "dA", "dB"), eager, got):
         assert _rel(g, e) < 1e-6, (name, _rel(g, e))
 
 
@@ -240,8 +238,6 @@ def test_nf4_op_compiled_matches_reference_bf16_gpu(shape):
     ref = _grads("reference", x, dense, None, a, b, scale, grad_out)
     compiled = torch.compile(lambda x, a, b: _LoRALinear.apply(x, None, None, nf4, None, a, b, scale, False),
                              fullgraph=True)
-    xx, aa, bb = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
-    out = compiled(xx, aa, bb)
-    out.backward(grad_out)
-    for name, e, r, g in zip(("out", "dx", "dA", "dB"), exact, ref, (out.detach(), xx.grad, aa.grad, bb.grad)):
+    got = _grads_of(compiled, x, a, b, grad_out)
+    for name, e, r, g in zip(("out", "dx", "dA", "dB"), exact, ref, got):
         assert _rel(g, e) <= max(2 * _rel(r, e), 1e-2), (name, _rel(g, e), _rel(r, e))

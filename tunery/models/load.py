@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from tunery.errors import ModelError
@@ -26,8 +27,6 @@ def lean_cuda_allocator() -> bool:
     """Let the CUDA caching allocator grow segments instead of cutting new ones (`expandable_segments`), so long
     sequences' GiB-sized activations do not strand memory between fixed blocks. Only before CUDA starts, and
     never over a setting of the user's; True when set."""
-    import os
-
     import torch
 
     if any(v in os.environ for v in ALLOC_VARS) or torch.cuda.is_initialized():
