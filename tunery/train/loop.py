@@ -202,7 +202,9 @@ def train(cfg: RunConfig, resume: str | Path | None = None) -> Path:
         return run
     handler = _attach_log(run) if dist.main else None
     try:
-        return _train_in(cfg, run, resume is not None, dist)
+        out = _train_in(cfg, run, resume is not None, dist)
+        distributed.barrier(dist)  # no rank tears the process group down while another still uses it
+        return out
     finally:
         distributed.shutdown(dist)
         if handler:
