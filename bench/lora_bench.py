@@ -345,12 +345,16 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true", help="tunery: no torch.compile")
     p.add_argument("--no-offload", action="store_true", help="tunery: keep checkpointed block inputs on the GPU")
     p.add_argument("--no-lora", action="store_true", help="tunery: PEFT's LoRA forward instead of the fused op")
+    p.add_argument("--no-stash", action="store_true", help="tunery: recompute attention instead of keeping it in "
+                                                           "pinned CPU memory")
     p.add_argument("--ops", action="store_true", help="tunery: liger RMSNorm/SwiGLU swaps")
     a = p.parse_args()
-    flags = [f for f in ("--no-compile", "--no-offload", "--no-lora", "--ops") if getattr(a, f[2:].replace("-", "_"))]
+    flags = [f for f in ("--no-compile", "--no-offload", "--no-lora", "--no-stash", "--ops")
+             if getattr(a, f[2:].replace("-", "_"))]
     if a.one:
         stack, arch, bs, seq = a.one
-        opts = {"compile": not a.no_compile, "offload": not a.no_offload, "lora": not a.no_lora, "ops": a.ops}
+        opts = {"compile": not a.no_compile, "offload": not a.no_offload, "lora": not a.no_lora,
+                "stash_attention": not a.no_stash, "ops": a.ops}
         print(json.dumps(run_one(stack, arch, int(bs), int(seq), a.quant, steps=a.steps, warmup=a.warmup,
                                  fast_opts=opts if stack == "tunery" else None, profile=a.profile)), flush=True)
         return

@@ -37,3 +37,46 @@ def test_offloaded_checkpointing_matches_plain_and_undoes(tiny_lora, tiny_tokeni
     assert all(getattr(m, "_gradient_checkpointing_func", None) is not None
                and "offloaded" not in repr(m._gradient_checkpointing_func)
                for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
+
+
+def test_stashed_attention_matches_plain_runs_once_and_falls_back(tiny_lora, tiny_tokenizer, monkeypatch):
+    """Attention kept from forward, not recomputed: the gradients of no checkpointing (dropout included, so the
+    recompute's MLP draws the forward's masks), each sublayer run once a step with its saved tensors copied out,
+    and when the stash would not fit the host's memory, the recompute as before with the same gradients."""
+    from tunery.kernels import offload
+
+    monkeypatch.setattr(offload, "KEEP_BYTES", 0)  # tiny tensors too go through the host copies
+    model = tiny_lora("llama", num_layers=3, dropout=0.3)
+    model.train()
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 13))
+    ref_loss, ref = _grads(model, ids)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    done, undo = enable_offload(model, stash_attention=True)
+    assert done[1] == "attention kept for backward in pinned CPU memory, not recomputed x3"
+    attentions = [layer.self_attn for layer in model.base_model.model.model.layers]
+    calls, copies = [], []
+    monkeypatch.setattr(type(attentions[0]), "forward", _counting(type(attentions[0]).forward, calls))
+    keep = offload._AttentionStash.keep_graph
+    monkeypatch.setattr(offload._AttentionStash, "keep_graph",
+                        lambda self, *a: keep(self, *a) + (copies.append(len(self.host)) or ()))
+    for fraction, runs in ((offload.STASH_HOST_FRACTION, 3), (0.0, 6)):  # kept; then too big: recomputed
+        monkeypatch.setattr(offload, "STASH_HOST_FRACTION", fraction)
+        for _ in range(2):  # twice: nothing of one step's stash leaks into the next
+            calls.clear()
+            loss, got = _grads(model, ids)
+            assert torch.allclose(loss, ref_loss)
+            for name, g in ref.items():
+                assert torch.allclose(got[name], g, atol=1e-6), name
+            assert len(calls) == runs
+    assert len(copies) == 6 and min(copies) >= 4  # q, k, v, attention out, ... each copied once per step
+    for fn in undo:
+        fn()
+    assert all("forward" not in vars(a) for a in attentions)
+
+
+def _counting(forward, calls):
+    def run(self, *args, **kwargs):
+        calls.append(self.layer_idx)
+        return forward(self, *args, **kwargs)
+    return run

@@ -78,7 +78,7 @@ def _hook_on_call(model) -> None:
         layer.__class__ = CallHookDecoderLayer
 
 
-def _compiled_step(tiny_lora, ids, loss_and_grads, num_layers, offload, dropout=0.0, hook_on_call=False):
+def _compiled_step(tiny_lora, ids, loss_and_grads, num_layers, offload, dropout=0.0, hook_on_call=False, stash=True):
     """PEFT's loss and grads without checkpointing, then the compiled, checkpointed fast path's: (model, batch,
     reference, got, fast, backend log)."""
     model = tiny_lora("llama", num_layers=num_layers, dropout=dropout)
@@ -91,7 +91,7 @@ def _compiled_step(tiny_lora, ids, loss_and_grads, num_layers, offload, dropout=
     model.enable_input_require_grads()
     log = GraphLog()
     torch._dynamo.reset()
-    fast = fast_path_for(model, "cpu", allow_cpu=True, offload=offload, compile_backend=log)
+    fast = fast_path_for(model, "cpu", allow_cpu=True, offload=offload, stash_attention=stash, compile_backend=log)
     torch.manual_seed(1)
     return model, batch, ref, loss_and_grads(model, batch, fast), fast, log
 
@@ -107,13 +107,15 @@ def _assert_close(got, ref):
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_offloaded_blocks_compile_whole_once_per_mode(tiny_lora, tiny_tokenizer, loss_and_grads, fresh_dynamo,
                                                       dropout):
-    """Each block's forward is one compiled region inside the offloaded checkpoint: PEFT's loss and gradients,
-    two compilations (forward without grad, recompute with grad) whatever the depth, the down projection's base
-    matmul in forward and backward but not in the recompute, and undo restores the eager hooks."""
+    """Without the attention stash, each block's forward is one compiled region inside the offloaded checkpoint:
+    PEFT's loss and gradients, two compilations (forward without grad, recompute with grad) whatever the depth,
+    the down projection's base matmul in forward and backward but not in the recompute, and undo restores the
+    eager hooks."""
     ids = torch.randint(0, len(tiny_tokenizer), (2, 11))
     counts = {}
     for layers in (2, 4):
-        model, batch, ref, got, fast, log = _compiled_step(tiny_lora, ids, loss_and_grads, layers, True, dropout)
+        model, batch, ref, got, fast, log = _compiled_step(tiny_lora, ids, loss_and_grads, layers, True, dropout,
+                                                           stash=False)
         _assert_close(got, ref)
         counts[layers] = len(log.dynamo)
     assert counts == {2: 2, 4: 2}
@@ -134,12 +136,47 @@ def test_offloaded_blocks_compile_whole_once_per_mode(tiny_lora, tiny_tokenizer,
     assert len(log.dynamo) == 2  # the restored model runs eagerly
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_stashed_attention_compiles_apart_and_is_not_recomputed(tiny_lora, tiny_tokenizer, loss_and_grads,
+                                                                fresh_dynamo, monkeypatch, dropout):
+    """With the attention stash (the default) the sublayer is its own compiled region, run once with grad in
+    forward and never in the recompute: PEFT's loss and gradients (dropout masks included), five compilations
+    whatever the depth (the block before and after the sublayer, without and with grad, and the sublayer), and
+    only gate and up projections recomputed."""
+    from tunery.kernels import offload
+
+    monkeypatch.setattr(offload, "KEEP_BYTES", 0)  # tiny tensors too go through the host copies
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 11))
+    counts = {}
+    for layers in (2, 4):
+        model, batch, ref, got, fast, log = _compiled_step(tiny_lora, ids, loss_and_grads, layers, True, dropout)
+        _assert_close(got, ref)
+        counts[layers] = len(log.dynamo)
+    assert counts == {2: 5, 4: 5}
+    assert "attention kept for backward in pinned CPU memory, not recomputed x4" in fast.describe()
+    attn = fast.decoder.layers[0].self_attn
+    mlp = fast.decoder.layers[0].mlp
+    shape = {n: tuple(getattr(m, n).base_layer.weight.shape) for m, ns in ((attn, "q_proj k_proj v_proj o_proj"),
+                                                                           (mlp, "gate_proj up_proj down_proj"))
+             for n in ns.split()}
+    lora_out = torch.ops.tunery.lora_out.default
+    no_grad, with_grad = log.weights("inference", lora_out), log.weights("forward", lora_out)
+    assert sorted(no_grad) == sorted(shape[n] for n in ("gate_proj", "up_proj", "down_proj"))
+    assert sorted(with_grad) == sorted(shape[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj"))
+    fast.remove()
+    assert not hasattr(attn, "_tunery_attention_run") and "forward" not in vars(attn)
+    torch.manual_seed(1)
+    _assert_close(loss_and_grads(model, batch), ref)
+
+
 def test_compiled_blocks_when_the_hook_wraps_module_call(tiny_lora, tiny_tokenizer, loss_and_grads, fresh_dynamo):
-    """Older transformers releases checkpoint `__call__`, not `forward`: the same results and compilations."""
+    """Older transformers releases checkpoint `__call__`, not `forward`: the same results and compilations (five:
+    the attention stash splits the block)."""
     ids = torch.randint(0, len(tiny_tokenizer), (2, 11))
     _, _, ref, got, fast, log = _compiled_step(tiny_lora, ids, loss_and_grads, 3, True, hook_on_call=True)
     _assert_close(got, ref)
-    assert len(log.dynamo) == 2 and "offloaded" in fast.describe() and "one region x3" in fast.describe()
+    assert len(log.dynamo) == 5 and "offloaded" in fast.describe() and "one region x3" in fast.describe()
 
 
 def test_plain_checkpointed_blocks_compile_whole_once(tiny_lora, tiny_tokenizer, loss_and_grads, fresh_dynamo):
@@ -153,10 +190,14 @@ def test_plain_checkpointed_blocks_compile_whole_once(tiny_lora, tiny_tokenizer,
 
 
 @pytest.mark.gpu
-def test_offloaded_blocks_compile_whole_with_inductor_gpu(fresh_dynamo):
-    """As on the CPU, with inductor in bf16: PEFT's loss and gradients (bf16 tolerances), two compilations."""
+def test_offloaded_blocks_compile_whole_with_inductor_gpu(fresh_dynamo, monkeypatch):
+    """As on the CPU, with inductor in bf16 and the attention stash through pinned memory and the side stream:
+    PEFT's loss and gradients (bf16 tolerances), five compilations."""
     from torch._inductor.compile_fx import compile_fx
 
+    from tunery.kernels import offload
+
+    monkeypatch.setattr(offload, "KEEP_BYTES", 0)  # every saved tensor makes the round trip to host memory
     if not torch.cuda.is_available():
         pytest.fail("needs a CUDA GPU: run on the device")
     model = _model("llama", num_layers=4)
@@ -168,9 +209,10 @@ def test_offloaded_blocks_compile_whole_with_inductor_gpu(fresh_dynamo):
     log = GraphLog(then=compile_fx)
     fast = fast_path_for(model, "cuda", compile_backend=log)
     assert "offloaded" in fast.describe() and "one region x4" in fast.describe(), fast.describe()
+    assert "attention kept" in fast.describe()
     for _ in range(2):
         got_loss, got_grads = _loss_and_grads(model, fast, batch)
-    assert len(log.dynamo) == 2
+    assert len(log.dynamo) == 5
     assert abs(got_loss - ref_loss) / abs(ref_loss) < 1e-2
     for name, g in ref_grads.items():
         rel = float((got_grads[name] - g).norm() / g.norm().clamp_min(1e-12))

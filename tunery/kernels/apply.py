@@ -6,7 +6,8 @@ Today, for families whose output is a plain `lm_head` over the final norm (no lo
 - the fused linear + cross-entropy loss (kernels/linear_ce.py);
 - fused LoRA linears with a hand-written backward, 16-bit or 4-bit base (kernels/lora.py);
 - checkpointing that offloads block inputs to pinned CPU memory, when checkpointing is on (kernels/offload.py),
-  whose recompute skips the MLP's down projection (its output is never read in backward);
+  whose recompute skips the MLP's down projection (its output is never read in backward) and, with
+  `stash_attention`, the attention sublayer, kept from forward in pinned CPU memory instead;
 - attention through sdpa with cuDNN's fused kernel first, on Hopper and newer GPUs, where it was measured
   faster (kernels/attention.py);
 - torch.compile of each decoder block's forward as one region, reused by all blocks; when checkpointing is
@@ -65,7 +66,8 @@ def _unwrap(model):
 
 def fast_path_for(model, device: str, enabled: bool = True, distributed: bool = False,
                   allow_cpu: bool = False, ops: bool = False, compile: bool = True, lora: bool = True,
-                  offload: bool = True, compile_backend: str | Callable = "inductor") -> FastPath:
+                  offload: bool = True, stash_attention: bool = True,
+                  compile_backend: str | Callable = "inductor") -> FastPath:
     """The fast paths `model` gets here, with the reason when it gets none. `compile_backend` is torch.compile's
     backend (the tests compile on CPU with "aot_eager")."""
     if not enabled:
@@ -97,7 +99,7 @@ def fast_path_for(model, device: str, enabled: bool = True, distributed: bool = 
     if offloaded:
         from tunery.kernels.offload import enable_offload
 
-        steps.append(partial(enable_offload, model))
+        steps.append(partial(enable_offload, model, stash_attention))
     if "attention" in paths and _hopper_or_newer(device):
         from tunery.kernels.attention import use_cudnn_attention
 
