@@ -108,12 +108,31 @@ def _build_tunery(arch: str, quant: str, fast_opts: dict):
     model = make_trainable(model, cfg)  # exactly what `tunery train` trains
     fast = fast_path_for(model, "cuda", **fast_opts)
     print(fast.describe(), file=sys.stderr)
+    _watch_stash()
 
     def step(ids):
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
         (summed_loss(model, batch, fast) / (ids.shape[0] * (ids.shape[1] - 1))).backward()
 
     return model, step
+
+
+STASH_MIB: list[float] = []  # the host copies of the first kept attention sublayer, MiB each
+
+
+def _watch_stash() -> None:
+    """Record what the first block's attention stash copies to the host (reported as `stash_mib`)."""
+    from tunery.kernels import offload
+
+    keep = offload._AttentionStash.keep_graph
+
+    def watched(self, *args):
+        out = keep(self, *args)
+        if not STASH_MIB:
+            STASH_MIB.extend(round(h.numel() / 2**20, 1) for h in self.host)
+        return out
+
+    offload._AttentionStash.keep_graph = watched
 
 
 def _build_unsloth(arch: str, quant: str, seq: int):
@@ -207,6 +226,8 @@ def run_one(stack: str, arch: str, bs: int, seq: int, quant: str = "", steps: in
     tag = stack + "".join(f" -{k}" for k in off) + (" +ops" if (fast_opts or {}).get("ops") else "")
     res = {"stack": tag, "arch": arch, "bs": bs, "seq": seq, "quant": quant or "bf16", "err": err,
            "load_s": round(load_s, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    if STASH_MIB:
+        res["stash_mib"] = STASH_MIB
     if times:  # warm-up steps absorb compilation and autotuning
         med = sorted(times)[len(times) // 2]
         tok_s = bs * seq / med
@@ -348,9 +369,14 @@ def main() -> None:
     p.add_argument("--no-stash", action="store_true", help="tunery: recompute attention instead of keeping it in "
                                                            "pinned CPU memory")
     p.add_argument("--ops", action="store_true", help="tunery: liger RMSNorm/SwiGLU swaps")
+    p.add_argument("--output-fetch", choices=["block", "attention"], help="tunery: kernels/offload.OUTPUT_FETCH")
     a = p.parse_args()
     flags = [f for f in ("--no-compile", "--no-offload", "--no-lora", "--no-stash", "--ops")
              if getattr(a, f[2:].replace("-", "_"))]
+    if a.output_fetch:
+        from tunery.kernels import offload
+
+        offload.OUTPUT_FETCH = a.output_fetch
     if a.one:
         stack, arch, bs, seq = a.one
         opts = {"compile": not a.no_compile, "offload": not a.no_offload, "lora": not a.no_lora,

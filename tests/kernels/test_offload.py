@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tunery.kernels.offload import enable_offload
@@ -39,13 +40,16 @@ def test_offloaded_checkpointing_matches_plain_and_undoes(tiny_lora, tiny_tokeni
                for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
 
 
-def test_stashed_attention_matches_plain_runs_once_and_falls_back(tiny_lora, tiny_tokenizer, monkeypatch):
+@pytest.mark.parametrize("output_fetch", ["block", "attention"])
+def test_stashed_attention_matches_plain_runs_once_and_falls_back(tiny_lora, tiny_tokenizer, monkeypatch,
+                                                                  output_fetch):
     """Attention kept from forward, not recomputed: the gradients of no checkpointing (dropout included, so the
     recompute's MLP draws the forward's masks), each sublayer run once a step with its saved tensors copied out,
     and when the stash would not fit the host's memory, the recompute as before with the same gradients."""
     from tunery.kernels import offload
 
     monkeypatch.setattr(offload, "KEEP_BYTES", 0)  # tiny tensors too go through the host copies
+    monkeypatch.setattr(offload, "OUTPUT_FETCH", output_fetch)
     model = tiny_lora("llama", num_layers=3, dropout=0.3)
     model.train()
     ids = torch.randint(0, len(tiny_tokenizer), (2, 13))
@@ -80,3 +84,14 @@ def _counting(forward, calls):
         calls.append(self.layer_idx)
         return forward(self, *args, **kwargs)
     return run
+
+
+def test_attention_with_four_bit_weights_is_recomputed(tiny_lora, monkeypatch):
+    """A sublayer with 4-bit weights keeps the recompute: its graph would save the dense dequantized weights."""
+    model = tiny_lora("llama", num_layers=2)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert len(enable_offload(model, stash_attention=True)[0]) == 2
+    weight = model.base_model.model.model.layers[1].self_attn.v_proj.base_layer.weight
+    monkeypatch.setattr(weight, "quant_state", object(), raising=False)  # what bitsandbytes' Params4bit carries
+    done, _ = enable_offload(model, stash_attention=True)
+    assert len(done) == 1 and "offloaded" in done[0]

@@ -11,17 +11,18 @@ so HF's layer code is unchanged; `enable_offload(model)` installs it, its undo p
 The reference is `torch.utils.checkpoint`; tests compare gradients with it and with no checkpointing.
 
 Attention kept, not recomputed (`stash_attention=True`). The recompute repeats the block's forward, and for
-attention that is the q/k/v/o matmuls and the attention kernel: about a third of a Llama-3.1-8B block's
-recompute at 2048 tokens, more at long sequences. So each block's attention sublayer (`self_attn`: the
-projections with their LoRA, RoPE, attention, the output projection) runs its first forward with grad, under
-`saved_tensors_hooks` that copy every tensor its backward will read to pinned host memory on the side stream
-(storages copied once however many tensors view them; parameters, the block's other inputs and tensors under
-`KEEP_BYTES` stay on the GPU by reference; the sublayer's input is not copied: the recompute rebuilds it). Its
-autograd graph is kept until backward. The recompute does not run the sublayer again: it returns its output,
-fetched back, and backward replays the kept graph. The output is fetched one block ahead, with the block's
-input; the rest when the block's backward starts, while its MLP recomputes. The host link carries about four
-block inputs more per block (Llama-3.1-8B at 4096 tokens: 112 MiB forward and back); a block stashes only while
-the whole model's stash fits in `STASH_HOST_FRACTION` of the host's memory, otherwise it recomputes as before.
+attention that is the q/k/v/o matmuls and the attention kernel: about a third of a Llama-3.1-8B block's recompute at
+2048 tokens, more at long sequences. So each block's attention sublayer (`self_attn`: the projections with their
+LoRA, RoPE, attention, the output projection) runs its first forward with grad, under `saved_tensors_hooks` that
+copy every tensor its backward will read to pinned host memory on the side stream (storages copied once however many
+tensors view them; parameters, the block's other inputs and tensors under `KEEP_BYTES` stay on the GPU by reference;
+the sublayer's input is not copied: the recompute rebuilds it). Its autograd graph is kept until backward. The
+recompute does not run the sublayer again: it returns its output, fetched back, and backward replays the kept graph.
+The output is fetched one block ahead (`OUTPUT_FETCH`) and let go once the recompute has added it; the rest when the
+block's backward starts, while its MLP recomputes. Sublayers with 4-bit weights are recomputed: their graph would
+save the dense dequantized weights, and those would then cross the host link too. The host link carries about four
+block inputs more per block (Llama-3.1-8B at 4096 tokens: 112 MiB forward and back); a block stashes only while the
+whole model's stash fits in `STASH_HOST_FRACTION` of the host's memory, otherwise it recomputes as before.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ _STASH: _AttentionStash | None = None
 KEEP_BYTES = 2**20  # saved tensors smaller than this stay on the GPU
 STASH_HOST_FRACTION = 0.25  # of the host's memory, at most, pinned for the attention stash of all blocks
 STASH_FACTOR = 4  # a block's stash is at most this many times its input (q, k and v, attention out, output)
+# When a kept output is fetched for the block before: as the block after starts its backward ("block"), or when
+# that block's backward reaches its attention ("attention": later, when less memory is in use, with less overlap)
+OUTPUT_FETCH = "block"
 
 
 class _Offloader:
@@ -87,7 +91,7 @@ class _Slot:
         hidden.record_stream(stream)  # the GPU copy stays alive until the transfer is done
 
     def prefetch(self) -> None:
-        if self.attention is not None:
+        if self.attention is not None and OUTPUT_FETCH == "block":
             self.attention.prefetch(self.attention.output_only)
         if self.fetched is not None:
             return
@@ -132,14 +136,16 @@ class _OffloadedBlock(torch.autograd.Function):
         slot, owner = ctx.slot, ctx.slot.owner
         hidden = slot.take().detach().requires_grad_(True)
         order = [r() for r in owner.pending]
+        stash = slot.attention
         if slot in order:  # start fetching the block before this one while this one recomputes
             i = order.index(slot)
             owner.pending.pop(i)
             if i > 0 and order[i - 1] is not None:
                 order[i - 1].prefetch()
-        stash = slot.attention
+                if stash is not None and order[i - 1].attention is not None:
+                    stash.before = weakref.ref(order[i - 1].attention)
         if stash is not None:  # what its backward reads, while the MLP recomputes and runs backward
-            stash.prefetch(stash.rest)
+            stash.prefetch(stash.output_only + stash.rest)  # (the output: fetched ahead but for the last block)
         cuda = [hidden.device] if hidden.device.type == "cuda" else []
         global RECOMPUTING, _STASH
         with torch.random.fork_rng(devices=cuda, device_type="cuda"), torch.enable_grad():
@@ -169,6 +175,7 @@ class _AttentionStash:
         self.kept = False
         self.anchor = self._out = self._extra = self.rng = None
         self.input = self.grad = self.dx = None  # set during the replay
+        self.before = None  # the previous block's stash, whose output is fetched during this one's backward
         self._input = (0, 0)  # the forward input's storage address and offset
 
     def keep_graph(self, module: torch.nn.Module, run, hidden: torch.Tensor, args: tuple, kwargs: dict) -> tuple:
@@ -252,7 +259,13 @@ class _AttentionStash:
                 self.ready[i].record(stream)
 
     def output(self) -> torch.Tensor:
-        return self._out[1] if self._out[0] == "keep" else self.unpack(self._out)
+        """The kept output, once: its buffer then lives only as long as the recompute uses it (the residual add),
+        not through the MLP's backward."""
+        if self._out[0] == "keep":
+            return self._out[1]
+        out = self.unpack(self._out)
+        self.fetched[self._out[1]] = None
+        return out
 
     def release(self) -> None:
         self.anchor = self.input = self.grad = self.dx = self._out = None
@@ -312,6 +325,9 @@ class _Replay(torch.autograd.Function):
     def backward(ctx, grad):
         stash = ctx.stash
         stash.input, stash.grad = ctx.saved_tensors[0].detach(), grad
+        before = stash.before() if stash.before is not None else None
+        if before is not None and OUTPUT_FETCH == "attention":  # see OUTPUT_FETCH
+            before.prefetch(before.output_only)
         torch.autograd.backward(stash.anchor, torch.zeros_like(stash.anchor))
         dx = stash.dx
         stash.release()
@@ -366,7 +382,8 @@ def enable_offload(model, stash_attention: bool = False) -> tuple[list[str], lis
     if not layers:
         return [], []
     attentions = [m.self_attn for m in layers if isinstance(getattr(m, "self_attn", None), torch.nn.Module)]
-    stash = stash_attention and len(attentions) == len(layers)
+    four_bit = any(hasattr(p, "quant_state") for a in attentions for p in a.parameters())
+    stash = stash_attention and len(attentions) == len(layers) and not four_bit
     offloader = _Offloader(len(layers), stash)
     undo = []
     for layer in layers:
