@@ -49,6 +49,7 @@ def test_stashed_attention_matches_plain_runs_once_and_falls_back(tiny_lora, tin
     from tunery.kernels import offload
 
     monkeypatch.setattr(offload, "KEEP_BYTES", 0)  # tiny tensors too go through the host copies
+    monkeypatch.setattr(offload, "STASH_MAX_BYTES_PER_GFLOP", float("inf"))  # tiny blocks are all link
     monkeypatch.setattr(offload, "OUTPUT_FETCH", output_fetch)
     model = tiny_lora("llama", num_layers=3, dropout=0.3)
     model.train()
@@ -88,6 +89,9 @@ def _counting(forward, calls):
 
 def test_attention_with_four_bit_weights_is_recomputed(tiny_lora, monkeypatch):
     """A sublayer with 4-bit weights keeps the recompute: its graph would save the dense dequantized weights."""
+    from tunery.kernels import offload
+
+    monkeypatch.setattr(offload, "STASH_MAX_BYTES_PER_GFLOP", float("inf"))
     model = tiny_lora("llama", num_layers=2)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert len(enable_offload(model, stash_attention=True)[0]) == 2
@@ -95,3 +99,26 @@ def test_attention_with_four_bit_weights_is_recomputed(tiny_lora, monkeypatch):
     monkeypatch.setattr(weight, "quant_state", object(), raising=False)  # what bitsandbytes' Params4bit carries
     done, _ = enable_offload(model, stash_attention=True)
     assert len(done) == 1 and "offloaded" in done[0]
+
+
+@pytest.mark.parametrize("arch, kb, stashed", [
+    ("llama-8b", 84.5, True), ("qwen-7b", 65.9, True), ("llama-1b", 151.5, False), ("qwen-0.5b", 257.6, False)])
+def test_stash_only_where_the_host_link_keeps_up(arch, kb, stashed):
+    """The stash moves per token about four block inputs over the host link; blocks whose matmuls are too small
+    for that (per GFLOP) keep the recompute. Checked on the real layer shapes, built on the meta device."""
+    import transformers
+
+    from tunery.kernels import offload
+
+    h, inter, heads, kv = {"llama-8b": (4096, 14336, 32, 8), "qwen-7b": (3584, 18944, 28, 4),
+                           "llama-1b": (2048, 8192, 32, 8), "qwen-0.5b": (896, 4864, 14, 2)}[arch]
+    family = transformers.Qwen2Config if arch.startswith("qwen") else transformers.LlamaConfig
+    cfg = family(hidden_size=h, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv,
+                 num_hidden_layers=1)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    layer = model.model.layers[0]
+    assert abs(offload._link_bytes_per_gflop(layer) / 1e3 - kb) < 0.1
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    done, _ = enable_offload(model, stash_attention=True)
+    assert any("attention kept" in d for d in done) == stashed

@@ -146,6 +146,7 @@ def test_stashed_attention_compiles_apart_and_is_not_recomputed(tiny_lora, tiny_
     from tunery.kernels import offload
 
     monkeypatch.setattr(offload, "KEEP_BYTES", 0)  # tiny tensors too go through the host copies
+    monkeypatch.setattr(offload, "STASH_MAX_BYTES_PER_GFLOP", float("inf"))  # tiny blocks are all link
     ids = torch.randint(0, len(tiny_tokenizer), (2, 11))
     counts = {}
     for layers in (2, 4):
@@ -170,9 +171,13 @@ def test_stashed_attention_compiles_apart_and_is_not_recomputed(tiny_lora, tiny_
     _assert_close(loss_and_grads(model, batch), ref)
 
 
-def test_compiled_blocks_when_the_hook_wraps_module_call(tiny_lora, tiny_tokenizer, loss_and_grads, fresh_dynamo):
+def test_compiled_blocks_when_the_hook_wraps_module_call(tiny_lora, tiny_tokenizer, loss_and_grads, fresh_dynamo,
+                                                         monkeypatch):
     """Older transformers releases checkpoint `__call__`, not `forward`: the same results and compilations (five:
     the attention stash splits the block)."""
+    from tunery.kernels import offload
+
+    monkeypatch.setattr(offload, "STASH_MAX_BYTES_PER_GFLOP", float("inf"))
     ids = torch.randint(0, len(tiny_tokenizer), (2, 11))
     _, _, ref, got, fast, log = _compiled_step(tiny_lora, ids, loss_and_grads, 3, True, hook_on_call=True)
     _assert_close(got, ref)
@@ -198,6 +203,7 @@ def test_offloaded_blocks_compile_whole_with_inductor_gpu(fresh_dynamo, monkeypa
     from tunery.kernels import offload
 
     monkeypatch.setattr(offload, "KEEP_BYTES", 0)  # every saved tensor makes the round trip to host memory
+    monkeypatch.setattr(offload, "STASH_MAX_BYTES_PER_GFLOP", float("inf"))  # a small model: stash it anyway
     if not torch.cuda.is_available():
         pytest.fail("needs a CUDA GPU: run on the device")
     model = _model("llama", num_layers=4)

@@ -44,7 +44,11 @@ STASH_HOST_FRACTION = 0.25  # of the host's memory, at most, pinned for the atte
 STASH_FACTOR = 4  # a block's stash is at most this many times its input (q, k and v, attention out, output)
 # When a kept output is fetched for the block before: as the block after starts its backward ("block"), or when
 # that block's backward reaches its attention ("attention": later, when less memory is in use, with less overlap)
-OUTPUT_FETCH = "block"
+OUTPUT_FETCH = "attention"
+# Host-link bytes a stashed block may move per GFLOP of its forward's matmuls: the H100's pinned copies run at
+# ~50 GB/s beside ~600 TFLOP/s of GEMMs (docs/benchmarks.md), about 83 kB a GFLOP. Llama-3.1-8B moves 85 kB and
+# Qwen2.5-7B 66 kB; Llama-3.2-1B (152 kB) and Qwen2.5-0.5B (258 kB) would wait on the link, so they recompute.
+STASH_MAX_BYTES_PER_GFLOP = 100e3
 
 
 class _Offloader:
@@ -349,6 +353,22 @@ def _stashing_attention(self, hidden_states, *args, **kwargs):
     return stash.keep_graph(self, self._tunery_attention_run, hidden_states, args, kwargs)
 
 
+def _link_bytes_per_gflop(layer: torch.nn.Module) -> float:
+    """Host-link bytes per GFLOP of a block's forward matmuls if its attention is stashed: per token, the block's
+    input and the stash (q, k, v, attention out, output) in 16 bits, against 2 FLOPs a weight of its linears."""
+    width = {}
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        m = getattr(layer.self_attn, name, None)
+        m = m.get_base_layer() if hasattr(m, "get_base_layer") else m
+        if not isinstance(m, torch.nn.Linear):
+            return float("inf")  # a layout this estimate does not know: keep the recompute
+        width[name] = m.out_features
+    weights = sum(m.weight.numel() for n, m in layer.named_modules()
+                  if isinstance(m, torch.nn.Linear) and "lora_" not in n)
+    per_token = 2 * (2 * width["o_proj"] + 2 * width["q_proj"] + width["k_proj"] + width["v_proj"])
+    return per_token / (2 * weights / 1e9)
+
+
 def _host_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
@@ -383,7 +403,8 @@ def enable_offload(model, stash_attention: bool = False) -> tuple[list[str], lis
         return [], []
     attentions = [m.self_attn for m in layers if isinstance(getattr(m, "self_attn", None), torch.nn.Module)]
     four_bit = any(hasattr(p, "quant_state") for a in attentions for p in a.parameters())
-    stash = stash_attention and len(attentions) == len(layers) and not four_bit
+    stash = (stash_attention and len(attentions) == len(layers) and not four_bit
+             and _link_bytes_per_gflop(layers[0]) <= STASH_MAX_BYTES_PER_GFLOP)
     offloader = _Offloader(len(layers), stash)
     undo = []
     for layer in layers:
