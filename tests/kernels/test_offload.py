@@ -101,11 +101,13 @@ def test_attention_with_four_bit_weights_is_recomputed(tiny_lora, monkeypatch):
     assert len(done) == 1 and "offloaded" in done[0]
 
 
-@pytest.mark.parametrize("arch, kb, stashed", [
-    ("llama-8b", 84.5, True), ("qwen-7b", 65.9, True), ("llama-1b", 151.5, False), ("qwen-0.5b", 257.6, False)])
-def test_stash_only_where_the_host_link_keeps_up(arch, kb, stashed):
+@pytest.mark.parametrize("arch, kb, share, stashed", [
+    ("llama-8b", 84.5, 0.193, True), ("qwen-7b", 65.9, 0.126, False), ("llama-1b", 151.5, 0.172, False),
+    ("qwen-0.5b", 257.6, 0.123, False)])
+def test_stash_only_where_the_host_link_keeps_up_and_attention_weighs(arch, kb, share, stashed):
     """The stash moves per token about four block inputs over the host link; blocks whose matmuls are too small
-    for that (per GFLOP) keep the recompute. Checked on the real layer shapes, built on the meta device."""
+    for that (per GFLOP), or whose attention is a small share of their weights, keep the recompute. Checked on
+    the real layer shapes, built on the meta device."""
     import transformers
 
     from tunery.kernels import offload
@@ -119,6 +121,7 @@ def test_stash_only_where_the_host_link_keeps_up(arch, kb, stashed):
         model = transformers.AutoModelForCausalLM.from_config(cfg)
     layer = model.model.layers[0]
     assert abs(offload._link_bytes_per_gflop(layer) / 1e3 - kb) < 0.1
+    assert abs(offload._attention_share(layer) - share) < 1e-3
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     done, _ = enable_offload(model, stash_attention=True)
     assert any("attention kept" in d for d in done) == stashed

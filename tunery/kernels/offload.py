@@ -19,7 +19,9 @@ tensors view them; parameters, the block's other inputs and tensors under `KEEP_
 the sublayer's input is not copied: the recompute rebuilds it). Its autograd graph is kept until backward. The
 recompute does not run the sublayer again: it returns its output, fetched back, and backward replays the kept graph.
 The output is fetched one block ahead (`OUTPUT_FETCH`) and let go once the recompute has added it; the rest when the
-block's backward starts, while its MLP recomputes. Sublayers with 4-bit weights are recomputed: their graph would
+block's backward starts, while its MLP recomputes. Blocks whose attention is a small share of their weights
+(`STASH_MIN_ATTENTION_SHARE`) gain less than the stash costs and keep the recompute. Sublayers with 4-bit weights are
+recomputed: their graph would
 save the dense dequantized weights, and those would then cross the host link too. The host link carries about four
 block inputs more per block (Llama-3.1-8B at 4096 tokens: 112 MiB forward and back); a block stashes only while the
 whole model's stash fits in `STASH_HOST_FRACTION` of the host's memory, otherwise it recomputes as before.
@@ -49,6 +51,10 @@ OUTPUT_FETCH = "attention"
 # ~50 GB/s beside ~600 TFLOP/s of GEMMs (docs/benchmarks.md), about 83 kB a GFLOP. Llama-3.1-8B moves 85 kB and
 # Qwen2.5-7B 66 kB; Llama-3.2-1B (152 kB) and Qwen2.5-0.5B (258 kB) would wait on the link, so they recompute.
 STASH_MAX_BYTES_PER_GFLOP = 100e3
+# The attention sublayer's share of the block's linear weights, at least: what the recompute saves must outweigh
+# the stash's fixed costs (the block's compiled region split in two, the hooks, the replay). Measured on the H100:
+# Llama-3.1-8B (19%) gained 4.2%, Qwen2.5-7B (13%) lost 1.8% (docs/benchmarks.md, sixth session).
+STASH_MIN_ATTENTION_SHARE = 0.15
 
 
 class _Offloader:
@@ -363,10 +369,19 @@ def _link_bytes_per_gflop(layer: torch.nn.Module) -> float:
         if not isinstance(m, torch.nn.Linear):
             return float("inf")  # a layout this estimate does not know: keep the recompute
         width[name] = m.out_features
-    weights = sum(m.weight.numel() for n, m in layer.named_modules()
-                  if isinstance(m, torch.nn.Linear) and "lora_" not in n)
+    weights = _linear_weights(layer)
     per_token = 2 * (2 * width["o_proj"] + 2 * width["q_proj"] + width["k_proj"] + width["v_proj"])
     return per_token / (2 * weights / 1e9)
+
+
+def _linear_weights(module: torch.nn.Module) -> int:
+    return sum(m.weight.numel() for n, m in module.named_modules()
+               if isinstance(m, torch.nn.Linear) and "lora_" not in n)
+
+
+def _attention_share(layer: torch.nn.Module) -> float:
+    """The attention sublayer's share of the block's linear weights (of its matmul FLOPs at short sequences)."""
+    return _linear_weights(layer.self_attn) / max(_linear_weights(layer), 1)
 
 
 def _host_memory() -> int:
@@ -404,7 +419,8 @@ def enable_offload(model, stash_attention: bool = False) -> tuple[list[str], lis
     attentions = [m.self_attn for m in layers if isinstance(getattr(m, "self_attn", None), torch.nn.Module)]
     four_bit = any(hasattr(p, "quant_state") for a in attentions for p in a.parameters())
     stash = (stash_attention and len(attentions) == len(layers) and not four_bit
-             and _link_bytes_per_gflop(layers[0]) <= STASH_MAX_BYTES_PER_GFLOP)
+             and _link_bytes_per_gflop(layers[0]) <= STASH_MAX_BYTES_PER_GFLOP
+             and _attention_share(layers[0]) >= STASH_MIN_ATTENTION_SHARE)
     offloader = _Offloader(len(layers), stash)
     undo = []
     for layer in layers:
