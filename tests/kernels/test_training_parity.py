@@ -15,16 +15,20 @@ DATA = Path(__file__).resolve().parents[2] / "tunery" / "assets" / "dates.jsonl"
 
 @pytest.mark.parametrize("method, checkpointing", [("lora", False), ("lora", True), ("qlora", True)])
 def test_fast_and_reference_loss_curves_agree_over_50_steps(tmp_path, monkeypatch, method, checkpointing):
-    """With checkpointing the fast path also offloads block inputs and skips the recompute's down projection;
-    qlora runs the fused op on NF4 weights dequantized inside the compiled blocks."""
+    """With checkpointing the fast path also offloads block inputs, skips the recompute's down projection and
+    (lora) keeps attention from forward in pinned memory; qlora runs the fused op on NF4 weights dequantized
+    inside the compiled blocks."""
     if not torch.cuda.is_available():
         pytest.fail("needs a CUDA GPU: run on the device")
     from tunery.config import RunConfig
     from tunery.data.load import load_rows
+    from tunery.kernels import offload
     from tunery.models.tiny import TinySpec, build_tiny_model, corpus_of
     from tunery.train.loop import train
 
     monkeypatch.setenv("TUNERY_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(offload, "STASH_MAX_BYTES_PER_GFLOP", float("inf"))  # the tiny model would not stash
+    monkeypatch.setattr(offload, "KEEP_BYTES", 0)  # and its tensors would all stay on the GPU
     model = build_tiny_model(tmp_path / "m", corpus_of(load_rows(DATA)),
                              TinySpec(family="llama", hidden_size=256, intermediate_size=768, num_layers=4))
     curves = {}
