@@ -325,6 +325,9 @@ class _Anchor(torch.autograd.Function):
 
 
 class _Replay(torch.autograd.Function):
+    """The sublayer in the recompute: forward returns the kept output; backward runs the kept graph with the
+    recomputed input in place of the forward's, and returns the gradient that reached that input."""
+
     @staticmethod
     def forward(ctx, hidden, stash):
         ctx.stash = stash
