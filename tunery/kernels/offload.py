@@ -412,6 +412,22 @@ def _call_with(run, args, hidden):
     return run(hidden, *args)
 
 
+def _why_not_stash(layers: list, attentions: list) -> str | None:
+    """Why these blocks keep recomputing their attention, or None when the stash pays for them."""
+    if len(attentions) != len(layers):
+        return "blocks without a self_attn sublayer"
+    if any(hasattr(p, "quant_state") for a in attentions for p in a.parameters()):
+        return "4-bit weights: their dense copies would cross the host link"
+    link = _link_bytes_per_gflop(layers[0])
+    if link > STASH_MAX_BYTES_PER_GFLOP:
+        return (f"blocks too small to hide the host copies: {link / 1e3:.0f} kB per GFLOP, "
+                f"more than {STASH_MAX_BYTES_PER_GFLOP / 1e3:.0f}")
+    share = _attention_share(layers[0])
+    if share < STASH_MIN_ATTENTION_SHARE:
+        return f"attention is {share:.0%} of a block's weights, under {STASH_MIN_ATTENTION_SHARE:.0%}"
+    return None
+
+
 def enable_offload(model, stash_attention: bool = False) -> tuple[list[str], list]:
     """Switch the model's checkpointed layers to offloaded checkpointing; (what was done, undo callables).
     `stash_attention`: keep each block's attention sublayer (`self_attn`) instead of recomputing it."""
@@ -420,10 +436,8 @@ def enable_offload(model, stash_attention: bool = False) -> tuple[list[str], lis
     if not layers:
         return [], []
     attentions = [m.self_attn for m in layers if isinstance(getattr(m, "self_attn", None), torch.nn.Module)]
-    four_bit = any(hasattr(p, "quant_state") for a in attentions for p in a.parameters())
-    stash = (stash_attention and len(attentions) == len(layers) and not four_bit
-             and _link_bytes_per_gflop(layers[0]) <= STASH_MAX_BYTES_PER_GFLOP
-             and _attention_share(layers[0]) >= STASH_MIN_ATTENTION_SHARE)
+    why_not = _why_not_stash(layers, attentions) if stash_attention else None
+    stash = stash_attention and why_not is None
     offloader = _Offloader(len(layers), stash)
     undo = []
     for layer in layers:
@@ -437,4 +451,6 @@ def enable_offload(model, stash_attention: bool = False) -> tuple[list[str], lis
             attention.forward = types.MethodType(_stashing_attention, attention)
             undo.append(lambda m=attention: [delattr(m, a) for a in ("forward", "_tunery_attention_run")])
         done.append(f"attention kept for backward in pinned CPU memory, not recomputed x{len(layers)}")
+    elif why_not:
+        done.append(f"attention recomputed ({why_not})")
     return done, undo
