@@ -63,6 +63,7 @@ class _Offloader:
     def __init__(self, layers: int = 0, stash: bool = False):
         self.pending: list[weakref.ref] = []  # slots awaiting backward; a graph that is dropped frees its own
         self._stream = None
+        self._leaf: torch.Tensor | None = None
         self.layers, self.stash = layers, stash
 
     def stash_fits(self, hidden: torch.Tensor) -> bool:
@@ -79,42 +80,51 @@ class _Offloader:
 
     def leaf(self, device: torch.device) -> torch.Tensor:
         """An empty tensor that requires grad: what makes a kept sublayer's graph record."""
-        if getattr(self, "_leaf", None) is None or self._leaf.device != device:
+        if self._leaf is None or self._leaf.device != device:
             self._leaf = torch.empty(0, device=device, requires_grad=True)
         return self._leaf
 
 
+def _to_host(t: torch.Tensor, stream) -> torch.Tensor:
+    """A pinned host copy of `t`, made on the side `stream`; `t` stays alive until the transfer is done. CPU (no
+    stream): nothing to offload to, so a plain copy, and the code path is the same."""
+    if stream is None:
+        return t.detach().clone()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    stream.wait_stream(torch.cuda.current_stream(t.device))
+    with torch.cuda.stream(stream):
+        host.copy_(t.detach(), non_blocking=True)
+    t.record_stream(stream)
+    return host
+
+
+def _to_device(host: torch.Tensor, device: torch.device, stream) -> tuple[torch.Tensor, object]:
+    """`host` copied back to `device` on the side `stream`: (the copy, the event to wait for before reading it;
+    None on CPU, where the host tensor itself is returned)."""
+    if stream is None:
+        return host, None
+    out = torch.empty(host.shape, dtype=host.dtype, device=device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        out.copy_(host, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(stream)
+    return out, ready
+
+
 class _Slot:
     def __init__(self, owner: _Offloader, hidden: torch.Tensor):
-        self.owner, self.device, self.dtype, self.shape = owner, hidden.device, hidden.dtype, hidden.shape
+        self.owner, self.device = owner, hidden.device
         self.fetched: torch.Tensor | None = None
         self.ready = None
         self.attention: _AttentionStash | None = None  # set when the block's attention was kept
-        stream = owner.stream(hidden.device)
-        if stream is None:  # CPU: nothing to offload to; keep a copy so the code path is the same
-            self.host = hidden.detach().clone()
-            return
-        self.host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
-        stream.wait_stream(torch.cuda.current_stream(hidden.device))
-        with torch.cuda.stream(stream):
-            self.host.copy_(hidden.detach(), non_blocking=True)
-        hidden.record_stream(stream)  # the GPU copy stays alive until the transfer is done
+        self.host = _to_host(hidden, owner.stream(hidden.device))
 
     def prefetch(self) -> None:
         if self.attention is not None and OUTPUT_FETCH == "block":
             self.attention.prefetch(self.attention.output_only)
-        if self.fetched is not None:
-            return
-        stream = self.owner.stream(self.device)
-        if stream is None:
-            self.fetched = self.host
-            return
-        self.fetched = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            self.fetched.copy_(self.host, non_blocking=True)
-            self.ready = torch.cuda.Event()
-            self.ready.record(stream)
+        if self.fetched is None:
+            self.fetched, self.ready = _to_device(self.host, self.device, self.owner.stream(self.device))
 
     def take(self) -> torch.Tensor:
         self.prefetch()
@@ -137,7 +147,7 @@ class _OffloadedBlock(torch.autograd.Function):
         finally:
             _STASH = None
         ctx.run, ctx.slot = run, _Slot(offloader, hidden)
-        ctx.slot.attention = stash if stash is not None and stash.kept else None
+        ctx.slot.attention = stash if stash is not None and stash.anchor is not None else None
         offloader.pending = [r for r in offloader.pending if r() is not None] + [weakref.ref(ctx.slot)]
         return out
 
@@ -155,7 +165,7 @@ class _OffloadedBlock(torch.autograd.Function):
                 if stash is not None and order[i - 1].attention is not None:
                     stash.before = weakref.ref(order[i - 1].attention)
         if stash is not None:  # what its backward reads, while the MLP recomputes and runs backward
-            stash.prefetch(stash.output_only + stash.rest)  # (the output: fetched ahead but for the last block)
+            stash.prefetch(range(len(stash.host)))  # (the output, fetched ahead but for the last block, is skipped)
         cuda = [hidden.device] if hidden.device.type == "cuda" else []
         global RECOMPUTING, _STASH
         with torch.random.fork_rng(devices=cuda, device_type="cuda"), torch.enable_grad():
@@ -181,8 +191,6 @@ class _AttentionStash:
         self._seen: dict[int, tuple[int, torch.Tensor]] = {}  # while forward runs: storage address -> (index, tensor)
         self._keep: set[int] = set()  # storages saved by reference (parameters, the sublayer's other inputs)
         self.output_only: list[int] = []  # the storage of the sublayer's output: fetched one block ahead
-        self.rest: list[int] = []  # everything else: fetched when the block's backward starts
-        self.kept = False
         self.anchor = self._out = self._extra = self.rng = None
         self.input = self.grad = self.dx = None  # set during the replay
         self.before = None  # the previous block's stash, whose output is fetched during this one's backward
@@ -198,11 +206,9 @@ class _AttentionStash:
             out = outs[0]
             self.anchor = _Anchor.apply(out, weakref.ref(self))
         self._out, self._extra = self.pack(out), tuple(outs[1:])
-        early = [self._out[1]] if self._out[0] == "host" else []
-        self.output_only, self.rest = early, [i for i in range(len(self.host)) if i not in early]
+        self.output_only = [self._out[1]] if self._out[0] == "host" else []
         self._seen.clear()
         self.rng = _rng_state(hidden.device)  # the recompute's MLP must draw the forward's dropout masks
-        self.kept = True
         return (out.detach(), *self._extra)
 
     def replay(self, hidden: torch.Tensor) -> tuple:
@@ -242,31 +248,15 @@ class _AttentionStash:
         return torch.empty(0, dtype=dtype, device=base.device).set_(base.untyped_storage(), offset, shape, stride)
 
     def _copy_out(self, t: torch.Tensor) -> torch.Tensor:
+        """The bytes of `t`'s whole storage, to the host."""
         flat = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
-        stream = self.owner.stream(t.device)
-        if stream is None:  # CPU: a copy, so the code path is the one CUDA takes
-            return flat.clone()
-        host = torch.empty(flat.shape, dtype=torch.uint8, pin_memory=True)
-        stream.wait_stream(torch.cuda.current_stream(t.device))
-        with torch.cuda.stream(stream):
-            host.copy_(flat, non_blocking=True)
-        flat.record_stream(stream)
-        return host
+        return _to_host(flat, self.owner.stream(t.device))
 
-    def prefetch(self, indexes: list[int]) -> None:
+    def prefetch(self, indexes) -> None:
         stream = self.owner.stream(self.device)
         for i in indexes:
-            if self.fetched[i] is not None or self.host[i] is None:
-                continue
-            if stream is None:
-                self.fetched[i] = self.host[i]
-                continue
-            self.fetched[i] = torch.empty(self.host[i].shape, dtype=torch.uint8, device=self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                self.fetched[i].copy_(self.host[i], non_blocking=True)
-                self.ready[i] = torch.cuda.Event()
-                self.ready[i].record(stream)
+            if self.fetched[i] is None and self.host[i] is not None:
+                self.fetched[i], self.ready[i] = _to_device(self.host[i], self.device, stream)
 
     def output(self) -> torch.Tensor:
         """The kept output, once: its buffer then lives only as long as the recompute uses it (the residual add),
