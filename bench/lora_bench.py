@@ -185,7 +185,7 @@ def _useful_flops_per_token(arch: str, seq: int) -> float:
 
 
 def run_one(stack: str, arch: str, bs: int, seq: int, quant: str = "", steps: int = 6, warmup: int = 3,
-            fast_opts: dict | None = None, profile: bool = False) -> dict:
+            fast_opts: dict | None = None, profile: bool = False, skip_guards: bool = False) -> dict:
     import torch
 
     torch.manual_seed(0)
@@ -202,7 +202,7 @@ def run_one(stack: str, arch: str, bs: int, seq: int, quant: str = "", steps: in
     vocab = _config(arch).vocab_size
     batches = [torch.randint(0, vocab - 3, (bs, seq), device="cuda") for _ in range(2)]
     torch.cuda.reset_peak_memory_stats()
-    times, err = [], None
+    times, hosts, err = [], [], None
 
     def one_step(i: int) -> float:
         torch.cuda.synchronize()
@@ -210,12 +210,15 @@ def run_one(stack: str, arch: str, bs: int, seq: int, quant: str = "", steps: in
         step(batches[i % 2])
         opt.step()
         opt.zero_grad(set_to_none=True)
+        hosts.append(time.perf_counter() - t0)  # the host has queued the whole step: near the step's time = host-bound
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     try:
         for i in range(warmup + steps):
             dt = one_step(i)
+            if i == warmup - 1 and skip_guards:
+                torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
             if i >= warmup:
                 times.append(dt)
         if profile and times:  # after the timed steps, so the profiler's overhead stays out of tokens/s
@@ -224,6 +227,7 @@ def run_one(stack: str, arch: str, bs: int, seq: int, quant: str = "", steps: in
         err = "OOM"
     off = [k for k, v in (fast_opts or {}).items() if not v and k != "ops"]
     tag = stack + "".join(f" -{k}" for k in off) + (" +ops" if (fast_opts or {}).get("ops") else "")
+    tag += " +skip-guards" * skip_guards + " +cpp-wrapper" * _cpp_wrapper()
     res = {"stack": tag, "arch": arch, "bs": bs, "seq": seq, "quant": quant or "bf16", "err": err,
            "load_s": round(load_s, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
     if STASH_MIB:
@@ -231,9 +235,16 @@ def run_one(stack: str, arch: str, bs: int, seq: int, quant: str = "", steps: in
     if times:  # warm-up steps absorb compilation and autotuning
         med = sorted(times)[len(times) // 2]
         tok_s = bs * seq / med
-        res.update(step_s=round(med, 4), tok_s=round(tok_s),
+        res.update(step_s=round(med, 4), tok_s=round(tok_s), steps_ms=[round(t * 1e3) for t in times],
+                   host_ms=round(sorted(hosts[warmup:])[len(times) // 2] * 1e3),
                    tflops=round(tok_s * _useful_flops_per_token(arch, seq) / 1e12, 1))
     return res
+
+
+def _cpp_wrapper() -> bool:
+    import torch._inductor.config
+
+    return bool(torch._inductor.config.cpp_wrapper)
 
 
 def _profile_steps(one_step) -> None:
@@ -246,6 +257,9 @@ def _profile_steps(one_step) -> None:
         wall = one_step(0)
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40), file=sys.stderr)
     print(_busy(prof, wall), file=sys.stderr)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
+    if os.environ.get("BENCH_TRACE"):  # for bench/trace_gaps.py: where the GPU waits on the host
+        prof.export_chrome_trace(os.environ["BENCH_TRACE"])
     with torch.profiler.profile(activities=cpu_cuda, record_shapes=True, with_stack=True) as prof:
         one_step(1)
     _print_copies(prof)
@@ -368,21 +382,31 @@ def main() -> None:
     p.add_argument("--no-lora", action="store_true", help="tunery: PEFT's LoRA forward instead of the fused op")
     p.add_argument("--no-stash", action="store_true", help="tunery: recompute attention instead of keeping it in "
                                                            "pinned CPU memory")
+    p.add_argument("--cpp-wrapper", action="store_true", help="experiment: inductor's C++ wrapper (fewer host "
+                                                                "cycles per launched kernel)")
+    p.add_argument("--skip-guards", action="store_true", help="experiment: after warm-up, dynamo evaluates only the "
+                                                              "guards that tell its cache entries apart")
     p.add_argument("--ops", action="store_true", help="tunery: liger RMSNorm/SwiGLU swaps")
     p.add_argument("--output-fetch", choices=["block", "attention"], help="tunery: kernels/offload.OUTPUT_FETCH")
     a = p.parse_args()
-    flags = [f for f in ("--no-compile", "--no-offload", "--no-lora", "--no-stash", "--ops")
+    flags = [f for f in ("--no-compile", "--no-offload", "--no-lora", "--no-stash", "--ops", "--cpp-wrapper",
+                         "--skip-guards")
              if getattr(a, f[2:].replace("-", "_"))]
     if a.output_fetch:
         from tunery.kernels import offload
 
         offload.OUTPUT_FETCH = a.output_fetch
+    if a.cpp_wrapper:
+        import torch._inductor.config
+
+        torch._inductor.config.cpp_wrapper = True
     if a.one:
         stack, arch, bs, seq = a.one
         opts = {"compile": not a.no_compile, "offload": not a.no_offload, "lora": not a.no_lora,
                 "stash_attention": not a.no_stash, "ops": a.ops}
         print(json.dumps(run_one(stack, arch, int(bs), int(seq), a.quant, steps=a.steps, warmup=a.warmup,
-                                 fast_opts=opts if stack == "tunery" else None, profile=a.profile)), flush=True)
+                                 fast_opts=opts if stack == "tunery" else None, profile=a.profile,
+                                 skip_guards=a.skip_guards)), flush=True)
         return
     results = []
     for group in a.rows:
