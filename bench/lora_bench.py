@@ -260,6 +260,11 @@ def _profile_steps(one_step) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
     if os.environ.get("BENCH_TRACE"):  # for bench/trace_gaps.py: where the GPU waits on the host
         prof.export_chrome_trace(os.environ["BENCH_TRACE"])
+    if os.environ.get("BENCH_TRACE_GPU"):  # GPU activity alone: less host overhead than the step above
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            wall = one_step(0)
+        prof.export_chrome_trace(os.environ["BENCH_TRACE_GPU"])
+        print(f"GPU-only profiled step: {wall * 1e3:.1f} ms", file=sys.stderr)
     with torch.profiler.profile(activities=cpu_cuda, record_shapes=True, with_stack=True) as prof:
         one_step(1)
     _print_copies(prof)

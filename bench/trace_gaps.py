@@ -23,29 +23,34 @@ def load(path: str) -> list[dict]:
 
 
 def gaps(events: list[dict], min_us: float = 5.0) -> tuple[float, float, float, dict[str, list[float]]]:
-    """(step span, GPU busy, GPU idle in gaps over `min_us`, {host ops: [count, idle us]}), all in us."""
+    """(step span, GPU busy, GPU idle in gaps over `min_us`, {host ops: [count, idle us]}), all in us. Keys
+    starting "(waited)" are gaps whose kernel had been launched before the gap began: the GPU waited on a
+    dependency (an event, a copy), not on the host."""
     kernels = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") == "kernel"), key=lambda e: e["ts"])
-    launches = {e["args"]["correlation"]: e for e in events
-                if e.get("ph") == "X" and e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    launches = {e["args"]["correlation"]: e for e in events if e.get("ph") == "X"
+                and e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     ops = defaultdict(list)
     for e in events:
         if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation"):
             ops[e["tid"]].append(e)
-    late = []  # (launch event, idle us before its kernel)
+    late = []  # (launch event, idle us before its kernel, when the GPU went idle)
     busy, idle, end = 0.0, 0.0, None
     for k in kernels:
         start, stop = k["ts"], k["ts"] + k["dur"]
         if end is not None and start - end > min_us:
             idle += start - end
-            launch = launches.get(k["args"].get("correlation"))
-            late.append((launch, start - end))
+            late.append((launches.get(k["args"].get("correlation")), start - end, end))
         busy += max(0.0, stop - max(start, end if end is not None else start))
         end = stop if end is None else max(end, stop)
     span = (end - kernels[0]["ts"]) if kernels else 0.0
     charged: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     by_thread = defaultdict(list)
-    for launch, gap in late:
-        if launch is None:
+    for launch, gap, idle_from in late:
+        if launch is not None and launch["ts"] + launch["dur"] < idle_from:
+            key = f"(waited) {launch['name']}"
+            charged[key][0] += 1
+            charged[key][1] += gap
+        elif launch is None:
             charged["(launch not in trace)"][0] += 1
             charged["(launch not in trace)"][1] += gap
         else:
