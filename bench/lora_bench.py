@@ -228,6 +228,10 @@ def run_one(stack: str, arch: str, bs: int, seq: int, quant: str = "", steps: in
     off = [k for k, v in (fast_opts or {}).items() if not v and k != "ops"]
     tag = stack + "".join(f" -{k}" for k in off) + (" +ops" if (fast_opts or {}).get("ops") else "")
     tag += " +skip-guards" * skip_guards + " +cpp-wrapper" * _cpp_wrapper()
+    if stack == "tunery":
+        from tunery.kernels import lora
+
+        tag += f" lora-first={lora.FIRST}" if lora.FIRST != "adapter" else ""
     res = {"stack": tag, "arch": arch, "bs": bs, "seq": seq, "quant": quant or "bf16", "err": err,
            "load_s": round(load_s, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
     if STASH_MIB:
@@ -387,6 +391,7 @@ def main() -> None:
     p.add_argument("--no-lora", action="store_true", help="tunery: PEFT's LoRA forward instead of the fused op")
     p.add_argument("--no-stash", action="store_true", help="tunery: recompute attention instead of keeping it in "
                                                            "pinned CPU memory")
+    p.add_argument("--lora-first", choices=["adapter", "base"], help="tunery: kernels/lora.FIRST")
     p.add_argument("--cpp-wrapper", action="store_true", help="experiment: inductor's C++ wrapper (fewer host "
                                                                 "cycles per launched kernel)")
     p.add_argument("--skip-guards", action="store_true", help="experiment: after warm-up, dynamo evaluates only the "
@@ -397,10 +402,16 @@ def main() -> None:
     flags = [f for f in ("--no-compile", "--no-offload", "--no-lora", "--no-stash", "--ops", "--cpp-wrapper",
                          "--skip-guards")
              if getattr(a, f[2:].replace("-", "_"))]
+    flags += ["--lora-first", a.lora_first] if a.lora_first else []
+    flags += ["--output-fetch", a.output_fetch] if a.output_fetch else []
     if a.output_fetch:
         from tunery.kernels import offload
 
         offload.OUTPUT_FETCH = a.output_fetch
+    if a.lora_first:
+        from tunery.kernels import lora
+
+        lora.FIRST = a.lora_first
     if a.cpp_wrapper:
         import torch._inductor.config
 

@@ -88,15 +88,28 @@ def dequantize_nf4(q: NF4, dtype: torch.dtype) -> torch.Tensor:
     return dense.to(dtype)
 
 
+# Which matmul writes the shared output first. "adapter": the rank-r product writes it, and the base matmul
+# adds into it (beta=1, read in its epilogue while it computes). "base": the base matmul writes it and the rank-r
+# product adds into it, a memory-bound pass that reads and writes the whole output again (for Qwen2.5-7B's MLP,
+# 4096 x 18944, about 0.1 ms a time on the H100).
+FIRST = "adapter"
+
+
 def _out(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, xa: torch.Tensor, b: torch.Tensor,
          scale: float) -> torch.Tensor:
-    """x2 W^T (+ bias) + scale (x A^T) B^T, the adapter's term added in place into the base output."""
+    """x2 W^T (+ bias) + scale (x A^T) B^T, both matmuls into one output buffer (see FIRST)."""
+    if FIRST == "adapter":
+        if bias is not None:
+            return torch.addmm(bias, xa, b.t(), alpha=scale).addmm_(x2, w.t())
+        return (xa @ b.t()).addmm_(x2, w.t(), beta=scale)
     out = torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()
     return out.addmm_(xa, b.t(), alpha=scale)
 
 
 def _dx(g: torch.Tensor, w: torch.Tensor, gb: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """dy W + (s dy B) A, the adapter's term added in place."""
+    """dy W + (s dy B) A, both matmuls into one output buffer (see FIRST)."""
+    if FIRST == "adapter":
+        return (gb @ a).addmm_(g, w)
     return (g @ w).addmm_(gb, a)
 
 
