@@ -244,7 +244,7 @@ def run_one(stack: str, arch: str, bs: int, seq: int, quant: str = "", steps: in
         med = sorted(times)[len(times) // 2]
         tok_s = bs * seq / med
         res.update(step_s=round(med, 4), tok_s=round(tok_s), steps_ms=[round(t * 1e3) for t in times],
-                   host_ms=round(sorted(hosts[warmup:])[len(times) // 2] * 1e3),
+                   host_ms=round(sorted(hosts[warmup:warmup + len(times)])[len(times) // 2] * 1e3),
                    tflops=round(tok_s * _useful_flops_per_token(arch, seq) / 1e12, 1))
     return res
 
