@@ -44,15 +44,17 @@ def gaps(events: list[dict], min_us: float = 5.0) -> tuple[float, float, float, 
         end = stop if end is None else max(end, stop)
     span = (end - kernels[0]["ts"]) if kernels else 0.0
     charged: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+
+    def charge(key: str, gap: float) -> None:
+        charged[key][0] += 1
+        charged[key][1] += gap
+
     by_thread = defaultdict(list)
     for launch, gap, idle_from in late:
-        if launch is not None and launch["ts"] + launch["dur"] < idle_from:
-            key = f"(waited) {launch['name']}"
-            charged[key][0] += 1
-            charged[key][1] += gap
-        elif launch is None:
-            charged["(launch not in trace)"][0] += 1
-            charged["(launch not in trace)"][1] += gap
+        if launch is None:
+            charge("(launch not in trace)", gap)
+        elif launch["ts"] + launch["dur"] < idle_from:
+            charge(f"(waited) {launch['name']}", gap)
         else:
             by_thread[launch["tid"]].append((launch["ts"], gap))
     for tid, points in by_thread.items():  # sweep: the ops open at each late launch
@@ -67,9 +69,7 @@ def gaps(events: list[dict], min_us: float = 5.0) -> tuple[float, float, float, 
             while stack and stack[-1]["ts"] + stack[-1]["dur"] < ts:
                 stack.pop()
             open_ops = [e["name"] for e in stack if e["ts"] + e["dur"] >= ts]
-            key = f"{open_ops[0][:50]} > {open_ops[-1][:50]}" if open_ops else "(no op open)"
-            charged[key][0] += 1
-            charged[key][1] += gap
+            charge(f"{open_ops[0][:50]} > {open_ops[-1][:50]}" if open_ops else "(no op open)", gap)
     return span, busy, idle, dict(charged)
 
 

@@ -21,10 +21,10 @@ recompute does not run the sublayer again: it returns its output, fetched back, 
 The output is fetched one block ahead (`OUTPUT_FETCH`) and let go once the recompute has added it; the rest when the
 block's backward starts, while its MLP recomputes. Blocks whose attention is a small share of their weights
 (`STASH_MIN_ATTENTION_SHARE`) gain less than the stash costs and keep the recompute. Sublayers with 4-bit weights are
-recomputed: their graph would
-save the dense dequantized weights, and those would then cross the host link too. The host link carries about four
-block inputs more per block (Llama-3.1-8B at 4096 tokens: 112 MiB forward and back); a block stashes only while the
-whole model's stash fits in `STASH_HOST_FRACTION` of the host's memory, otherwise it recomputes as before.
+recomputed: their graph would save the dense dequantized weights, and those would then cross the host link too. The
+host link carries about four block inputs more per block (Llama-3.1-8B at 4096 tokens: 112 MiB forward and back); a
+block stashes only while the whole model's stash fits in `STASH_HOST_FRACTION` of the host's memory, otherwise it
+recomputes as before.
 """
 
 from __future__ import annotations
