@@ -393,6 +393,8 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true", help="tunery: no torch.compile")
     p.add_argument("--no-offload", action="store_true", help="tunery: keep checkpointed block inputs on the GPU")
     p.add_argument("--no-lora", action="store_true", help="tunery: PEFT's LoRA forward instead of the fused op")
+    p.add_argument("--no-groups", action="store_true", help="tunery: each LoRA projection alone, not q/k/v and "
+                                                            "gate/up as one matmul with their adapters")
     p.add_argument("--no-stash", action="store_true", help="tunery: recompute attention instead of keeping it in "
                                                            "pinned CPU memory")
     p.add_argument("--lora-first", choices=["adapter", "base"], help="tunery: kernels/lora.FIRST")
@@ -403,7 +405,8 @@ def main() -> None:
     p.add_argument("--ops", action="store_true", help="tunery: liger RMSNorm/SwiGLU swaps")
     p.add_argument("--output-fetch", choices=["block", "attention"], help="tunery: kernels/offload.OUTPUT_FETCH")
     a = p.parse_args()
-    flags = [f for f in ("--no-compile", "--no-offload", "--no-lora", "--no-stash", "--ops", "--cpp-wrapper",
+    flags = [f for f in ("--no-compile", "--no-offload", "--no-lora", "--no-groups", "--no-stash", "--ops",
+                         "--cpp-wrapper",
                          "--skip-guards")
              if getattr(a, f[2:].replace("-", "_"))]
     flags += ["--lora-first", a.lora_first] if a.lora_first else []
@@ -423,7 +426,7 @@ def main() -> None:
     if a.one:
         stack, arch, bs, seq = a.one
         opts = {"compile": not a.no_compile, "offload": not a.no_offload, "lora": not a.no_lora,
-                "stash_attention": not a.no_stash, "ops": a.ops}
+                "lora_groups": not a.no_groups, "stash_attention": not a.no_stash, "ops": a.ops}
         print(json.dumps(run_one(stack, arch, int(bs), int(seq), a.quant, steps=a.steps, warmup=a.warmup,
                                  fast_opts=opts if stack == "tunery" else None, profile=a.profile,
                                  skip_guards=a.skip_guards)), flush=True)

@@ -74,6 +74,10 @@ class GraphLog:
         return [tuple(n.meta["val"].shape) for k, g in self.aot if k == "backward"
                 for n in g.graph.nodes if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)]
 
+    def count(self, kind: str, op) -> int:
+        """How many calls of `op` the `kind` graphs make."""
+        return sum(n.target == op for k, g in self.aot if k == kind for n in g.graph.nodes)
+
     def weights(self, kind: str, *ops) -> list[tuple]:
         """Shapes of the second inputs of `ops` in the `kind` graphs: the base weights of tunery::lora_out and
         lora_dx (and of aten.mm in a backward, where `dy W` is a plain matmul when LoRA dropout is on)."""

@@ -122,11 +122,18 @@ def test_offloaded_blocks_compile_whole_once_per_mode(tiny_lora, tiny_tokenizer,
     assert fast.compiled and ("torch.compile of each block's whole forward as one region x4 "
                               "(its checkpoint hook outside it: x4)") in fast.describe()
     down = tuple(fast.decoder.layers[0].mlp.down_proj.base_layer.weight.shape)
-    lora_out = torch.ops.tunery.lora_out.default
+    ops = torch.ops.tunery
+    lora_out, group_out = ops.lora_out.default, ops.lora_group_out.default
     forward, recompute = log.weights("inference", lora_out), log.weights("forward", lora_out)
-    assert len(forward) == 7 and forward.count(down) == 1  # q k v o gate up down: the whole block, one graph
-    assert len(recompute) == 6 and down not in recompute  # RECOMPUTING: the down projection's output is unread
-    assert log.weights("backward", torch.ops.tunery.lora_dx.default, torch.ops.aten.mm.default).count(down) == 1
+    # the whole block in one graph: q/k/v and gate/up as two groups, o and down alone (all seven alone under
+    # dropout, where each projection draws its own mask)
+    alone, groups = (2, 2) if dropout == 0 else (7, 0)
+    assert len(forward) == alone and forward.count(down) == 1
+    assert log.count("inference", group_out) == log.count("forward", group_out) == groups
+    assert len(recompute) == alone - 1 and down not in recompute  # RECOMPUTING: the down projection's output is unread
+    assert log.weights("backward", ops.lora_dx.default, torch.ops.aten.mm.default).count(down) == 1
+    assert log.count("backward", ops.lora_group_dx.default) == log.count("backward", ops.lora_group_dx_chain.default) \
+        == groups // 2  # q/k/v widen dy into one matmul; gate/up (four times wider here) chain theirs
 
     fast.remove()
     assert not fast.compiled
@@ -160,11 +167,14 @@ def test_stashed_attention_compiles_apart_and_is_not_recomputed(tiny_lora, tiny_
     shape = {n: tuple(getattr(m, n).base_layer.weight.shape) for m, ns in ((attn, "q_proj k_proj v_proj o_proj"),
                                                                            (mlp, "gate_proj up_proj down_proj"))
              for n in ns.split()}
-    lora_out = torch.ops.tunery.lora_out.default
+    lora_out, group_out = torch.ops.tunery.lora_out.default, torch.ops.tunery.lora_group_out.default
     no_grad, with_grad = log.weights("inference", lora_out), log.weights("forward", lora_out)
-    assert sorted(no_grad) == sorted(shape[n] for n in ("gate_proj", "up_proj", "down_proj"))
+    grouped = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj") if dropout == 0 else ()
+    assert sorted(no_grad) == sorted(shape[n] for n in ("gate_proj", "up_proj", "down_proj") if n not in grouped)
     assert sorted(with_grad) == sorted(shape[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                          "up_proj"))
+                                                          "up_proj") if n not in grouped)
+    # grouped: gate/up without grad (forward), q/k/v (the kept sublayer) and gate/up (the recompute) with grad
+    assert (log.count("inference", group_out), log.count("forward", group_out)) == ((1, 2) if grouped else (0, 0))
     fast.remove()
     assert not hasattr(attn, "_tunery_attention_run") and "forward" not in vars(attn)
     torch.manual_seed(1)

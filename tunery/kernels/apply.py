@@ -4,7 +4,9 @@
 
 Today, for families whose output is a plain `lm_head` over the final norm (no logit soft-capping):
 - the fused linear + cross-entropy loss (kernels/linear_ce.py);
-- fused LoRA linears with a hand-written backward, 16-bit or 4-bit base (kernels/lora.py);
+- fused LoRA linears with a hand-written backward, 16-bit or 4-bit base (kernels/lora.py); with a 16-bit base,
+  the projections that share an input (q/k/v, gate/up) as one matmul with the adapters inside it
+  (kernels/lora_group.py);
 - checkpointing that offloads block inputs to pinned CPU memory, when checkpointing is on (kernels/offload.py),
   whose recompute skips the MLP's down projection (its output is never read in backward) and, with
   `stash_attention`, the attention sublayer, kept from forward in pinned CPU memory instead;
@@ -30,6 +32,11 @@ FAMILY_FAST_PATHS: dict[str, tuple[str, ...]] = {"llama": _ALL, "mistral": _ALL,
 # recompute for backward need not compute it (kernels/lora.py)
 UNREAD_IN_RECOMPUTE: dict[str, tuple[str, ...]] = {
     t: ("mlp.down_proj",) for t in ("llama", "mistral", "qwen2", "qwen3")}
+# model_type -> (parent module suffix, its projections that read one input, in the order the parent calls them):
+# grouped into one matmul with their adapters (kernels/lora_group.py)
+LORA_GROUPS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    t: (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+    for t in ("llama", "mistral", "qwen2", "qwen3")}
 
 
 @dataclass
@@ -66,7 +73,7 @@ def _unwrap(model):
 
 def fast_path_for(model, device: str, enabled: bool = True, distributed: bool = False,
                   allow_cpu: bool = False, ops: bool = False, compile: bool = True, lora: bool = True,
-                  offload: bool = True, stash_attention: bool = True,
+                  lora_groups: bool = True, offload: bool = True, stash_attention: bool = True,
                   compile_backend: str | Callable = "inductor") -> FastPath:
     """The fast paths `model` gets here, with the reason when it gets none. `compile_backend` is torch.compile's
     backend (the tests compile on CPU with "aot_eager")."""
@@ -96,6 +103,11 @@ def fast_path_for(model, device: str, enabled: bool = True, distributed: bool = 
 
         unread = UNREAD_IN_RECOMPUTE.get(base.config.model_type, ()) if offloaded else ()
         steps.append(partial(fuse_lora, model, unread))
+        groups = LORA_GROUPS.get(base.config.model_type, ())
+        if lora_groups and groups:
+            from tunery.kernels.lora_group import group_lora
+
+            steps.append(partial(group_lora, model, groups, decoder))
     if offloaded:
         from tunery.kernels.offload import enable_offload
 
