@@ -127,6 +127,22 @@ def test_dropout_keeps_each_projection_alone(tiny_lora, tiny_tokenizer, loss_and
     assert group.ready()
 
 
+def test_opaque_ops_agree_with_their_fake_kernels():
+    """What torch.compile is told of each op's outputs (its fake kernel) is what the op returns: a wrong shape or
+    stride fails only inside inductor's compiled code, on the GPU."""
+    g = torch.Generator().manual_seed(0)
+    x, w, a = torch.randn(8, 6, generator=g), torch.randn(10, 6 + 3, generator=g), torch.randn(3, 6, generator=g)
+    grads, gb = [torch.randn(8, 4, generator=g), torch.randn(8, 6, generator=g)], torch.randn(8, 3, generator=g)
+    w_bwd = torch.randn(10 + 3, 6, generator=g)
+    ops = torch.ops.tunery
+    for op, args in ((ops.lora_group_out.default, (x, w, None, a)), (ops.lora_group_out.default, (x, w, w[:, 0], a)),
+                     (ops.lora_group_dx.default, (grads, gb, w_bwd)),
+                     (ops.lora_group_dx_chain.default, (grads, gb, w_bwd[10:], [w_bwd[:4], w_bwd[4:10]])),
+                     (ops.lora_out.default, (x, w[:, :6], None, x[:, :3], w[:, 6:], 2.0)),
+                     (ops.lora_dx.default, (grads[1], w_bwd[:6], gb, a))):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("parent", ["self_attn", "mlp"])
 @pytest.mark.parametrize("shape", [(2048, 8192, 32, 8), (896, 4864, 14, 2)])  # Llama-3.2-1B, Qwen2.5-0.5B

@@ -88,7 +88,7 @@ _LIB.impl("lora_group_dx", _dx, "CompositeExplicitAutograd")
 _LIB.impl("lora_group_dx_chain", _dx_chain, "CompositeExplicitAutograd")
 torch.library.register_fake(
     "tunery::lora_group_out",
-    lambda x, w, bias, a: [x.new_empty(x.shape[0], w.shape[1]), x.new_empty(x.shape[0], w.shape[0])], lib=_LIB)
+    lambda x, w, bias, a: [x.new_empty(x.shape[0], a.shape[0]), x.new_empty(x.shape[0], w.shape[0])], lib=_LIB)
 torch.library.register_fake("tunery::lora_group_dx", lambda grads, gb, w: gb.new_empty(gb.shape[0], w.shape[1]),
                             lib=_LIB)
 torch.library.register_fake("tunery::lora_group_dx_chain",
