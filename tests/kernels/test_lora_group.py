@@ -71,7 +71,11 @@ def test_group_matches_peft_fp32(tiny_lora, monkeypatch, family, kcat, parent):
     for m, w in zip(members, weights):  # the base weights live in the group's buffer, unchanged
         assert m.get_base_layer().weight.untyped_storage().data_ptr() == group.s.untyped_storage().data_ptr()
         assert torch.equal(m.get_base_layer().weight, w)
-    _check(_run(members, x, grad_outs), ref, 1e-5)
+    got = _run(members, x, grad_outs)
+    _check(got, ref, 1e-5)
+    storages = [o.untyped_storage().data_ptr() for o in got[0]]  # v apart (attention keeps it); the rest one buffer
+    assert storages[1:] == ([storages[0], storages[2]] if parent == "self_attn" else [storages[0]])
+    assert parent == "mlp" or storages[2] != storages[0]
     _check(_run(members, x, grad_outs, order=list(range(len(members)))[::-1]), ref, 1e-5)  # others alone
 
     for fn in reversed(undo):

@@ -32,10 +32,11 @@ FAMILY_FAST_PATHS: dict[str, tuple[str, ...]] = {"llama": _ALL, "mistral": _ALL,
 # recompute for backward need not compute it (kernels/lora.py)
 UNREAD_IN_RECOMPUTE: dict[str, tuple[str, ...]] = {
     t: ("mlp.down_proj",) for t in ("llama", "mistral", "qwen2", "qwen3")}
-# model_type -> (parent module suffix, its projections that read one input, in the order the parent calls them):
-# grouped into one matmul with their adapters (kernels/lora_group.py)
-LORA_GROUPS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
-    t: (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+# model_type -> (parent module suffix, its projections that read one input, in the order the parent calls them,
+# those whose output backward keeps as it is): grouped into one matmul with their adapters (kernels/lora_group.py).
+# v goes into attention unchanged and is saved there; as a view of the group's output it would keep all of q/k/v.
+LORA_GROUPS: dict[str, tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]] = {
+    t: (("self_attn", ("q_proj", "k_proj", "v_proj"), ("v_proj",)), ("mlp", ("gate_proj", "up_proj"), ()))
     for t in ("llama", "mistral", "qwen2", "qwen3")}
 
 

@@ -99,8 +99,8 @@ _OPS = torch.ops.tunery
 class _Group:
     """One group's members (in call order), the buffer S, and what is needed to keep its adapter slots fresh."""
 
-    def __init__(self, members: list, adapter: str):
-        self.members, self.adapter = members, adapter
+    def __init__(self, members: list, adapter: str, apart: list[bool]):
+        self.members, self.adapter, self.apart = members, adapter, apart
         bases = [m.get_base_layer() for m in members]
         self.width = bases[0].in_features
         self.outs = [b.out_features for b in bases]
@@ -154,10 +154,12 @@ class _Group:
         return True
 
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Every member's output for input `x` (..., in): views of one (N, O) buffer."""
+        """Every member's output for input `x` (..., in): views of one (N, O) buffer, or a copy for members
+        `apart` (an output kept for backward as it is would keep the whole buffer, and the attention stash
+        would copy all of it to the host)."""
         params = self._params()
         outs = _LoRAGroup.apply(x, self, *params)
-        return tuple(o.view(*x.shape[:-1], o.shape[-1]) for o in outs)
+        return tuple((o.clone() if apart else o).view(*x.shape[:-1], o.shape[-1]) for o, apart in zip(outs, self.apart))
 
     def restore(self) -> None:
         """Give each member's base weight (and bias) its own contiguous tensor again."""
@@ -231,20 +233,21 @@ def _grouped_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return lora._fused_forward(self, x, *args, **kwargs)  # alone: kernels/lora.py's op (or PEFT's path)
 
 
-def group_lora(model: nn.Module, groups: tuple[tuple[str, tuple[str, ...]], ...], hook_on: nn.Module) \
-        -> tuple[list[str], list]:
-    """Group the fused LoRA projections named in `groups` ((parent suffix, member names in call order), family
-    data in kernels/apply.py) that share an input; returns (what was done, undo callables). Run after
-    `lora.fuse_lora`. `hook_on`: the module whose forward pre-hook refreshes the adapter slots (the decoder)."""
+def group_lora(model: nn.Module, groups: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...],
+               hook_on: nn.Module) -> tuple[list[str], list]:
+    """Group the fused LoRA projections named in `groups` that share an input: (parent suffix, member names in
+    call order, members whose output gets its own memory; family data in kernels/apply.py). Returns (what was
+    done, undo callables). Run after `lora.fuse_lora`. `hook_on`: the module whose forward pre-hook refreshes the
+    adapter slots (the decoder)."""
     built: list[_Group] = []
     names = []
     for name, module in model.named_modules():
-        for parent, members in groups:
+        for parent, members, apart in groups:
             if not name.endswith(parent):
                 continue
             layers = [getattr(module, m, None) for m in members]
             if _groupable(layers):
-                built.append(_Group(layers, layers[0].active_adapters[0]))
+                built.append(_Group(layers, layers[0].active_adapters[0], [m in apart for m in members]))
                 names.append("/".join(members))
     if not built:
         return [], []
