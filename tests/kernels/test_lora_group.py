@@ -183,3 +183,14 @@ def test_group_matches_peft_bf16_gpu(parent, shape):
     for name, e, r, o in zip(("outputs", "dx", "adapter grads"), truth, ref, got):
         for e_, r_, o_ in zip(*(t if isinstance(t, list) else [t] for t in (e, r, o))):
             assert _rel(o_, e_) <= max(2 * _rel(r_, e_), 1e-2), (name, _rel(o_, e_), _rel(r_, e_))
+
+
+def test_wide_models_keep_projections_apart(tiny_lora, monkeypatch):
+    """Past MAX_WIDTH the buffer's extra memory outweighs the gain: nothing is grouped, weights stay as they were."""
+    monkeypatch.setattr(lora_group, "MAX_WIDTH", 31)  # the tiny model is 32 wide
+    model = tiny_lora("llama")
+    weight = model.get_base_model().model.layers[0].self_attn.q_proj.get_base_layer().weight
+    pointer = weight.data_ptr()
+    assert _grouped(model) == ([], [])
+    assert weight.data_ptr() == pointer and not hasattr(model.get_base_model().model.layers[0].mlp.up_proj,
+                                                        "_tunery_group")

@@ -5,8 +5,8 @@
 Today, for families whose output is a plain `lm_head` over the final norm (no logit soft-capping):
 - the fused linear + cross-entropy loss (kernels/linear_ce.py);
 - fused LoRA linears with a hand-written backward, 16-bit or 4-bit base (kernels/lora.py); with a 16-bit base,
-  the projections that share an input (q/k/v, gate/up) as one matmul with the adapters inside it
-  (kernels/lora_group.py);
+  the projections that share an input (q/k/v, gate/up) of a model up to 2048 wide as one matmul with the
+  adapters inside it (kernels/lora_group.py);
 - checkpointing that offloads block inputs to pinned CPU memory, when checkpointing is on (kernels/offload.py),
   whose recompute skips the MLP's down projection (its output is never read in backward) and, with
   `stash_attention`, the attention sublayer, kept from forward in pinned CPU memory instead;

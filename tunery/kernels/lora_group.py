@@ -46,6 +46,12 @@ from tunery.kernels import lora
 # input's; wider groups chain their matmuls into dx instead. On the H100, q/k/v (1.5x) gained 17-36% with the
 # widened buffer; gate/up (5-8x) lost 5-46% and gained 4-12% chained (docs/benchmarks.md, eighth session).
 KCAT_BACKWARD_MAX_WIDTH = 2.0
+# Groups whose input is wider than this stay apart. The buffer S costs (O + in + R) x R more than the base weights
+# (the adapters' slots, mostly zeros off the block diagonal), and the gain falls as the input widens (the add pass
+# that grouping saves is a smaller share of a wider matmul). On the H100: Llama-3.2-1B (2048) gained 5.8% for
+# 0.02 GiB of peak, Qwen2.5-0.5B (896) 10%; Llama-3.1-8B (4096) about 1% for 0.09 GiB, which put its peak above
+# Unsloth's (docs/benchmarks.md, eighth session).
+MAX_WIDTH = 2048
 
 
 def _out(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor) -> list[torch.Tensor]:
@@ -277,8 +283,9 @@ def _refresh(groups: list[_Group]) -> None:
 
 
 def _groupable(layers: list) -> bool:
-    """Fused (kernels/lora.py), dense, one active adapter, same input width, dtype and device, bias alike."""
-    if any(m is None or getattr(m, "_tunery_nf4", 1) is not None for m in layers):
+    """Fused (kernels/lora.py), dense, one active adapter, same input width (at most MAX_WIDTH), dtype and device,
+    bias alike."""
+    if any(m is None or getattr(m, "_tunery_nf4", 1) is not None or m.in_features > MAX_WIDTH for m in layers):
         return False
     if any(len(m.active_adapters) != 1 or m.active_adapters[0] != layers[0].active_adapters[0] for m in layers):
         return False
