@@ -43,8 +43,9 @@ from torch import nn
 from tunery.kernels import lora
 
 # dx widens dy into one buffer (one matmul, K = O + R) when the group's width O is at most this many times its
-# input's; wider groups chain their matmuls into dx instead. On the H100, q/k/v (1.5x) gained 17-36% with the
-# widened buffer; gate/up (5-8x) lost 5-46% and gained 4-12% chained (docs/benchmarks.md, eighth session).
+# input's; wider groups chain their matmuls into dx instead. On the H100, q/k/v (1.3-1.5x) gained 12-36% with
+# the widened buffer; gate/up (7-11x) lost up to 46% with it and gained 4-13% chained (docs/benchmarks.md,
+# eighth session).
 KCAT_BACKWARD_MAX_WIDTH = 2.0
 # Groups whose input is wider than this stay apart. The buffer S costs (O + in + R) x R more than the base weights
 # (the adapters' slots, mostly zeros off the block diagonal), and the gain falls as the input widens (the add pass
