@@ -33,6 +33,8 @@ about 7% of a Llama-3.2-1B or Qwen2.5-0.5B step on the H100. The ops' bodies are
 the PEFT weights (so adapters still save in PEFT format). LoRA dropout is applied to the adapter's input
 outside the op (autograd differentiates it), so the base matmul still sees the undropped `x`. Anything
 else (DoRA and other variants, several active adapters, a disabled or merged adapter) keeps PEFT's forward.
+Projections that read one input (q/k/v, gate/up) may instead run as one matmul with their adapters inside it
+(kernels/lora_group.py), which falls back to this op for any call it cannot serve.
 """
 
 from __future__ import annotations
