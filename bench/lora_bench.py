@@ -406,8 +406,7 @@ def main() -> None:
     p.add_argument("--output-fetch", choices=["block", "attention"], help="tunery: kernels/offload.OUTPUT_FETCH")
     a = p.parse_args()
     flags = [f for f in ("--no-compile", "--no-offload", "--no-lora", "--no-groups", "--no-stash", "--ops",
-                         "--cpp-wrapper",
-                         "--skip-guards")
+                         "--cpp-wrapper", "--skip-guards")
              if getattr(a, f[2:].replace("-", "_"))]
     flags += ["--lora-first", a.lora_first] if a.lora_first else []
     flags += ["--output-fetch", a.output_fetch] if a.output_fetch else []

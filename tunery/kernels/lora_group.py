@@ -113,19 +113,19 @@ class _Group:
         self.outs = [b.out_features for b in bases]
         self.ranks = [m.lora_A[adapter].weight.shape[0] for m in members]
         self.scales = [float(m.scaling[adapter]) for m in members]
-        self.o, self.r = sum(self.outs), sum(self.ranks)
+        self.o, rank = sum(self.outs), sum(self.ranks)
+        self.rows = _spans(self.outs)  # each member's rows of S[:O] (its output's columns)
+        self.cols = _spans(self.ranks)  # each member's rank columns after `in` (and rows of A after O)
         w0 = bases[0].weight
-        self.s = torch.zeros(self.o + self.r, self.width + self.r, dtype=w0.dtype, device=w0.device)
+        self.s = torch.zeros(self.o + rank, self.width + rank, dtype=w0.dtype, device=w0.device)
         self.bias = None
         if bases[0].bias is not None:
             self.bias = torch.cat([b.bias.detach() for b in bases])
-        row = 0
-        for b, out in zip(bases, self.outs):
-            self.s[row:row + out, :self.width].copy_(b.weight.detach())
-            b.weight.data = self.s[row:row + out, :self.width]  # the model's base weight now lives in S
+        for b, (r0, r1) in zip(bases, self.rows):
+            self.s[r0:r1, :self.width].copy_(b.weight.detach())
+            b.weight.data = self.s[r0:r1, :self.width]  # the model's base weight now lives in S
             if self.bias is not None:
-                b.bias.data = self.bias[row:row + out]
-            row += out
+                b.bias.data = self.bias[r0:r1]
         self.kcat_backward = self.o <= KCAT_BACKWARD_MAX_WIDTH * self.width
         self.dtypes = [(m.lora_A[adapter].weight.dtype, m.lora_B[adapter].weight.dtype) for m in members]
         self.versions = None
@@ -142,12 +142,10 @@ class _Group:
         versions = [(id(p), p._version) for p in params]
         if versions == self.versions:
             return
-        col, row = self.width, self.o
-        out_row = 0
-        for (a, b), out, rank, scale in zip(zip(params[::2], params[1::2]), self.outs, self.ranks, self.scales):
-            self.s[row:row + rank, :self.width].copy_(a)
-            self.s[out_row:out_row + out, col:col + rank].copy_(b * scale)
-            row, col, out_row = row + rank, col + rank, out_row + out
+        o, width = self.o, self.width
+        for a, b, (r0, r1), (c0, c1), scale in zip(params[::2], params[1::2], self.rows, self.cols, self.scales):
+            self.s[o + c0:o + c1, :width].copy_(a)
+            self.s[r0:r1, width + c0:width + c1].copy_(b * scale)
         self.versions = versions
 
     def ready(self) -> bool:
@@ -170,13 +168,11 @@ class _Group:
 
     def restore(self) -> None:
         """Give each member's base weight (and bias) its own contiguous tensor again."""
-        row = 0
-        for m, out in zip(self.members, self.outs):
+        for m, (r0, r1) in zip(self.members, self.rows):
             base = m.get_base_layer()
-            base.weight.data = self.s[row:row + out, :self.width].clone()
+            base.weight.data = self.s[r0:r1, :self.width].clone()
             if self.bias is not None:
-                base.bias.data = self.bias[row:row + out].clone()
-            row += out
+                base.bias.data = self.bias[r0:r1].clone()
         self.s = self.bias = self.pending = None
 
 
@@ -200,11 +196,9 @@ class _LoRAGroup(torch.autograd.Function):
         gs = [g.reshape(-1, out) if g is not None else x2.new_zeros(x2.shape[0], out)
               for g, out in zip(grads, group.outs)]
         gbs, dparams = [], []
-        row, col = 0, width
-        for g, out, rank, scale in zip(gs, group.outs, group.ranks, group.scales):
-            gbs.append(g @ s[row:row + out, col:col + rank])  # (N, r) = s dy B (the slot holds s B)
-            dparams.append((g.t() @ xa[:, col - width:col - width + rank]).mul_(scale))  # (out, r) = s dy^T xA^T
-            row, col = row + out, col + rank
+        for g, (r0, r1), (c0, c1), scale in zip(gs, group.rows, group.cols, group.scales):
+            gbs.append(g @ s[r0:r1, width + c0:width + c1])  # (N, r) = s dy B (the slot holds s B)
+            dparams.append((g.t() @ xa[:, c0:c1]).mul_(scale))  # (out, r) = s dy^T (x A^T)
         gb = torch.cat(gbs, dim=1)  # (N, R)
         da = (gb.t() @ x2).split(group.ranks)  # (R, in) = g^T x, per member
         grads_out = []
@@ -216,10 +210,7 @@ class _LoRAGroup(torch.autograd.Function):
             if group.kcat_backward:
                 dx = (_OPS.lora_group_dx.default if compiling else _dx)(gs, gb, s[:, :width])
             else:
-                ws, row = [], 0
-                for out in group.outs:
-                    ws.append(s[row:row + out, :width])
-                    row += out
+                ws = [s[r0:r1, :width] for r0, r1 in group.rows]
                 dx = (_OPS.lora_group_dx_chain.default if compiling else _dx_chain)(gs, gb, s[o:, :width], ws)
             dx = dx.view(x.shape)
         return (dx, None, *grads_out)
@@ -274,6 +265,12 @@ def group_lora(model: nn.Module, groups: tuple[tuple[str, tuple[str, ...], tuple
 
     kinds = sorted(set(names))
     return [f"LoRA groups with the adapters inside one matmul ({', '.join(kinds)}) x{len(built)}"], [undo]
+
+
+def _spans(sizes: list[int]) -> list[tuple[int, int]]:
+    """Consecutive [start, stop) ranges of these sizes, from 0."""
+    stops = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+    return [(stop - size, stop) for size, stop in zip(sizes, stops)]
 
 
 def _refresh(groups: list[_Group]) -> None:
