@@ -186,7 +186,8 @@ def _useful_flops_per_token(arch: str, seq: int) -> float:
 
 
 def run_one(stack: str, arch: str, bs: int, seq: int, quant: str = "", steps: int = 6, warmup: int = 3,
-            fast_opts: dict | None = None, profile: bool = False, skip_guards: bool = False) -> dict:
+            fast_opts: dict | None = None, profile: bool = False, skip_guards: bool = False,
+            memory: bool = False) -> dict:
     import torch
 
     torch.manual_seed(0)
@@ -227,6 +228,8 @@ def run_one(stack: str, arch: str, bs: int, seq: int, quant: str = "", steps: in
                 times.append(dt)
         if profile and times:  # after the timed steps, so the profiler's overhead stays out of tokens/s
             _profile_steps(one_step)
+        if memory and times:
+            _memory_at_peak(one_step)
     except torch.cuda.OutOfMemoryError:
         err = "OOM"
     off = [k for k, v in (fast_opts or {}).items() if not v and k != "ops"]
@@ -276,6 +279,50 @@ def _profile_steps(one_step) -> None:
     with torch.profiler.profile(activities=cpu_cuda, record_shapes=True, with_stack=True) as prof:
         one_step(1)
     _print_copies(prof)
+
+
+def _memory_at_peak(one_step, top: int = 25) -> None:
+    """One step under the CUDA allocator's history: when its memory peaked, and the tensors live then, largest
+    first, each with the innermost frames of tunery, transformers, peft or torch code that allocated it."""
+    import torch
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+    one_step(0)
+    snap = torch.cuda.memory._snapshot()
+    if os.environ.get("BENCH_MEMORY_SNAPSHOT"):  # the whole history, for torch.cuda's memory viz or a script
+        import pickle
+
+        with open(os.environ["BENCH_MEMORY_SNAPSHOT"], "wb") as f:
+            pickle.dump(snap, f)
+    torch.cuda.memory._record_memory_history(enabled=None)
+    events = [e for trace in snap["device_traces"] for e in trace]
+    live, total, peak, at_peak = {}, 0, 0, {}
+    for e in events:  # replay the step's allocations and frees; the step starts with `base` bytes in use
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            total += e["size"]
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        elif e["action"] == "free_completed" and e["addr"] in live:
+            total -= live.pop(e["addr"])["size"]
+    print(f"memory: {base / 2**30:.2f} GiB before the step, peak {(base + peak) / 2**30:.2f} GiB "
+          f"({peak / 2**30:.2f} GiB allocated during the step and live at the peak)", file=sys.stderr)
+
+    def where(e) -> str:
+        frames = [f for f in e.get("frames", []) if any(k in f["filename"] for k in
+                  ("tunery", "transformers", "peft", "torch/_inductor", "torch/optim", "bitsandbytes", "liger",
+                   "torch/_dynamo/eval_frame", "torch/autograd"))]
+        return " < ".join(f"{f['filename'].split('/')[-1]}:{f['line']} {f['name']}" for f in frames[:7]) or "?"
+
+    grouped = {}
+    for e in at_peak.values():
+        key = where(e)
+        n, size = grouped.get(key, (0, 0))
+        grouped[key] = (n + 1, size + e["size"])
+    for key, (n, size) in sorted(grouped.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"  {size / 2**20:9.1f} MiB  x{n:<4d} {key}", file=sys.stderr)
 
 
 def _busy(prof, wall_s: float) -> str:
@@ -403,6 +450,8 @@ def main() -> None:
     p.add_argument("--skip-guards", action="store_true", help="experiment: after warm-up, dynamo evaluates only the "
                                                               "guards that tell its cache entries apart")
     p.add_argument("--ops", action="store_true", help="tunery: liger RMSNorm/SwiGLU swaps")
+    p.add_argument("--memory", action="store_true", help="after the timed steps, one step under the allocator's "
+                   "history: the tensors live at its peak memory and the code that allocated them")
     p.add_argument("--output-fetch", choices=["block", "attention"], help="tunery: kernels/offload.OUTPUT_FETCH")
     a = p.parse_args()
     flags = [f for f in ("--no-compile", "--no-offload", "--no-lora", "--no-groups", "--no-stash", "--ops",
@@ -428,7 +477,7 @@ def main() -> None:
                 "lora_groups": not a.no_groups, "stash_attention": not a.no_stash, "ops": a.ops}
         print(json.dumps(run_one(stack, arch, int(bs), int(seq), a.quant, steps=a.steps, warmup=a.warmup,
                                  fast_opts=opts if stack == "tunery" else None, profile=a.profile,
-                                 skip_guards=a.skip_guards)), flush=True)
+                                 skip_guards=a.skip_guards, memory=a.memory)), flush=True)
         return
     results = []
     for group in a.rows:

@@ -159,25 +159,43 @@ def test_nf4_op_compiles_as_one_graph():
     assert torch.allclose(loss.detach(), expected, rtol=1e-5) and a.grad is not None and x.grad is not None
 
 
-def test_compiled_nf4_op_dequantizes_once_per_forward_and_backward(fresh_dynamo):
-    """Split as inductor splits it, the compiled 4-bit op hands its dense weight to backward rather than
-    dequantize twice (the speed the module doc chose over 0.2 GiB), and gives the eager op's results."""
+@pytest.mark.parametrize("dropout", [False, True])
+def test_compiled_nf4_op_keeps_no_dense_weight_in_the_graph(fresh_dynamo, dropout):
+    """Split as inductor splits it, the compiled 4-bit op dequantizes inside its opaque matmul ops, forward and
+    backward: no dense weight is a value of either graph (so none can be saved or held across other work), and
+    the results are the eager op's. With LoRA dropout, backward's dx is `dy W` alone, through the same op."""
     from tunery.kernels.lora import _LoRALinear, nf4_of
 
     nf4 = nf4_of(_nf4_weight(48, 32))
     x, _, _, a, b, scale, grad_out = _case(5, 32, 48, 4, torch.float32, "cpu", False)
+    mask = (torch.rand(x.shape, generator=torch.Generator().manual_seed(3)) > 0.3).float()
 
     def op(x, a, b):
-        return _LoRALinear.apply(x, None, None, nf4, None, a, b, scale, False)
+        return _LoRALinear.apply(x, x * mask if dropout else None, None, nf4, None, a, b, scale, False)
 
     eager = _grads_of(op, x, a, b, grad_out)
     log = GraphLog(min_cut=True)
     compiled = _grads_of(torch.compile(op, fullgraph=True, backend=log), x, a, b, grad_out)
-    assert (48, 32) in log.saved(), log.saved()
     (_, forward), (_, backward) = log.aot
-    assert "dequantize_4bit" in forward.code and "dequantize_4bit" not in backward.code, backward.code
+    assert "tunery.lora_out_nf4" in forward.code and "dequantize_4bit" not in forward.code, forward.code
+    assert "tunery.lora_dx_nf4" in backward.code and "dequantize_4bit" not in backward.code, backward.code
+    assert (48, 32) not in log.saved(), log.saved()
     for name, e, g in zip(("out", "dx", "dA", "dB"), eager, compiled):
         assert _rel(g, e) < 1e-6, (name, _rel(g, e))
+
+
+def test_nf4_ops_match_their_fake_kernels():
+    """The opaque 4-bit ops' schemas and fake kernels (the shapes inductor plans with) against their real results."""
+    from tunery.kernels.lora import _nf4_args, nf4_of
+
+    nf4 = nf4_of(_nf4_weight(48, 32))
+    x, _, _, a, b, scale, grad_out = _case(5, 32, 48, 4, torch.float32, "cpu", False)
+    x2, g = x.reshape(-1, 32), grad_out.reshape(-1, 48)
+    ops = torch.ops.tunery
+    for op, args in ((ops.lora_out_nf4.default, (x2, *_nf4_args(nf4), None, x2 @ a.t(), b, scale)),
+                     (ops.lora_dx_nf4.default, (g, *_nf4_args(nf4), g @ b, a)),
+                     (ops.lora_dx_nf4.default, (g, *_nf4_args(nf4), None, None))):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -212,10 +230,12 @@ def test_recompute_skips_the_unread_down_projection(tiny_lora, tiny_tokenizer, l
     assert "mlp.down_proj base matmul skipped in recompute x2" in fast.describe()
     down_shape = model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight.shape
     calls = []
-    real_dense = klora._dense
-    monkeypatch.setattr(klora, "_dense", lambda w, q, d: calls.append(tuple(w.shape)) or real_dense(w, q, d))
+    real_out, real_dx = klora._out, klora._dx
+    monkeypatch.setattr(klora, "_out", lambda x2, w, *a: calls.append(("out", tuple(w.shape))) or real_out(x2, w, *a))
+    monkeypatch.setattr(klora, "_dx", lambda g, w, *a: calls.append(("dx", tuple(w.shape))) or real_dx(g, w, *a))
     got_loss, got_grads = loss_and_grads(model, batch, fast)
-    assert calls.count(tuple(down_shape)) == 2 * 2  # forward + backward per layer; the recompute skipped it
+    # per layer, its base matmul ran in forward and its dx in backward; the recompute skipped it
+    assert calls.count(("out", tuple(down_shape))) == 2 and calls.count(("dx", tuple(down_shape))) == 2, calls
     assert torch.allclose(got_loss, ref_loss, rtol=1e-5)
     for name, g in ref_grads.items():
         assert _rel(got_grads[name], g) < 1e-5, name

@@ -88,7 +88,7 @@ def _counting(forward, calls):
 
 
 def test_attention_with_four_bit_weights_is_recomputed(tiny_lora, monkeypatch):
-    """A sublayer with 4-bit weights keeps the recompute: its graph would save the dense dequantized weights."""
+    """A sublayer with 4-bit weights keeps the recompute (the stash measured slower with them)."""
     from tunery.kernels import offload
 
     monkeypatch.setattr(offload, "STASH_MAX_BYTES_PER_GFLOP", float("inf"))
@@ -98,7 +98,20 @@ def test_attention_with_four_bit_weights_is_recomputed(tiny_lora, monkeypatch):
     weight = model.base_model.model.model.layers[1].self_attn.v_proj.base_layer.weight
     monkeypatch.setattr(weight, "quant_state", object(), raising=False)  # what bitsandbytes' Params4bit carries
     done, _ = enable_offload(model, stash_attention=True)
-    assert done[1:] == ["attention recomputed (4-bit weights: their dense copies would cross the host link)"]
+    assert done[1:] == ["attention recomputed (4-bit weights: slower with the stash on Llama-3.1-8B "
+                        "(docs/benchmarks.md, ninth session))"]
+
+
+def test_four_bit_weights_count_by_their_dense_shape():
+    """The stash's cost estimates count a packed 4-bit weight (half a byte a weight) as the weights it holds."""
+    import bitsandbytes as bnb
+
+    from tunery.kernels.offload import _linear_weights
+
+    block = torch.nn.Sequential(torch.nn.Linear(32, 48, bias=False), torch.nn.Linear(48, 32, bias=False))
+    assert _linear_weights(block) == 2 * 48 * 32
+    block[0].weight = bnb.nn.Params4bit(data=torch.randn(48, 32), requires_grad=False, quant_type="nf4").to("cpu")
+    assert block[0].weight.numel() < 48 * 32 and _linear_weights(block) == 2 * 48 * 32
 
 
 @pytest.mark.parametrize("arch, kb, share, stashed", [

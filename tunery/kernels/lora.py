@@ -11,12 +11,12 @@ and the small `x A^T` for backward, and computes there exactly what a frozen bas
 
 The base weight may be a bitsandbytes 4-bit (NF4) tensor. It enters the op as plain tensors (`NF4`: the
 packed bytes and the block scales) and is dequantized through bitsandbytes' registered torch ops, so the op
-stays inside compiled graphs (bitsandbytes' Python-side tensor subclass would split them). Eager, it
-dequantizes in forward and again in backward, one dense copy at a time. Compiled, inductor's min-cut
-partitioner keeps the forward's dense copy for backward instead: a block's 4-bit projections (all but the
-one skipped in recompute) sit in 16 bits from its recompute to its backward. That is kept on purpose:
-dequantizing inside opaque ops, so that backward dequantizes again, saved 0.21 GiB of peak on Llama-3.1-8B
-and cost 28% of the speed on the H100 (docs/benchmarks.md, fifth session).
+stays inside compiled graphs (bitsandbytes' Python-side tensor subclass would split them). Each matmul that
+reads it dequantizes it into a temporary and lets it go (`tunery::lora_out_nf4`, `tunery::lora_dx_nf4` under
+compile): forward and backward each dequantize, and no dense copy outlives its matmul. With the dense weight as
+a value of the compiled graph instead, inductor's partitioner kept it from a block's recompute to its backward
+(the fifth session, 0.4 GiB on Llama-3.1-8B), or, once told to recompute it, held each one from the
+MLP's deferred forward matmul to its dx in backward (docs/benchmarks.md, ninth session).
 
 The output of a projection that only feeds the block's last residual add (the MLP's down projection in
 Llama-like blocks) is never read in backward. When the offloaded checkpoint recomputes a block to build its
@@ -62,7 +62,7 @@ class NF4(NamedTuple):
     absmax: torch.Tensor  # per-block scales: fp32, or uint8 when themselves quantized (nested)
     absmax2: torch.Tensor | None  # nested: the scales' own fp32 scales
     code2: torch.Tensor | None  # nested: the 8-bit code book of the scales
-    offset: float  # nested: added back to the dequantized scales
+    offset: torch.Tensor | None  # nested: added back to the dequantized scales (a tensor: no float guard)
     meta: tuple  # (blocksize, nested blocksize, quant type, shape, dtype)
 
 
@@ -73,21 +73,31 @@ def nf4_of(weight) -> NF4 | None:
         return None  # a dense weight, or one bitsandbytes repacked for its CPU inference kernel
     packed = weight.detach()  # a plain tensor on the same storage (Params4bit's torch function unwraps)
     nested = state.nested
+    offset = torch.as_tensor(state.offset, dtype=torch.float32, device=state.absmax.device) if nested else None
     return NF4(packed, state.absmax, state.state2.absmax if nested else None, state.state2.code if nested else None,
-               float(state.offset) if nested else 0.0,
+               offset,
                (state.blocksize, state.state2.blocksize if nested else 0, state.quant_type, tuple(state.shape),
                 state.dtype))
 
 
-def dequantize_nf4(q: NF4, dtype: torch.dtype) -> torch.Tensor:
-    """The dense (out, in) weight, through bitsandbytes' registered ops (traceable by torch.compile)."""
+def _nf4_args(q: NF4) -> tuple:
+    """The NF4 weight as the opaque ops' arguments: tensors, then its layout as ints, a string and a dtype."""
     blocksize, blocksize2, quant_type, shape, qdtype = q.meta
-    absmax = q.absmax
-    if q.absmax2 is not None:
-        absmax = torch.ops.bitsandbytes.dequantize_blockwise(absmax, q.absmax2, q.code2, blocksize2, torch.float32)
-        absmax = absmax + q.offset
-    dense = torch.ops.bitsandbytes.dequantize_4bit(q.packed, absmax, blocksize, quant_type, list(shape), qdtype)
+    return q.packed, q.absmax, q.absmax2, q.code2, q.offset, [blocksize, blocksize2, *shape], quant_type, qdtype
+
+
+def _nf4_dense(packed, absmax, absmax2, code2, offset, layout, quant_type, qdtype, dtype) -> torch.Tensor:
+    blocksize, blocksize2, rows, cols = layout
+    if absmax2 is not None:  # nested: the scales are themselves 8-bit, with an offset taken out
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise(absmax, absmax2, code2, blocksize2, torch.float32)
+        absmax = absmax + offset
+    dense = torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, blocksize, quant_type, [rows, cols], qdtype)
     return dense.to(dtype)
+
+
+def dequantize_nf4(q: NF4, dtype: torch.dtype) -> torch.Tensor:
+    """The dense (out, in) weight, through bitsandbytes' registered ops."""
+    return _nf4_dense(*_nf4_args(q), dtype)
 
 
 # Which matmul writes the shared output first. "adapter": the rank-r product writes it, and the base matmul
@@ -131,6 +141,29 @@ torch.library.register_fake("tunery::lora_dx", lambda g, w, gb, a: g.new_empty(g
 _out_op, _dx_op = torch.ops.tunery.lora_out.default, torch.ops.tunery.lora_dx.default
 
 
+def _out_nf4(x2, packed, absmax, absmax2, code2, offset, layout, quant_type, qdtype, bias, xa, b, scale):
+    """`_out` with the base weight dequantized into a temporary (see the module doc)."""
+    w = _nf4_dense(packed, absmax, absmax2, code2, offset, layout, quant_type, qdtype, x2.dtype)
+    return _out(x2, w, bias, xa, b, scale)
+
+
+def _dx_nf4(g, packed, absmax, absmax2, code2, offset, layout, quant_type, qdtype, gb, a):
+    """`_dx` (or `dy W` alone when `gb` is None) with the base weight dequantized into a temporary."""
+    w = _nf4_dense(packed, absmax, absmax2, code2, offset, layout, quant_type, qdtype, g.dtype)
+    return _dx(g, w, gb, a) if gb is not None else g @ w
+
+
+_NF4 = "Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? code2, Tensor? offset, int[] layout, str quant_type, " \
+       "ScalarType qdtype"
+_LIB.define(f"lora_out_nf4(Tensor x2, {_NF4}, Tensor? bias, Tensor xa, Tensor b, float scale) -> Tensor")
+_LIB.define(f"lora_dx_nf4(Tensor g, {_NF4}, Tensor? gb, Tensor? a) -> Tensor")
+_LIB.impl("lora_out_nf4", _out_nf4, "CompositeExplicitAutograd")
+_LIB.impl("lora_dx_nf4", _dx_nf4, "CompositeExplicitAutograd")
+torch.library.register_fake("tunery::lora_out_nf4", lambda x2, *args: x2.new_empty(x2.shape[0], args[5][2]), lib=_LIB)
+torch.library.register_fake("tunery::lora_dx_nf4", lambda g, *args: g.new_empty(g.shape[0], args[5][3]), lib=_LIB)
+_out_nf4_op, _dx_nf4_op = torch.ops.tunery.lora_out_nf4.default, torch.ops.tunery.lora_dx_nf4.default
+
+
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
@@ -154,9 +187,11 @@ class _LoRALinear(torch.autograd.Function):
         ctx.nf4, ctx.scale, ctx.shared = nf4, scale, x_lora is None
         if skip_base:  # the caller never reads this output (see the module doc); only the graph is needed
             return x.new_empty(*shape[:-1], b.shape[0])
-        w = _dense(weight, nf4, x.dtype)
         bias = bias.to(x.dtype) if bias is not None else None
-        out = (_out_op if _compiling() else _out)(x2, w, bias, xa, b_c, scale)
+        if nf4 is not None:
+            out = (_out_nf4_op if _compiling() else _out_nf4)(x2, *_nf4_args(nf4), bias, xa, b_c, scale)
+        else:
+            out = (_out_op if _compiling() else _out)(x2, weight, bias, xa, b_c, scale)
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -168,9 +203,11 @@ class _LoRALinear(torch.autograd.Function):
         a_c, b_c = a.to(g.dtype), b.to(g.dtype)
         gb = (g @ b_c).mul_(s)  # (N, r) = s dy B
         dx = dxl = da = db = None
-        if ctx.needs_input_grad[0]:
-            w = _dense(weight, ctx.nf4, g.dtype)
-            dx = ((_dx_op if _compiling() else _dx)(g, w, gb, a_c) if ctx.shared else g @ w).view(xl.shape)
+        if ctx.needs_input_grad[0] and ctx.nf4 is not None:
+            dx = (_dx_nf4_op if _compiling() else _dx_nf4)(g, *_nf4_args(ctx.nf4), *((gb, a_c) if ctx.shared else
+                                                                                     (None, None))).view(xl.shape)
+        elif ctx.needs_input_grad[0]:
+            dx = ((_dx_op if _compiling() else _dx)(g, weight, gb, a_c) if ctx.shared else g @ weight).view(xl.shape)
         if ctx.needs_input_grad[1]:
             dxl = (gb @ a_c).view(xl.shape)
         if ctx.needs_input_grad[5]:

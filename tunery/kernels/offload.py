@@ -21,7 +21,7 @@ recompute does not run the sublayer again: it returns its output, fetched back, 
 The output is fetched one block ahead (`OUTPUT_FETCH`) and let go once the recompute has added it; the rest when the
 block's backward starts, while its MLP recomputes. Blocks whose attention is a small share of their weights
 (`STASH_MIN_ATTENTION_SHARE`) gain less than the stash costs and keep the recompute. Sublayers with 4-bit weights are
-recomputed: their graph would save the dense dequantized weights, and those would then cross the host link too. The
+recomputed: on Llama-3.1-8B the stash made the QLoRA step 7% slower (docs/benchmarks.md, ninth session). The
 host link carries about four block inputs more per block (Llama-3.1-8B at 4096 tokens: 112 MiB forward and back); a
 block stashes only while the whole model's stash fits in `STASH_HOST_FRACTION` of the host's memory, otherwise it
 recomputes as before.
@@ -368,8 +368,14 @@ def _link_bytes_per_gflop(layer: torch.nn.Module) -> float:
 
 
 def _linear_weights(module: torch.nn.Module) -> int:
-    return sum(m.weight.numel() for n, m in module.named_modules()
+    """How many weights the base linears under `module` hold (a 4-bit weight counted by its dense shape)."""
+    return sum(_weights(m.weight) for n, m in module.named_modules()
                if isinstance(m, torch.nn.Linear) and "lora_" not in n)
+
+
+def _weights(weight: torch.Tensor) -> int:
+    state = getattr(weight, "quant_state", None)
+    return weight.numel() if state is None else int(torch.Size(state.shape).numel())
 
 
 def _attention_share(layer: torch.nn.Module) -> float:
@@ -407,7 +413,7 @@ def _why_not_stash(layers: list, attentions: list) -> str | None:
     if len(attentions) != len(layers):
         return "blocks without a self_attn sublayer"
     if any(hasattr(p, "quant_state") for a in attentions for p in a.parameters()):
-        return "4-bit weights: their dense copies would cross the host link"
+        return "4-bit weights: slower with the stash on Llama-3.1-8B (docs/benchmarks.md, ninth session)"
     link = _link_bytes_per_gflop(layers[0])
     if link > STASH_MAX_BYTES_PER_GFLOP:
         return (f"blocks too small to hide the host copies: {link / 1e3:.0f} kB per GFLOP, "
