@@ -15,8 +15,8 @@ stays inside compiled graphs (bitsandbytes' Python-side tensor subclass would sp
 reads it dequantizes it into a temporary and lets it go (`tunery::lora_out_nf4`, `tunery::lora_dx_nf4` under
 compile): forward and backward each dequantize, and no dense copy outlives its matmul. With the dense weight as
 a value of the compiled graph instead, inductor's partitioner kept it from a block's recompute to its backward
-(the fifth session, 0.4 GiB on Llama-3.1-8B), or, once told to recompute it, held each one from the
-MLP's deferred forward matmul to its dx in backward (docs/benchmarks.md, ninth session).
+or, once told to recompute it, held each one from the MLP's deferred forward matmul to its dx in backward:
+Llama-3.1-8B's QLoRA step peaked at 7.28 and 7.20 GiB, against 6.98 now (docs/benchmarks.md, ninth session).
 
 The output of a projection that only feeds the block's last residual add (the MLP's down projection in
 Llama-like blocks) is never read in backward. When the offloaded checkpoint recomputes a block to build its
