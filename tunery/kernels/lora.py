@@ -203,11 +203,15 @@ class _LoRALinear(torch.autograd.Function):
         a_c, b_c = a.to(g.dtype), b.to(g.dtype)
         gb = (g @ b_c).mul_(s)  # (N, r) = s dy B
         dx = dxl = da = db = None
-        if ctx.needs_input_grad[0] and ctx.nf4 is not None:
-            dx = (_dx_nf4_op if _compiling() else _dx_nf4)(g, *_nf4_args(ctx.nf4), *((gb, a_c) if ctx.shared else
-                                                                                     (None, None))).view(xl.shape)
-        elif ctx.needs_input_grad[0]:
-            dx = ((_dx_op if _compiling() else _dx)(g, weight, gb, a_c) if ctx.shared else g @ weight).view(xl.shape)
+        if ctx.needs_input_grad[0]:
+            adapter = (gb, a_c) if ctx.shared else (None, None)  # the adapter's term of dx, unless dropout split x
+            if ctx.nf4 is not None:
+                dx = (_dx_nf4_op if _compiling() else _dx_nf4)(g, *_nf4_args(ctx.nf4), *adapter)
+            elif ctx.shared:
+                dx = (_dx_op if _compiling() else _dx)(g, weight, *adapter)
+            else:
+                dx = g @ weight
+            dx = dx.view(xl.shape)
         if ctx.needs_input_grad[1]:
             dxl = (gb @ a_c).view(xl.shape)
         if ctx.needs_input_grad[5]:
