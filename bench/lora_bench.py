@@ -452,10 +452,12 @@ def main() -> None:
     p.add_argument("--ops", action="store_true", help="tunery: liger RMSNorm/SwiGLU swaps")
     p.add_argument("--memory", action="store_true", help="after the timed steps, one step under the allocator's "
                    "history: the tensors live at its peak memory and the code that allocated them")
+    p.add_argument("--bnb-dequant", action="store_true", help="tunery: bitsandbytes' two dequantization ops "
+                   "instead of kernels/nf4.py's one launch")
     p.add_argument("--output-fetch", choices=["block", "attention"], help="tunery: kernels/offload.OUTPUT_FETCH")
     a = p.parse_args()
     flags = [f for f in ("--no-compile", "--no-offload", "--no-lora", "--no-groups", "--no-stash", "--ops",
-                         "--cpp-wrapper", "--skip-guards")
+                         "--cpp-wrapper", "--skip-guards", "--bnb-dequant")
              if getattr(a, f[2:].replace("-", "_"))]
     flags += ["--lora-first", a.lora_first] if a.lora_first else []
     flags += ["--output-fetch", a.output_fetch] if a.output_fetch else []
@@ -467,6 +469,10 @@ def main() -> None:
         from tunery.kernels import lora
 
         lora.FIRST = a.lora_first
+    if a.bnb_dequant:
+        from tunery.kernels import nf4
+
+        nf4._triton_available = lambda: False
     if a.cpp_wrapper:
         import torch._inductor.config
 

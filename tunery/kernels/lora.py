@@ -10,8 +10,9 @@ and the small `x A^T` for backward, and computes there exactly what a frozen bas
     dx = dy W + (s dy B) A        dA = (s dy B)^T x        dB = s dy^T (x A^T)
 
 The base weight may be a bitsandbytes 4-bit (NF4) tensor. It enters the op as plain tensors (`NF4`: the
-packed bytes and the block scales) and is dequantized through bitsandbytes' registered torch ops, so the op
-stays inside compiled graphs (bitsandbytes' Python-side tensor subclass would split them). Each matmul that
+packed bytes and the block scales) and is dequantized in one Triton launch on CUDA (kernels/nf4.py), else
+through bitsandbytes' registered torch ops, so the op stays inside compiled graphs (bitsandbytes' Python-side
+tensor subclass would split them). Each matmul that
 reads it dequantizes it into a temporary and lets it go (`tunery::lora_out_nf4`, `tunery::lora_dx_nf4` under
 compile): forward and backward each dequantize, and no dense copy outlives its matmul. With the dense weight as
 a value of the compiled graph instead, inductor's partitioner kept it from a block's recompute to its backward
@@ -47,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunery.kernels import offload
+from tunery.kernels.nf4 import dequantize as _dequantize_4bit
 
 
 def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
@@ -87,16 +89,11 @@ def _nf4_args(q: NF4) -> tuple:
 
 
 def _nf4_dense(packed, absmax, absmax2, code2, offset, layout, quant_type, qdtype, dtype) -> torch.Tensor:
-    blocksize, blocksize2, rows, cols = layout
-    if absmax2 is not None:  # nested: the scales are themselves 8-bit, with an offset taken out
-        absmax = torch.ops.bitsandbytes.dequantize_blockwise(absmax, absmax2, code2, blocksize2, torch.float32)
-        absmax = absmax + offset
-    dense = torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, blocksize, quant_type, [rows, cols], qdtype)
-    return dense.to(dtype)
+    return _dequantize_4bit(packed, absmax, absmax2, code2, offset, layout, quant_type, qdtype).to(dtype)
 
 
 def dequantize_nf4(q: NF4, dtype: torch.dtype) -> torch.Tensor:
-    """The dense (out, in) weight, through bitsandbytes' registered ops."""
+    """The dense (out, in) weight: kernels/nf4.py on CUDA, else bitsandbytes' registered ops."""
     return _nf4_dense(*_nf4_args(q), dtype)
 
 
