@@ -96,7 +96,8 @@ def _build_tunery(arch: str, quant: str, fast_opts: dict):
     from tunery.eval.loss import summed_loss
     from tunery.kernels.apply import fast_path_for
     from tunery.models.load import load_model, pick_device
-    from tunery.train.loop import make_trainable
+    from tunery.kernels.graphs import StepGraphs
+    from tunery.train.loop import make_trainable, step_graphs
 
     pick_device("cuda")  # as `tunery train` does: sets the CUDA allocator up before CUDA starts
     if quant:
@@ -107,13 +108,16 @@ def _build_tunery(arch: str, quant: str, fast_opts: dict):
     cfg = RunConfig(method="qlora" if quant else "lora", lora_r=16, lora_alpha=32, lora_dropout=0.0,
                     lora_targets=TARGETS, gradient_checkpointing=True)
     model = make_trainable(model, cfg)  # exactly what `tunery train` trains
-    fast = fast_path_for(model, "cuda", **fast_opts)
-    print(fast.describe(), file=sys.stderr)
+    fast = fast_path_for(model, "cuda", **{k: v for k, v in fast_opts.items() if k != "graphs"})
+    graphs = fast_opts.get("graphs", True)
+    runner = step_graphs(model, model, fast, "cuda") if graphs else StepGraphs(
+        lambda b: summed_loss(model, b, fast), list(model.parameters()), enabled=False, reason="--no-graphs")
+    print(fast.describe() + "; " + runner.describe(), file=sys.stderr)
     _watch_stash()
 
-    def step(ids):
+    def step(ids):  # as tunery train runs a micro-batch (train/loop.py)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-        (summed_loss(model, batch, fast) / (ids.shape[0] * (ids.shape[1] - 1))).backward()
+        runner(batch, 1 / (ids.shape[0] * (ids.shape[1] - 1)))
 
     return model, step
 
@@ -240,7 +244,8 @@ def run_one(stack: str, arch: str, bs: int, seq: int, quant: str = "", steps: in
 
         tag += f" lora-first={lora.FIRST}" if lora.FIRST != "adapter" else ""
     res = {"stack": tag, "arch": arch, "bs": bs, "seq": seq, "quant": quant or "bf16", "err": err,
-           "load_s": round(load_s, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+           "load_s": round(load_s, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+           "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
     if STASH_MIB:
         res["stash_mib"] = STASH_MIB
     if times:  # warm-up steps absorb compilation and autotuning
@@ -442,6 +447,8 @@ def main() -> None:
     p.add_argument("--no-lora", action="store_true", help="tunery: PEFT's LoRA forward instead of the fused op")
     p.add_argument("--no-groups", action="store_true", help="tunery: each LoRA projection alone, not q/k/v and "
                                                             "gate/up as one matmul with their adapters")
+    p.add_argument("--no-graphs", action="store_true", help="tunery: run each step eagerly, not as a captured "
+                                                            "CUDA graph")
     p.add_argument("--no-stash", action="store_true", help="tunery: recompute attention instead of keeping it in "
                                                            "pinned CPU memory")
     p.add_argument("--lora-first", choices=["adapter", "base"], help="tunery: kernels/lora.FIRST")
@@ -456,7 +463,7 @@ def main() -> None:
                    "instead of kernels/nf4.py's one launch")
     p.add_argument("--output-fetch", choices=["block", "attention"], help="tunery: kernels/offload.OUTPUT_FETCH")
     a = p.parse_args()
-    flags = [f for f in ("--no-compile", "--no-offload", "--no-lora", "--no-groups", "--no-stash", "--ops",
+    flags = [f for f in ("--no-compile", "--no-offload", "--no-lora", "--no-groups", "--no-stash", "--no-graphs", "--ops",
                          "--cpp-wrapper", "--skip-guards", "--bnb-dequant")
              if getattr(a, f[2:].replace("-", "_"))]
     flags += ["--lora-first", a.lora_first] if a.lora_first else []
@@ -480,7 +487,8 @@ def main() -> None:
     if a.one:
         stack, arch, bs, seq = a.one
         opts = {"compile": not a.no_compile, "offload": not a.no_offload, "lora": not a.no_lora,
-                "lora_groups": not a.no_groups, "stash_attention": not a.no_stash, "ops": a.ops}
+                "lora_groups": not a.no_groups, "stash_attention": not a.no_stash, "ops": a.ops,
+                "graphs": not a.no_graphs}
         print(json.dumps(run_one(stack, arch, int(bs), int(seq), a.quant, steps=a.steps, warmup=a.warmup,
                                  fast_opts=opts if stack == "tunery" else None, profile=a.profile,
                                  skip_guards=a.skip_guards, memory=a.memory)), flush=True)

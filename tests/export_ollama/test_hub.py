@@ -30,7 +30,8 @@ def run(tmp_path: Path) -> Path:
     data = tmp_path / "dates.jsonl"
     data.write_text('{"prompt": "June 3, 1985", "completion": "1985-06-03"}\n')
     cfg = RunConfig(model="Qwen/Qwen2.5-0.5B-Instruct", data=str(data), name="dates", output_dir=str(tmp_path),
-                    lora_r=8, lora_targets=["q_proj", "v_proj"], max_steps=20, lr=1e-4, gradient_checkpointing=True,
+                    lora_r=8, lora_targets=["q_proj", "v_proj"], lora_dropout=0.05, max_steps=20, lr=1e-4,
+                    gradient_checkpointing=True,
                     system_prompt="Answer with a date only.", train_on="all")
     folder = tmp_path / "dates"
     (folder / "adapter").mkdir(parents=True)

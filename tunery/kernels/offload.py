@@ -29,6 +29,7 @@ recomputes as before.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import types
@@ -60,11 +61,29 @@ STASH_MIN_ATTENTION_SHARE = 0.15
 class _Offloader:
     """The host copies of the blocks' inputs in forward order, with the copy stream that moves them."""
 
-    def __init__(self, layers: int = 0, stash: bool = False):
+    def __init__(self, layers: int = 0, stash: bool = False, rng: bool = True):
         self.pending: list[weakref.ref] = []  # slots awaiting backward; a graph that is dropped frees its own
         self._stream = None
         self._leaf: torch.Tensor | None = None
         self.layers, self.stash = layers, stash
+        self.rng = rng  # whether the blocks draw random numbers (dropout): the recompute must replay them
+        self.pool = HostPool()
+        self.in_flight: list[torch.Tensor] = []  # GPU sources of device-to-host copies not yet waited for
+
+    def settle(self, device: torch.device) -> None:
+        """Let the compute stream wait for the copies to the host issued so far, then let their sources go: their
+        memory is reused only after the copies have read it (what `record_stream` would do, but a captured CUDA
+        graph can reuse such memory within the capture, where `record_stream`'s deferred frees cannot)."""
+        if self.in_flight:
+            torch.cuda.current_stream(device).wait_stream(self._stream)
+            self.in_flight.clear()
+
+    def join(self, device: torch.device) -> None:
+        """The compute stream waits for everything on the copy stream (the end of a step: a CUDA graph capture
+        must end with its side stream joined back)."""
+        if self._stream is not None:
+            torch.cuda.current_stream(device).wait_stream(self._stream)
+        self.in_flight.clear()
 
     def stash_fits(self, hidden: torch.Tensor) -> bool:
         """Whether every block's attention stash at this input size fits the host memory allowed for it."""
@@ -85,17 +104,49 @@ class _Offloader:
         return self._leaf
 
 
-def _to_host(t: torch.Tensor, stream) -> torch.Tensor:
-    """A pinned host copy of `t`, made on the side `stream`; `t` stays alive until the transfer is done. CPU (no
-    stream): nothing to offload to, so a plain copy, and the code path is the same."""
+class HostPool:
+    """Pinned host buffers, reused from step to step and never handed back to torch: a buffer a captured CUDA
+    graph copies into must stay where it is for as long as the graph lives (kernels/graphs.py). Buffers are
+    taken and given back in program order, and every copy into or out of them runs on the one copy stream, so
+    a buffer given back after a copy was queued is reused only by copies queued after it."""
+
+    def __init__(self, pin: bool = True):
+        self.pin = pin
+        self.free: dict[int, list[torch.Tensor]] = {}  # bytes -> free buffers of exactly that size
+        self.held = 0  # bytes of pinned memory the pool owns
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A 1-D uint8 buffer of at least `nbytes`: a free one of that size, else the smallest larger free one,
+        else a new one."""
+        same = self.free.get(nbytes)
+        if same:
+            return same.pop()
+        larger = [n for n, bufs in self.free.items() if n > nbytes and bufs]
+        if larger:
+            return self.free[min(larger)].pop()
+        self.held += nbytes
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+
+    def give(self, buf: torch.Tensor | None) -> None:
+        if buf is not None:
+            self.free.setdefault(buf.numel(), []).append(buf)
+
+
+def _to_host(t: torch.Tensor, owner: _Offloader) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(a pinned host copy of `t`, the pool buffer that holds it), made on the side stream; `t` stays alive until
+    the compute stream has waited for the transfer (`settle`). CPU (no stream): nothing to offload to, so a plain
+    copy (and no buffer), and the code path is the same."""
+    stream = owner.stream(t.device)
     if stream is None:
-        return t.detach().clone()
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return t.detach().clone(), None
+    nbytes = t.numel() * t.element_size()
+    buf = owner.pool.take(nbytes)
+    host = buf[:nbytes].view(t.dtype).view(t.shape)
     stream.wait_stream(torch.cuda.current_stream(t.device))
     with torch.cuda.stream(stream):
         host.copy_(t.detach(), non_blocking=True)
-    t.record_stream(stream)
-    return host
+    owner.in_flight.append(t)
+    return host, buf
 
 
 def _to_device(host: torch.Tensor, device: torch.device, stream) -> tuple[torch.Tensor, object]:
@@ -118,7 +169,7 @@ class _Slot:
         self.fetched: torch.Tensor | None = None
         self.ready = None
         self.attention: _AttentionStash | None = None  # set when the block's attention was kept
-        self.host = _to_host(hidden, owner.stream(hidden.device))
+        self.host, self.buffer = _to_host(hidden, owner)
 
     def prefetch(self) -> None:
         if self.attention is not None and OUTPUT_FETCH == "block":
@@ -131,13 +182,17 @@ class _Slot:
         if self.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(self.ready)
         out, self.fetched, self.host = self.fetched, None, None
+        self.owner.pool.give(self.buffer)  # its copy back is queued: later copies into it come after
+        self.buffer = None
         return out
 
 
 class _OffloadedBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, offloader: _Offloader, run, hidden: torch.Tensor):
-        ctx.rng = _rng_state(hidden.device)  # the recompute must draw the same dropout masks
+        # the recompute must draw the same dropout masks (reading the RNG state is not allowed in a CUDA graph
+        # capture: kernels/graphs.py captures only models that draw none)
+        ctx.rng = _rng_state(hidden.device) if offloader.rng else None
         global _STASH
         stash = _AttentionStash(offloader, hidden.device) if offloader.stash_fits(hidden) else None
         _STASH = stash
@@ -146,6 +201,7 @@ class _OffloadedBlock(torch.autograd.Function):
                 out = run(hidden)
         finally:
             _STASH = None
+        offloader.settle(hidden.device)  # the copies of the blocks before and of this one's stash, under its compute
         ctx.run, ctx.slot = run, _Slot(offloader, hidden)
         ctx.slot.attention = stash if stash is not None and stash.anchor is not None else None
         offloader.pending = [r for r in offloader.pending if r() is not None] + [weakref.ref(ctx.slot)]
@@ -154,6 +210,7 @@ class _OffloadedBlock(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         slot, owner = ctx.slot, ctx.slot.owner
+        owner.settle(grad.device)  # the last block's input copy: its source need not live through backward
         hidden = slot.take().detach().requires_grad_(True)
         order = [r() for r in owner.pending]
         stash = slot.attention
@@ -168,14 +225,18 @@ class _OffloadedBlock(torch.autograd.Function):
             stash.prefetch(range(len(stash.host)))  # (the output, fetched ahead but for the last block, is skipped)
         cuda = [hidden.device] if hidden.device.type == "cuda" else []
         global RECOMPUTING, _STASH
-        with torch.random.fork_rng(devices=cuda, device_type="cuda"), torch.enable_grad():
-            _set_rng_state(ctx.rng, hidden.device)
+        rng = torch.random.fork_rng(devices=cuda, device_type="cuda") if ctx.rng else contextlib.nullcontext()
+        with rng, torch.enable_grad():
+            if ctx.rng:
+                _set_rng_state(ctx.rng, hidden.device)
             RECOMPUTING, _STASH = True, stash
             try:
                 out = ctx.run(hidden)
             finally:
                 RECOMPUTING, _STASH = False, None
         torch.autograd.backward(out, grad)
+        if not any(r() is not None for r in owner.pending):  # the first block: the step's last copies are done
+            owner.join(hidden.device)
         return None, None, hidden.grad
 
 
@@ -186,6 +247,7 @@ class _AttentionStash:
     def __init__(self, owner: _Offloader, device: torch.device):
         self.owner, self.device = owner, device
         self.host: list[torch.Tensor | None] = []  # per storage: its bytes in (pinned) host memory
+        self.buffers: list[torch.Tensor | None] = []  # per storage: the pool buffer under its host copy
         self.fetched: list[torch.Tensor | None] = []  # per storage: its bytes back on the device
         self.ready: list = []  # per storage: the event of its fetch
         self._seen: dict[int, tuple[int, torch.Tensor]] = {}  # while forward runs: storage address -> (index, tensor)
@@ -208,12 +270,14 @@ class _AttentionStash:
         self._out, self._extra = self.pack(out), tuple(outs[1:])
         self.output_only = [self._out[1]] if self._out[0] == "host" else []
         self._seen.clear()
-        self.rng = _rng_state(hidden.device)  # the recompute's MLP must draw the forward's dropout masks
+        # the recompute's MLP must draw the forward's dropout masks
+        self.rng = _rng_state(hidden.device) if self.owner.rng else None
         return (out.detach(), *self._extra)
 
     def replay(self, hidden: torch.Tensor) -> tuple:
         """The sublayer in the recompute: its kept output (no compute), wired to `hidden` for backward."""
-        _set_rng_state(self.rng, hidden.device)
+        if self.rng is not None:
+            _set_rng_state(self.rng, hidden.device)
         return (_Replay.apply(hidden, self), *self._extra)
 
     def pack(self, t: torch.Tensor):
@@ -226,7 +290,9 @@ class _AttentionStash:
         seen = self._seen.get(address)
         if seen is None:  # the tensor is held until forward ends: its address cannot be reused meanwhile
             seen = self._seen[address] = (len(self.host), t)
-            self.host.append(self._copy_out(t))
+            host, buf = self._copy_out(t)
+            self.host.append(host)
+            self.buffers.append(buf)
             self.fetched.append(None)
             self.ready.append(None)
         return ("host", seen[0], view)
@@ -244,13 +310,19 @@ class _AttentionStash:
                 torch.cuda.current_stream(self.device).wait_event(self.ready[i])
                 self.ready[i] = None
             self.host[i] = None
+            self._give(i)
             base = self.fetched[i]
         return torch.empty(0, dtype=dtype, device=base.device).set_(base.untyped_storage(), offset, shape, stride)
 
-    def _copy_out(self, t: torch.Tensor) -> torch.Tensor:
-        """The bytes of `t`'s whole storage, to the host."""
+    def _copy_out(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The bytes of `t`'s whole storage, to the host: (the host copy, its pool buffer)."""
         flat = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
-        return _to_host(flat, self.owner.stream(t.device))
+        return _to_host(flat, self.owner)
+
+    def _give(self, i: int) -> None:
+        """Storage i's host buffer back to the pool, once its copy back is queued (or will never be)."""
+        self.owner.pool.give(self.buffers[i])
+        self.buffers[i] = None
 
     def prefetch(self, indexes) -> None:
         stream = self.owner.stream(self.device)
@@ -269,7 +341,9 @@ class _AttentionStash:
 
     def release(self) -> None:
         self.anchor = self.input = self.grad = self.dx = self._out = None
-        self.host, self.fetched, self.ready = [], [], []
+        for i in range(len(self.buffers)):
+            self._give(i)
+        self.host, self.buffers, self.fetched, self.ready = [], [], [], []
 
 
 def _storages(module: torch.nn.Module, args: tuple, kwargs: dict) -> set[int]:
@@ -424,6 +498,16 @@ def _why_not_stash(layers: list, attentions: list) -> str | None:
     return None
 
 
+def draws_random(model: torch.nn.Module) -> bool:
+    """Whether training `model` draws random numbers: a dropout module with p > 0 (PEFT's LoRA dropout among
+    them) or a config's `*dropout` above 0 (attention dropout, applied inside the attention call)."""
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return True
+    configs = [getattr(m, "config", None) for m in model.modules()]
+    return any(isinstance(v, (int, float)) and v > 0 for c in configs if c is not None
+               for k, v in vars(c).items() if k.endswith("dropout"))
+
+
 def enable_offload(model, stash_attention: bool = False) -> tuple[list[str], list]:
     """Switch the model's checkpointed layers to offloaded checkpointing; (what was done, undo callables).
     `stash_attention`: keep each block's attention sublayer (`self_attn`) instead of recomputing it."""
@@ -434,7 +518,7 @@ def enable_offload(model, stash_attention: bool = False) -> tuple[list[str], lis
     attentions = [m.self_attn for m in layers if isinstance(getattr(m, "self_attn", None), torch.nn.Module)]
     why_not = _why_not_stash(layers, attentions) if stash_attention else None
     stash = stash_attention and why_not is None
-    offloader = _Offloader(len(layers), stash)
+    offloader = _Offloader(len(layers), stash, rng=draws_random(model))
     undo = []
     for layer in layers:
         previous = layer._gradient_checkpointing_func

@@ -18,6 +18,7 @@ from tunery.data.templates import ensure_chat_template
 from tunery.errors import RunError
 from tunery.eval.loss import held_out_loss, summed_loss
 from tunery.kernels.apply import FastPath, fast_path_for
+from tunery.kernels.graphs import StepGraphs, graphs_reason
 from tunery.models.load import load_model, load_tokenizer, model_fingerprint, pick_device, pick_dtype
 from tunery.models.lora import apply_lora
 from tunery.progress import console
@@ -45,9 +46,20 @@ class Trainer:
     dist: Dist = Dist()
     forward_model: object = None  # the DDP wrapper when distributed, else `model`
     fast: FastPath | None = None  # fused kernels in use, or the reason there are none
+    steps: StepGraphs | None = None  # runs each micro-batch's forward and backward, captured per batch shape
 
     def __post_init__(self):
         self.forward_model = self.forward_model or self.model
+        if self.steps is None:
+            self.steps = step_graphs(self.model, self.forward_model, self.fast, self.device, self.dist)
+
+
+def step_graphs(model, forward_model, fast: FastPath | None, device: str, dist: Dist = Dist()) -> StepGraphs:
+    """The micro-batch runner of a run: CUDA graphs where kernels/graphs.py can capture the step, else eager."""
+    reason = "multi-process training" if dist.enabled else graphs_reason(model, device, fast)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return StepGraphs(lambda batch: summed_loss(forward_model, batch, fast), params, enabled=not reason,
+                      reason=reason)
 
 
 def total_steps(cfg: RunConfig, n_train: int) -> int:
@@ -105,7 +117,9 @@ def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
         forward = DistributedDataParallel(model, device_ids=ids)
     fast = fast_path_for(model, device, cfg.fast, dist.enabled)
     log.info(fast.describe())
-    return Trainer(cfg, run, model, tokenizer, data, optimizer, scheduler, device, steps, dist, forward, fast)
+    trainer = Trainer(cfg, run, model, tokenizer, data, optimizer, scheduler, device, steps, dist, forward, fast)
+    log.info(trainer.steps.describe())
+    return trainer
 
 
 def train_step(t: Trainer, step: int) -> dict:
@@ -129,9 +143,8 @@ def train_step(t: Trainer, step: int) -> dict:
         sync = i == len(batches) - 1 or not dist.enabled
         with contextlib.nullcontext() if sync else t.forward_model.no_sync():
             # DDP averages gradients over ranks; scaling by world makes that the sum over all tokens
-            loss = summed_loss(t.forward_model, batch, t.fast) / n_tokens
-            (loss * dist.world).backward()
-        total += float(loss.detach())
+            loss = t.steps(batch, dist.world / n_tokens)
+        total += float(loss) / n_tokens
     total = distributed.all_sum(total, dist)
     params = [p for p in t.model.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
@@ -223,7 +236,8 @@ def _train_in(cfg: RunConfig, run: Path, resuming: bool, dist: Dist) -> Path:
         return run
     report = t.data.report()
     console.print(f"[bold]{run}[/]: {report['train_examples']} train / {report['eval_examples']} eval "
-                  f"examples, {t.total_steps} steps on {t.device}; {t.fast.describe()}")
+                  f"examples, {t.total_steps} steps on {t.device}; {t.fast.describe()}; "
+                  f"{t.steps.describe()}")
     for f in report["files"]:
         if f["rejected"] or f["truncated"] or f["no_trainable_tokens"]:
             console.print(f"[yellow]{f['path']}[/]: {f['rejected']} rows rejected {f['rejected_reasons']}, "

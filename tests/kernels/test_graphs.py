@@ -1,0 +1,207 @@
+"""kernels/graphs.py: a micro-batch's forward and backward captured per batch shape and replayed. On the CPU the
+bookkeeping (static inputs, gradient buffers, accumulation, fallbacks) against eager steps, with a stand-in for
+the CUDA graph that re-runs the captured function at each replay; on the GPU (pytest -m gpu) real captures of the
+fast path (compiled blocks, offload, attention stash) against eager steps."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from tunery.kernels import graphs
+from tunery.kernels.graphs import StepGraphs
+
+
+class StandIn:
+    """What a CUDA graph does, on the CPU: capture computes nothing; each replay runs the captured function again
+    (reading the static inputs and accumulating into whatever `p.grad` is) and refreshes the static loss."""
+
+    made: list[StandIn] = []
+
+    def __init__(self, pool):
+        self.fn, self.replays, self.out = None, 0, torch.zeros(())
+        StandIn.made.append(self)
+
+    def capture(self, fn):
+        self.fn = fn
+        return self.out
+
+    def replay(self):
+        self.replays += 1
+        self.out.copy_(self.fn())
+
+
+class Broken(StandIn):
+    def capture(self, fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def _batch(vocab, shape, seed, pad=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, shape, generator=g)
+    mask = torch.ones_like(ids)
+    if pad:
+        mask[0, -pad:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100), "real_tokens": 9}
+
+
+def _train(model, runner, batches_per_step):
+    """SGD steps over micro-batches, as train/loop.py runs them: (losses, grads of each step)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1)
+    losses, grads = [], []
+    for micro in batches_per_step:
+        for b in micro:
+            losses.append(float(runner(b, 1 / (len(micro) * b["input_ids"].numel()))))
+        grads.append([p.grad.clone() for p in params])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return losses, grads
+
+
+@pytest.fixture
+def pair(tiny_lora):
+    """(eager runner, graph runner with the stand-in, its model, vocab size) over two identical tiny models."""
+    from tunery.eval.loss import summed_loss
+
+    def make(graph_cls=StandIn):
+        StandIn.made.clear()
+        a, b = tiny_lora("llama", 2), tiny_lora("llama", 2)
+        eager = StepGraphs(lambda x: summed_loss(a, x), list(a.parameters()), enabled=False, reason="reference")
+        captured = StepGraphs(lambda x: summed_loss(b, x), list(b.parameters()), graph_cls=graph_cls)
+        return (a, eager), (b, captured), a.config.vocab_size
+
+    return make
+
+
+def test_replays_match_eager_steps_with_accumulation_and_new_shapes(pair):
+    (a, eager), (b, captured), vocab = pair()
+    # two micro-batches per step; shape (2, 8) is captured at its third micro-batch, (2, 12) at its third too
+    shapes = [(2, 8), (2, 8), (2, 8), (2, 8), (2, 12), (2, 12), (2, 12), (2, 8)]
+    steps = [[_batch(vocab, s, seed=10 * i + j) for j in range(2)] for i, s in enumerate(shapes)]
+    want_loss, want_grads = _train(a, eager, steps)
+    got_loss, got_grads = _train(b, captured, steps)
+    assert len(StandIn.made) == 2 and sum(g.replays for g in StandIn.made) == 16 - 2 * graphs.CAPTURE_AFTER
+    assert torch.allclose(torch.tensor(got_loss), torch.tensor(want_loss), rtol=1e-5)
+    for want, got in zip(want_grads, got_grads):
+        for w, g in zip(want, got):
+            assert torch.allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_a_gradient_left_by_an_eager_step_is_carried_into_the_replay(pair):
+    (a, eager), (b, captured), vocab = pair()
+    for i in range(3):  # the shape is captured
+        captured(_batch(vocab, (2, 8), seed=i), 1.0)
+        b.zero_grad(set_to_none=True)
+    # one optimizer step: an eager micro-batch of another shape, then a replay, accumulating
+    first, second = _batch(vocab, (2, 6), seed=7), _batch(vocab, (2, 8), seed=8)
+    captured(first, 0.5)
+    captured(second, 0.25)
+    eager(first, 0.5)
+    eager(second, 0.25)
+    assert StandIn.made[0].replays == 2  # the capturing call replays too
+    for p, q in zip(a.parameters(), b.parameters()):
+        if p.requires_grad:
+            assert torch.allclose(q.grad, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_full_attention_mask_is_dropped_and_a_padded_one_kept():
+    full = _batch(50, (2, 8), 0)
+    padded = _batch(50, (2, 8), 0, pad=3)
+    assert "attention_mask" not in graphs._without_full_mask(full)
+    assert torch.equal(graphs._without_full_mask(padded)["attention_mask"], padded["attention_mask"])
+
+
+def test_a_failed_capture_falls_back_to_eager_for_the_run(pair, caplog):
+    (a, eager), (b, captured), vocab = pair(Broken)
+    steps = [[_batch(vocab, (2, 8), seed=i)] for i in range(5)]
+    with caplog.at_level(logging.WARNING, logger="tunery.kernels.graphs"):
+        got_loss, got_grads = _train(b, captured, steps)
+    want_loss, want_grads = _train(a, eager, steps)
+    assert not captured.enabled and "operation not permitted" in captured.reason
+    assert "CUDA graphs off" in caplog.text
+    assert got_loss == pytest.approx(want_loss, rel=1e-5)
+    assert all(torch.allclose(g, w, rtol=1e-4, atol=1e-6) for gs, ws in zip(got_grads, want_grads)
+               for g, w in zip(gs, ws))
+
+
+def test_shapes_past_the_limit_stay_eager(pair, monkeypatch):
+    monkeypatch.setattr(graphs, "MAX_GRAPHS", 1)
+    (a, eager), (b, captured), vocab = pair()
+    for seq in (8, 12):
+        for i in range(4):
+            captured(_batch(vocab, (2, seq), seed=i), 1.0)
+    assert len(StandIn.made) == 1 and StandIn.made[0].replays == 2
+
+
+def test_graphs_only_where_the_model_draws_no_random_numbers(tiny_lora):
+    from tunery.kernels.offload import draws_random
+
+    assert not draws_random(tiny_lora("llama", 2, dropout=0.0))
+    assert draws_random(tiny_lora("llama", 2, dropout=0.1))
+    model = tiny_lora("llama", 2, dropout=0.0)
+    model.config.attention_dropout = 0.1
+    assert draws_random(model)
+    assert graphs.graphs_reason(model, "cpu", None) == "CPU"
+
+
+def test_the_host_pool_reuses_its_buffers():
+    from tunery.kernels.offload import HostPool
+
+    pool = HostPool(pin=False)
+    a = pool.take(100)
+    assert a.numel() == 100 and pool.held == 100
+    pool.give(a)
+    assert pool.take(100) is a
+    pool.give(a)
+    assert pool.take(60) is a and pool.held == 100  # a larger free buffer serves a smaller request
+    b = pool.take(60)  # none free: a new one
+    assert b is not a and pool.held == 160
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", ["", "4bit"])
+def test_captured_fast_path_matches_eager_gpu(tmp_path, monkeypatch, quant):
+    """The real thing: compiled blocks, offloaded inputs, the attention stash through pinned memory (16-bit),
+    captured and replayed, against the same model stepping eagerly; both bf16 on the GPU."""
+    if not torch.cuda.is_available():
+        pytest.fail("needs a CUDA GPU: run on the device (pytest -m gpu)")
+    from tunery.config import RunConfig
+    from tunery.data.load import load_rows
+    from tunery.kernels import offload
+    from tunery.kernels.apply import fast_path_for
+    from tunery.models.load import load_model
+    from tunery.models.tiny import TinySpec, build_tiny_model, corpus_of
+    from tunery.train.loop import make_trainable, step_graphs
+
+    monkeypatch.setattr(offload, "STASH_MAX_BYTES_PER_GFLOP", float("inf"))  # the tiny model would not stash
+    monkeypatch.setattr(offload, "KEEP_BYTES", 0)  # and its tensors would all stay on the GPU
+    data = [{"text": "a b c d e f g h"}]
+    folder = build_tiny_model(tmp_path / "m", corpus_of(data),
+                              TinySpec(family="llama", hidden_size=256, intermediate_size=768, num_layers=4))
+    cfg = RunConfig(model=str(folder), data="-", method="qlora" if quant else "lora", lora_dropout=0.0,
+                    gradient_checkpointing=True)
+    runs = {}
+    for capture in (False, True):
+        torch.manual_seed(0)
+        model = make_trainable(load_model(str(folder), "cuda", torch.bfloat16, four_bit=bool(quant)), cfg)
+        fast = fast_path_for(model, "cuda")
+        runner = step_graphs(model, model, fast, "cuda")
+        if not capture:
+            runner.enabled = False
+        assert runner.enabled == capture, runner.reason
+        vocab = model.config.vocab_size
+        g = torch.Generator().manual_seed(1)
+        steps = [[{"input_ids": (ids := torch.randint(0, vocab, (2, 128), generator=g).cuda()),
+                   "attention_mask": torch.ones_like(ids), "labels": ids} for _ in range(2)] for _ in range(4)]
+        runs[capture] = _train(model, runner, steps)
+        if capture:
+            assert len(runner._graphs) == 1 and runner.enabled, runner.reason
+        fast.remove()
+    (want_loss, want_grads), (got_loss, got_grads) = runs[False], runs[True]
+    assert got_loss == pytest.approx(want_loss, rel=1e-3)
+    for want, got in zip(want_grads, got_grads):
+        for w, g in zip(want, got):
+            assert (g.float() - w.float()).norm() <= 1e-2 * w.float().norm() + 1e-6

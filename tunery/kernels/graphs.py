@@ -1,0 +1,164 @@
+"""A micro-batch's forward and backward as one CUDA graph, captured per batch shape and replayed.
+
+On one GPU the engine's 7-8B step is bound by the host, not the GPU: Python dispatch of the compiled blocks,
+the LoRA ops and autograd takes about 335 ms to queue a Llama-3.1-8B step whose kernels keep the GPU busy
+for about 290 (docs/benchmarks.md, tenth session). A replayed graph queues the whole step in one launch.
+
+    steps = StepGraphs(lambda batch: summed_loss(model, batch, fast), params, enabled=True)
+    loss = steps(batch, scale)     # (loss * scale).backward(): gradients accumulate into p.grad; returns loss
+
+The first `CAPTURE_AFTER` runs of a shape run eagerly (they compile, autotune and fill the offload's host
+buffers); the next one is captured into a graph, which then replays for every batch of that shape. What a
+replay needs stays in place for the graph's life: the batch is copied into static input tensors, each trained
+parameter's gradient lives in one static buffer (re-attached as `p.grad` before a replay, with what it held,
+so `zero_grad(set_to_none=True)` and accumulation over micro-batches work as in eager), the offload's pinned
+host buffers stay in its pool (kernels/offload.py), and all graphs share one memory pool.
+
+Not captured (the step stays eager, and `reason` says why): a model that draws random numbers (dropout; the
+recompute replays the RNG state, which cannot be read inside a capture), CPU, more than `MAX_GRAPHS` shapes.
+A capture that fails turns graphs off for the run with a warning and runs the step eagerly. The eager path is
+the reference: tests/kernels/test_graphs.py compares replays with it on the GPU, and the bookkeeping on the CPU
+with a stand-in for the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CAPTURE_AFTER = 2  # eager runs of a shape before it is captured (compile, autotuning, host buffers)
+MAX_GRAPHS = 4  # shapes captured at most; later shapes run eagerly
+
+
+class _CudaGraph:
+    """torch.cuda.CUDAGraph with the capture as a call: `capture(fn)` records fn, `replay()` runs it."""
+
+    def __init__(self, pool):
+        self.graph, self.pool = torch.cuda.CUDAGraph(), pool
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        with torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"):
+            return fn()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class StepGraphs:
+    """Runs `loss_fn(batch)` and its backward (scaled by `scale`), through a CUDA graph per batch shape."""
+
+    def __init__(self, loss_fn: Callable[[dict], torch.Tensor], params: list[torch.nn.Parameter],
+                 enabled: bool = True, reason: str = "", graph_cls=None):
+        self.loss_fn, self.params = loss_fn, [p for p in params if p.requires_grad]
+        self.reason = reason if not enabled else ""
+        self.enabled = enabled
+        self._graph_cls = graph_cls or _CudaGraph
+        self._pool = None
+        self._seen: dict[tuple, int] = {}
+        self._graphs: dict[tuple, tuple] = {}  # shape key -> (graph, static batch, static scale, static loss)
+        self._grads: list[torch.Tensor] | None = None  # one static gradient buffer per parameter
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return f"no CUDA graphs ({self.reason})"
+        return (f"forward+backward captured as a CUDA graph per batch shape, from a shape's micro-batch "
+                f"{CAPTURE_AFTER + 1} on ({len(self._graphs)} captured so far)")
+
+    def __call__(self, batch: dict, scale: float) -> torch.Tensor:
+        tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        if not self.enabled:
+            return self._eager(tensors, scale)
+        tensors = _without_full_mask(tensors)
+        key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(tensors.items()))
+        if key in self._graphs:
+            return self._replay(key, tensors, scale)
+        seen = self._seen[key] = self._seen.get(key, 0) + 1
+        if seen <= CAPTURE_AFTER or len(self._graphs) >= MAX_GRAPHS:
+            return self._eager(tensors, scale)
+        try:
+            self._capture(key, tensors)
+        except Exception as e:  # noqa: BLE001 - any failure leaves the eager step, which is always right
+            self.enabled, self.reason = False, f"capture failed: {type(e).__name__}: {e}"
+            log.warning("CUDA graphs off for this run (the steps run eagerly): %s", self.reason)
+            _reset_offload()
+            self._graphs.clear()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return self._eager(tensors, scale)
+        return self._replay(key, tensors, scale)
+
+    def _eager(self, tensors: dict, scale: float) -> torch.Tensor:
+        loss = self.loss_fn(tensors)
+        (loss * scale).backward()
+        return loss.detach()
+
+    def _capture(self, key: tuple, tensors: dict) -> None:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle() if self._graph_cls is _CudaGraph else None
+        if self._grads is None:  # outside the graphs' pool: they outlive every graph
+            self._grads = [torch.zeros_like(p) for p in self.params]
+        static = {k: v.clone() for k, v in tensors.items()}
+        scale = torch.ones((), dtype=torch.float32, device=next(iter(tensors.values())).device)
+        self._attach()  # backward accumulates into the static buffers, in place (a capture computes nothing)
+        graph = self._graph_cls(self._pool)
+
+        def run() -> torch.Tensor:
+            loss = self.loss_fn(static)
+            (loss * scale).backward()
+            return loss.detach()
+
+        loss = graph.capture(run)
+        if any(p.grad is not g for p, g in zip(self.params, self._grads)):
+            raise RuntimeError("autograd replaced a gradient buffer instead of accumulating into it")
+        self._graphs[key] = (graph, static, scale, loss)
+
+    def _attach(self) -> None:
+        """Make each parameter's gradient its static buffer, holding what `p.grad` held (zero for None)."""
+        for p, g in zip(self.params, self._grads):
+            if p.grad is not g:
+                if p.grad is None:
+                    g.zero_()
+                else:
+                    g.copy_(p.grad)
+                p.grad = g
+
+    def _replay(self, key: tuple, tensors: dict, scale: float) -> torch.Tensor:
+        graph, static, static_scale, loss = self._graphs[key]
+        for k, v in tensors.items():
+            static[k].copy_(v)
+        static_scale.fill_(scale)
+        self._attach()
+        graph.replay()
+        return loss.clone()
+
+
+def _without_full_mask(tensors: dict) -> dict:
+    """Drop an attention mask of all ones (no padding): the same causal attention without it, and transformers
+    then builds no mask, a step that reads the mask back to the host (which a capture does not allow)."""
+    mask = tensors.get("attention_mask")
+    if mask is not None and bool(mask.all()):
+        return {k: v for k, v in tensors.items() if k != "attention_mask"}
+    return tensors
+
+
+def _reset_offload() -> None:
+    from tunery.kernels import offload
+
+    offload.RECOMPUTING, offload._STASH = False, None
+
+
+def graphs_reason(model, device: str, fast) -> str:
+    """Why steps of `model` are not captured, or "" when they can be."""
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return "CPU"
+    if fast is None or not fast.applied:
+        return "the reference path"
+    from tunery.kernels.offload import draws_random
+
+    if draws_random(model):
+        return "the model draws random numbers (dropout): set lora_dropout 0 to capture"
+    return ""
