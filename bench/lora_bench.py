@@ -95,8 +95,8 @@ def _build_tunery(arch: str, quant: str, fast_opts: dict):
     from tunery.config import RunConfig
     from tunery.eval.loss import summed_loss
     from tunery.kernels.apply import fast_path_for
-    from tunery.models.load import load_model, pick_device
     from tunery.kernels.graphs import StepGraphs
+    from tunery.models.load import load_model, pick_device
     from tunery.train.loop import make_trainable, step_graphs
 
     pick_device("cuda")  # as `tunery train` does: sets the CUDA allocator up before CUDA starts
@@ -463,8 +463,8 @@ def main() -> None:
                    "instead of kernels/nf4.py's one launch")
     p.add_argument("--output-fetch", choices=["block", "attention"], help="tunery: kernels/offload.OUTPUT_FETCH")
     a = p.parse_args()
-    flags = [f for f in ("--no-compile", "--no-offload", "--no-lora", "--no-groups", "--no-stash", "--no-graphs", "--ops",
-                         "--cpp-wrapper", "--skip-guards", "--bnb-dequant")
+    flags = [f for f in ("--no-compile", "--no-offload", "--no-lora", "--no-groups", "--no-stash", "--no-graphs",
+                         "--ops", "--cpp-wrapper", "--skip-guards", "--bnb-dequant")
              if getattr(a, f[2:].replace("-", "_"))]
     flags += ["--lora-first", a.lora_first] if a.lora_first else []
     flags += ["--output-fetch", a.output_fetch] if a.output_fetch else []

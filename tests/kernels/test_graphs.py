@@ -169,7 +169,6 @@ def test_captured_fast_path_matches_eager_gpu(tmp_path, monkeypatch, quant):
     if not torch.cuda.is_available():
         pytest.fail("needs a CUDA GPU: run on the device (pytest -m gpu)")
     from tunery.config import RunConfig
-    from tunery.data.load import load_rows
     from tunery.kernels import offload
     from tunery.kernels.apply import fast_path_for
     from tunery.models.load import load_model
