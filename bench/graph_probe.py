@@ -23,7 +23,7 @@ VARIANTS = {
 }
 
 
-def probe(variant: str, hidden: int, layers: int, seq: int, quant: str, mode: str) -> dict:
+def probe(variant: str, hidden: int, layers: int, seq: int, quant: str, mode: str, stance: str = "") -> dict:
     import tempfile
 
     import torch
@@ -63,6 +63,8 @@ def probe(variant: str, hidden: int, layers: int, seq: int, quant: str, mode: st
     for _ in range(2):
         step()
     torch.cuda.synchronize()
+    if stance:  # a recompile inside the capture raises here, with its reason
+        torch.compiler.set_stance(stance)
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph, capture_error_mode=mode):
@@ -84,17 +86,20 @@ def main() -> None:
     p.add_argument("--quant", default="")
     p.add_argument("--mode", default="global", choices=["global", "thread_local", "relaxed"])
     p.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    p.add_argument("--stance", default="", help="torch.compiler.set_stance before the capture: fail_on_recompile")
     p.add_argument("--one")
     a = p.parse_args()
     if a.one:
-        print(json.dumps(probe(a.one, a.hidden, a.layers, a.seq, a.quant, a.mode)), flush=True)
+        print(json.dumps(probe(a.one, a.hidden, a.layers, a.seq, a.quant, a.mode, a.stance)), flush=True)
         return
     for v in a.variants:
         cmd = [sys.executable, __file__, "--one", v, "--hidden", str(a.hidden), "--layers", str(a.layers),
-               "--seq", str(a.seq), "--quant", a.quant, "--mode", a.mode]
+               "--seq", str(a.seq), "--quant", a.quant, "--mode", a.mode, "--stance", a.stance]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
         print(lines[-1] if lines else json.dumps({"variant": v, "crashed": out.stderr[-1500:]}), flush=True)
+        logs = [line for line in out.stderr.splitlines() if "ecompil" in line or "guard" in line.lower()]
+        print("\n".join(logs[-12:]), flush=True)
 
 
 if __name__ == "__main__":
