@@ -23,7 +23,7 @@ VARIANTS = {
 }
 
 
-def probe(variant: str, hidden: int, layers: int, seq: int, quant: str, mode: str, stance: str = "") -> dict:
+def probe(variant: str, hidden: int, layers: int, seq: int, quant: str, mode: str) -> dict:
     import tempfile
 
     import torch
@@ -33,6 +33,7 @@ def probe(variant: str, hidden: int, layers: int, seq: int, quant: str, mode: st
     from tunery.eval.loss import summed_loss
     from tunery.kernels import offload
     from tunery.kernels.apply import FastPath, fast_path_for
+    from tunery.kernels.graphs import capture_context
     from tunery.models.load import load_model, pick_device
     from tunery.train.loop import make_trainable
 
@@ -63,11 +64,9 @@ def probe(variant: str, hidden: int, layers: int, seq: int, quant: str, mode: st
     for _ in range(2):
         step()
     torch.cuda.synchronize()
-    if stance:  # a recompile inside the capture raises here, with its reason
-        torch.compiler.set_stance(stance)
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph, capture_error_mode=mode):
+        with capture_context(causal=True), torch.cuda.graph(graph, capture_error_mode=mode):
             loss = step()
         graph.replay()
         torch.cuda.synchronize()
@@ -86,15 +85,14 @@ def main() -> None:
     p.add_argument("--quant", default="")
     p.add_argument("--mode", default="global", choices=["global", "thread_local", "relaxed"])
     p.add_argument("--variants", nargs="*", default=list(VARIANTS))
-    p.add_argument("--stance", default="", help="torch.compiler.set_stance before the capture: fail_on_recompile")
     p.add_argument("--one")
     a = p.parse_args()
     if a.one:
-        print(json.dumps(probe(a.one, a.hidden, a.layers, a.seq, a.quant, a.mode, a.stance)), flush=True)
+        print(json.dumps(probe(a.one, a.hidden, a.layers, a.seq, a.quant, a.mode)), flush=True)
         return
     for v in a.variants:
         cmd = [sys.executable, __file__, "--one", v, "--hidden", str(a.hidden), "--layers", str(a.layers),
-               "--seq", str(a.seq), "--quant", a.quant, "--mode", a.mode, "--stance", a.stance]
+               "--seq", str(a.seq), "--quant", a.quant, "--mode", a.mode]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
         print(lines[-1] if lines else json.dumps({"variant": v, "crashed": out.stderr[-1500:]}), flush=True)

@@ -23,6 +23,7 @@ with a stand-in for the graph.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -111,7 +112,9 @@ class StepGraphs:
             (loss * scale).backward()
             return loss.detach()
 
-        loss = graph.capture(run)
+        causal = "attention_mask" not in static and "position_ids" not in static
+        with capture_context(causal):
+            loss = graph.capture(run)
         if any(p.grad is not g for p, g in zip(self.params, self._grads)):
             raise RuntimeError("autograd replaced a gradient buffer instead of accumulating into it")
         self._graphs[key] = (graph, static, scale, loss)
@@ -134,6 +137,30 @@ class StepGraphs:
         self._attach()
         graph.replay()
         return loss.clone()
+
+
+@contextlib.contextmanager
+def capture_context(causal: bool):
+    """What a capture runs under. Dynamo may not recompile (a recompile inside a capture would compile and
+    autotune there, which a capture does not allow): it raises instead, and the step stays eager.
+    `causal`: the batch has neither padding nor packing. transformers takes a stream capture for tracing and then
+    builds an explicit mask (slower attention, a recompile of the blocks) where eager steps pass none and let sdpa
+    run causal; with no padding nor packing the mask is none, so mask builders return none for the capture."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as masks
+
+    saved = dict(masks._local_mapping)
+    if causal:
+        masks._local_mapping.update({name: _no_mask for name in (*masks._global_mapping, *saved)})
+    try:
+        with torch.compiler.set_stance("fail_on_recompile"):
+            yield
+    finally:
+        masks._local_mapping.clear()
+        masks._local_mapping.update(saved)
+
+
+def _no_mask(*args, **kwargs):
+    return None
 
 
 def _without_full_mask(tensors: dict) -> dict:
