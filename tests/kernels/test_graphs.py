@@ -15,22 +15,36 @@ from tunery.kernels.graphs import StepGraphs
 
 
 class StandIn:
-    """What a CUDA graph does, on the CPU: capture computes nothing; each replay runs the captured function again
-    (reading the static inputs and accumulating into whatever `p.grad` is) and refreshes the static loss."""
+    """What a CUDA graph does, on the CPU. Capture records the step and leaves every value as it was (the gradients
+    a fresh backward allocates hold garbage, NaN here); `p.grad` then refers to the tensors the step writes. A replay
+    computes the step again into exactly those tensors, whatever `p.grad` refers to at the time, and refreshes the
+    static loss."""
 
     made: list[StandIn] = []
 
-    def __init__(self, pool):
-        self.fn, self.replays, self.out = None, 0, torch.zeros(())
+    def __init__(self, pool, params):
+        self.params, self.fn, self.replays, self.out = params, None, 0, torch.zeros(())
         StandIn.made.append(self)
 
     def capture(self, fn):
-        self.fn = fn
+        self.fn, self.fresh = fn, all(p.grad is None for p in self.params)
+        before = [None if p.grad is None else p.grad.clone() for p in self.params]
+        fn()
+        self.targets = [p.grad for p in self.params]
+        for t, b in zip(self.targets, before):
+            t.copy_(b) if b is not None else t.fill_(float("nan"))
         return self.out
 
     def replay(self):
         self.replays += 1
+        refs = [p.grad for p in self.params]
+        for p, t in zip(self.params, self.targets):
+            p.grad = None if self.fresh else t
         self.out.copy_(self.fn())
+        for p, t, r in zip(self.params, self.targets, refs):
+            if p.grad is not t:
+                t.copy_(p.grad)
+            p.grad = r
 
 
 class Broken(StandIn):
@@ -70,7 +84,8 @@ def pair(tiny_lora):
         StandIn.made.clear()
         a, b = tiny_lora("llama", 2), tiny_lora("llama", 2)
         eager = StepGraphs(lambda x: summed_loss(a, x), list(a.parameters()), enabled=False, reason="reference")
-        captured = StepGraphs(lambda x: summed_loss(b, x), list(b.parameters()), graph_cls=graph_cls)
+        params = [p for p in b.parameters() if p.requires_grad]
+        captured = StepGraphs(lambda x: summed_loss(b, x), params, graph_cls=lambda pool: graph_cls(pool, params))
         return (a, eager), (b, captured), a.config.vocab_size
 
     return make
@@ -78,12 +93,13 @@ def pair(tiny_lora):
 
 def test_replays_match_eager_steps_with_accumulation_and_new_shapes(pair):
     (a, eager), (b, captured), vocab = pair()
-    # two micro-batches per step; shape (2, 8) is captured at its third micro-batch, (2, 12) at its third too
+    # two micro-batches per step: the first finds no gradients, the second adds to them, so each shape gets two
+    # graphs, captured from its third micro-batch on
     shapes = [(2, 8), (2, 8), (2, 8), (2, 8), (2, 12), (2, 12), (2, 12), (2, 8)]
     steps = [[_batch(vocab, s, seed=10 * i + j) for j in range(2)] for i, s in enumerate(shapes)]
     want_loss, want_grads = _train(a, eager, steps)
     got_loss, got_grads = _train(b, captured, steps)
-    assert len(StandIn.made) == 2 and sum(g.replays for g in StandIn.made) == 16 - 2 * graphs.CAPTURE_AFTER
+    assert len(StandIn.made) == 4 and sum(g.replays for g in StandIn.made) == 16 - 2 * graphs.CAPTURE_AFTER
     assert torch.allclose(torch.tensor(got_loss), torch.tensor(want_loss), rtol=1e-5)
     for want, got in zip(want_grads, got_grads):
         for w, g in zip(want, got):
@@ -101,7 +117,7 @@ def test_a_gradient_left_by_an_eager_step_is_carried_into_the_replay(pair):
     captured(second, 0.25)
     eager(first, 0.5)
     eager(second, 0.25)
-    assert StandIn.made[0].replays == 2  # the capturing call replays too
+    assert [g.replays for g in StandIn.made] == [1, 1]  # the fresh graph, then the adding one
     for p, q in zip(a.parameters(), b.parameters()):
         if p.requires_grad:
             assert torch.allclose(q.grad, p.grad, rtol=1e-4, atol=1e-6)
@@ -197,7 +213,7 @@ def test_captured_fast_path_matches_eager_gpu(tmp_path, monkeypatch, quant):
                    "attention_mask": torch.ones_like(ids), "labels": ids} for _ in range(2)] for _ in range(4)]
         runs[capture] = _train(model, runner, steps)
         if capture:
-            assert len(runner._graphs) == 1 and runner.enabled, runner.reason
+            assert len(runner._graphs) == 2 and runner.enabled, runner.reason  # fresh and adding
         fast.remove()
     (want_loss, want_grads), (got_loss, got_grads) = runs[False], runs[True]
     assert got_loss == pytest.approx(want_loss, rel=1e-3)

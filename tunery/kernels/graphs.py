@@ -9,10 +9,12 @@ for about 290 (docs/benchmarks.md, tenth session). A replayed graph queues the w
 
 The first `CAPTURE_AFTER` runs of a shape run eagerly (they compile, autotune and fill the offload's host
 buffers); the next one is captured into a graph, which then replays for every batch of that shape. What a
-replay needs stays in place for the graph's life: the batch is copied into static input tensors, each trained
-parameter's gradient lives in one static buffer (re-attached as `p.grad` before a replay, with what it held,
-so `zero_grad(set_to_none=True)` and accumulation over micro-batches work as in eager), the offload's pinned
-host buffers stay in its pool (kernels/offload.py), and all graphs share one memory pool.
+replay needs stays in place for the graph's life: the batch is copied into static input tensors, the offload's
+pinned host buffers stay in its pool (kernels/offload.py), and all graphs share one memory pool. Gradients: a
+micro-batch that finds none (`zero_grad(set_to_none=True)` before it) replays a graph whose backward allocates
+them in the pool as it goes, as eager does, so the peak memory is eager's; they become `p.grad` after the replay
+and are overwritten by the next replay of that graph. A micro-batch that finds gradients (accumulation) replays
+a second graph that adds into static buffers, loaded with what `p.grad` held.
 
 Not captured (the step stays eager, and `reason` says why): a model that draws random numbers (dropout; the
 recompute replays the RNG state, which cannot be read inside a capture), CPU, more than `MAX_GRAPHS` shapes.
@@ -60,8 +62,9 @@ class StepGraphs:
         self._graph_cls = graph_cls or _CudaGraph
         self._pool = None
         self._seen: dict[tuple, int] = {}
-        self._graphs: dict[tuple, tuple] = {}  # shape key -> (graph, static batch, static scale, static loss)
-        self._grads: list[torch.Tensor] | None = None  # one static gradient buffer per parameter
+        # (shape key, fresh) -> (graph, static batch, static scale, static loss, gradients it leaves)
+        self._graphs: dict[tuple, tuple] = {}
+        self._sums: list[torch.Tensor] | None = None  # the gradient buffers accumulating graphs add into
 
     def describe(self) -> str:
         if not self.enabled:
@@ -74,10 +77,12 @@ class StepGraphs:
         if not self.enabled:
             return self._eager(tensors, scale)
         tensors = _without_full_mask(tensors)
-        key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(tensors.items()))
+        shape = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(tensors.items()))
+        # a step's first micro-batch (no gradients yet) writes the gradients, a later one adds to them: two graphs
+        key = (shape, all(p.grad is None for p in self.params))
         if key in self._graphs:
             return self._replay(key, tensors, scale)
-        seen = self._seen[key] = self._seen.get(key, 0) + 1
+        seen = self._seen[shape] = self._seen.get(shape, 0) + 1
         if seen <= CAPTURE_AFTER or len(self._graphs) >= MAX_GRAPHS:
             return self._eager(tensors, scale)
         try:
@@ -98,13 +103,22 @@ class StepGraphs:
         return loss.detach()
 
     def _capture(self, key: tuple, tensors: dict) -> None:
+        """Capture the step for `key`. Fresh (no gradients yet): backward allocates each gradient in the graphs'
+        pool as it reaches it, as an eager step does, and those tensors become `p.grad` after each replay. Else it
+        adds into static buffers that exist before it starts (as an eager step's earlier gradients do)."""
+        _, fresh = key
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle() if self._graph_cls is _CudaGraph else None
-        if self._grads is None:  # outside the graphs' pool: they outlive every graph
-            self._grads = [torch.zeros_like(p) for p in self.params]
+        saved = [p.grad for p in self.params]
+        if fresh:
+            for p in self.params:
+                p.grad = None
+        else:
+            if self._sums is None:  # outside the graphs' pool: they outlive every graph
+                self._sums = [torch.zeros_like(p) for p in self.params]
+            self._attach(self._sums)
         static = {k: v.clone() for k, v in tensors.items()}
         scale = torch.ones((), dtype=torch.float32, device=next(iter(tensors.values())).device)
-        self._attach()  # backward accumulates into the static buffers, in place (a capture computes nothing)
         graph = self._graph_cls(self._pool)
 
         def run() -> torch.Tensor:
@@ -113,15 +127,20 @@ class StepGraphs:
             return loss.detach()
 
         causal = "attention_mask" not in static and "position_ids" not in static
-        with capture_context(causal):
-            loss = graph.capture(run)
-        if any(p.grad is not g for p, g in zip(self.params, self._grads)):
-            raise RuntimeError("autograd replaced a gradient buffer instead of accumulating into it")
-        self._graphs[key] = (graph, static, scale, loss)
+        try:
+            with capture_context(causal):
+                loss = graph.capture(run)
+            grads = [p.grad for p in self.params]
+            if not fresh and any(g is not s for g, s in zip(grads, self._sums)):
+                raise RuntimeError("autograd replaced a gradient buffer instead of adding into it")
+        finally:  # a capture computes nothing: the gradients are what they were
+            for p, g in zip(self.params, saved):
+                p.grad = g
+        self._graphs[key] = (graph, static, scale, loss, grads)
 
-    def _attach(self) -> None:
-        """Make each parameter's gradient its static buffer, holding what `p.grad` held (zero for None)."""
-        for p, g in zip(self.params, self._grads):
+    def _attach(self, buffers: list[torch.Tensor]) -> None:
+        """Make each parameter's gradient its buffer, holding what `p.grad` held (zero for None)."""
+        for p, g in zip(self.params, buffers):
             if p.grad is not g:
                 if p.grad is None:
                     g.zero_()
@@ -130,12 +149,16 @@ class StepGraphs:
                 p.grad = g
 
     def _replay(self, key: tuple, tensors: dict, scale: float) -> torch.Tensor:
-        graph, static, static_scale, loss = self._graphs[key]
+        graph, static, static_scale, loss, grads = self._graphs[key]
         for k, v in tensors.items():
             static[k].copy_(v)
         static_scale.fill_(scale)
-        self._attach()
+        if not key[1]:
+            self._attach(self._sums)
         graph.replay()
+        if key[1]:  # what the replay wrote; the next replay of this graph overwrites it
+            for p, g in zip(self.params, grads):
+                p.grad = g
         return loss.clone()
 
 

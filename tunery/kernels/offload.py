@@ -68,22 +68,36 @@ class _Offloader:
         self.layers, self.stash = layers, stash
         self.rng = rng  # whether the blocks draw random numbers (dropout): the recompute must replay them
         self.pool = HostPool()
-        self.in_flight: list[torch.Tensor] = []  # GPU sources of device-to-host copies not yet waited for
+        self.in_flight: list[torch.Tensor] = []  # GPU sources of this block's device-to-host copies
+        self.blocks_in_flight: list[tuple[object, list[torch.Tensor]]] = []  # (copies-done event, sources) per block
+
+    def block_done(self, device: torch.device) -> None:
+        """A block's forward is queued with all its copies to the host: mark them, then let the compute stream wait
+        for the block before's copies (they had this block's compute to run under) and let their sources go. Their
+        memory is reused only after the copies have read it: what `record_stream` would do, but a captured CUDA graph
+        can reuse such memory within the capture, where `record_stream`'s deferred frees cannot."""
+        if not self.in_flight:
+            return
+        done = torch.cuda.Event()
+        done.record(self._stream)
+        self.blocks_in_flight.append((done, self.in_flight))
+        self.in_flight = []
+        while len(self.blocks_in_flight) > 1:
+            event, _ = self.blocks_in_flight.pop(0)
+            torch.cuda.current_stream(device).wait_event(event)
 
     def settle(self, device: torch.device) -> None:
-        """Let the compute stream wait for the copies to the host issued so far, then let their sources go: their
-        memory is reused only after the copies have read it (what `record_stream` would do, but a captured CUDA
-        graph can reuse such memory within the capture, where `record_stream`'s deferred frees cannot)."""
-        if self.in_flight:
+        """Wait for every copy to the host issued so far and let their sources go (backward starts)."""
+        if self.in_flight or self.blocks_in_flight:
             torch.cuda.current_stream(device).wait_stream(self._stream)
-            self.in_flight.clear()
+            self.in_flight, self.blocks_in_flight = [], []
 
     def join(self, device: torch.device) -> None:
         """The compute stream waits for everything on the copy stream (the end of a step: a CUDA graph capture
         must end with its side stream joined back)."""
         if self._stream is not None:
             torch.cuda.current_stream(device).wait_stream(self._stream)
-        self.in_flight.clear()
+        self.in_flight, self.blocks_in_flight = [], []
 
     def stash_fits(self, hidden: torch.Tensor) -> bool:
         """Whether every block's attention stash at this input size fits the host memory allowed for it."""
@@ -134,8 +148,8 @@ class HostPool:
 
 def _to_host(t: torch.Tensor, owner: _Offloader) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(a pinned host copy of `t`, the pool buffer that holds it), made on the side stream; `t` stays alive until
-    the compute stream has waited for the transfer (`settle`). CPU (no stream): nothing to offload to, so a plain
-    copy (and no buffer), and the code path is the same."""
+    the compute stream has waited for the transfer (`block_done`, `settle`). CPU (no stream): nothing to offload
+    to, so a plain copy (and no buffer), and the code path is the same."""
     stream = owner.stream(t.device)
     if stream is None:
         return t.detach().clone(), None
@@ -201,8 +215,8 @@ class _OffloadedBlock(torch.autograd.Function):
                 out = run(hidden)
         finally:
             _STASH = None
-        offloader.settle(hidden.device)  # the copies of the blocks before and of this one's stash, under its compute
         ctx.run, ctx.slot = run, _Slot(offloader, hidden)
+        offloader.block_done(hidden.device)
         ctx.slot.attention = stash if stash is not None and stash.anchor is not None else None
         offloader.pending = [r for r in offloader.pending if r() is not None] + [weakref.ref(ctx.slot)]
         return out
