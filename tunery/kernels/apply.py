@@ -15,6 +15,7 @@ Today, for families whose output is a plain `lm_head` over the final norm (no lo
 - torch.compile of each decoder block's forward as one region, reused by all blocks; when checkpointing is
   on, inside the block's checkpoint hook, which stays outside the compiled code (kernels/ops.py); the liger
   RMSNorm/SwiGLU swaps are the `ops=True` option.
+The training step around them may run as a captured CUDA graph (kernels/graphs.py, `train.loop.step_graphs`).
 Used on CUDA in single-process training; CPU training keeps the reference path, which is what CI checks
 the fast path against (tests/kernels compare each piece with its reference on random inputs).
 """
