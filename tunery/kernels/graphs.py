@@ -17,7 +17,7 @@ and are overwritten by the next replay of that graph. A micro-batch that finds g
 a second graph that adds into static buffers, loaded with what `p.grad` held.
 
 Not captured (the step stays eager, and `reason` says why): a model that draws random numbers (dropout; the
-recompute replays the RNG state, which cannot be read inside a capture), CPU, more than `MAX_GRAPHS` shapes.
+recompute replays the RNG state, which cannot be read inside a capture), CPU, graphs past `MAX_GRAPHS`.
 A capture that fails turns graphs off for the run with a warning and runs the step eagerly. The eager path is
 the reference: tests/kernels/test_graphs.py compares replays with it on the GPU, and the bookkeeping on the CPU
 with a stand-in for the graph.
@@ -34,7 +34,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CAPTURE_AFTER = 2  # eager runs of a shape before it is captured (compile, autotuning, host buffers)
-MAX_GRAPHS = 4  # shapes captured at most; later shapes run eagerly
+MAX_GRAPHS = 4  # graphs at most (a shape takes two when gradients accumulate); later ones run eagerly
 
 
 class _CudaGraph:
