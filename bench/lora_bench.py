@@ -93,9 +93,7 @@ def _build_tunery(arch: str, quant: str, fast_opts: dict):
     import transformers
 
     from tunery.config import RunConfig
-    from tunery.eval.loss import summed_loss
     from tunery.kernels.apply import fast_path_for
-    from tunery.kernels.graphs import StepGraphs
     from tunery.models.load import load_model, pick_device
     from tunery.train.loop import make_trainable, step_graphs
 
@@ -109,9 +107,7 @@ def _build_tunery(arch: str, quant: str, fast_opts: dict):
                     lora_targets=TARGETS, gradient_checkpointing=True)
     model = make_trainable(model, cfg)  # exactly what `tunery train` trains
     fast = fast_path_for(model, "cuda", **{k: v for k, v in fast_opts.items() if k != "graphs"})
-    graphs = fast_opts.get("graphs", True)
-    runner = step_graphs(model, model, fast, "cuda") if graphs else StepGraphs(
-        lambda b: summed_loss(model, b, fast), list(model.parameters()), enabled=False, reason="--no-graphs")
+    runner = step_graphs(model, model, fast, "cuda", off="" if fast_opts.get("graphs", True) else "--no-graphs")
     print(fast.describe() + "; " + runner.describe(), file=sys.stderr)
     _watch_stash()
 

@@ -108,7 +108,7 @@ class StepGraphs:
         adds into static buffers that exist before it starts (as an eager step's earlier gradients do)."""
         _, fresh = key
         if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle() if self._graph_cls is _CudaGraph else None
+            self._pool = torch.cuda.graph_pool_handle() if torch.cuda.is_available() else None
         saved = [p.grad for p in self.params]
         if fresh:
             for p in self.params:

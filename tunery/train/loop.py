@@ -54,9 +54,11 @@ class Trainer:
             self.steps = step_graphs(self.model, self.forward_model, self.fast, self.device, self.dist)
 
 
-def step_graphs(model, forward_model, fast: FastPath | None, device: str, dist: Dist = Dist()) -> StepGraphs:
-    """The micro-batch runner of a run: CUDA graphs where kernels/graphs.py can capture the step, else eager."""
-    reason = "multi-process training" if dist.enabled else graphs_reason(model, device, fast)
+def step_graphs(model, forward_model, fast: FastPath | None, device: str, dist: Dist = Dist(),
+                off: str = "") -> StepGraphs:
+    """The micro-batch runner of a run: CUDA graphs where kernels/graphs.py can capture the step, else eager.
+    `off`: a reason to keep graphs off anyway (the bench's --no-graphs)."""
+    reason = off or ("multi-process training" if dist.enabled else graphs_reason(model, device, fast))
     params = [p for p in model.parameters() if p.requires_grad]
     return StepGraphs(lambda batch: summed_loss(forward_model, batch, fast), params, enabled=not reason,
                       reason=reason)
