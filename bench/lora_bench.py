@@ -236,9 +236,10 @@ def run_one(stack: str, arch: str, bs: int, seq: int, quant: str = "", steps: in
     tag = stack + "".join(f" -{k}" for k in off) + (" +ops" if (fast_opts or {}).get("ops") else "")
     tag += " +skip-guards" * skip_guards + " +cpp-wrapper" * _cpp_wrapper()
     if stack == "tunery":
-        from tunery.kernels import lora
+        from tunery.kernels import lora, offload
 
         tag += f" lora-first={lora.FIRST}" if lora.FIRST != "adapter" else ""
+        tag += " last-block-offloaded" if not offload.LAST_BLOCK_ON_GPU else ""
     res = {"stack": tag, "arch": arch, "bs": bs, "seq": seq, "quant": quant or "bf16", "err": err,
            "load_s": round(load_s, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
            "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
@@ -458,10 +459,17 @@ def main() -> None:
     p.add_argument("--bnb-dequant", action="store_true", help="tunery: bitsandbytes' two dequantization ops "
                    "instead of kernels/nf4.py's one launch")
     p.add_argument("--output-fetch", choices=["block", "attention"], help="tunery: kernels/offload.OUTPUT_FETCH")
+    p.add_argument("--last-block-offloaded", action="store_true", help="tunery: the last block's input and "
+                   "stash go to host memory too (kernels/offload.LAST_BLOCK_ON_GPU off)")
     a = p.parse_args()
     flags = [f for f in ("--no-compile", "--no-offload", "--no-lora", "--no-groups", "--no-stash", "--no-graphs",
                          "--ops", "--cpp-wrapper", "--skip-guards", "--bnb-dequant")
              if getattr(a, f[2:].replace("-", "_"))]
+    flags += ["--last-block-offloaded"] if a.last_block_offloaded else []
+    if a.last_block_offloaded:
+        from tunery.kernels import offload
+
+        offload.LAST_BLOCK_ON_GPU = False
     flags += ["--lora-first", a.lora_first] if a.lora_first else []
     flags += ["--output-fetch", a.output_fetch] if a.output_fetch else []
     if a.output_fetch:

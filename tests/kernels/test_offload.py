@@ -51,6 +51,7 @@ def test_stashed_attention_matches_plain_runs_once_and_falls_back(tiny_lora, tin
     monkeypatch.setattr(offload, "KEEP_BYTES", 0)  # tiny tensors too go through the host copies
     monkeypatch.setattr(offload, "STASH_MAX_BYTES_PER_GFLOP", float("inf"))  # tiny blocks are all link
     monkeypatch.setattr(offload, "OUTPUT_FETCH", output_fetch)
+    monkeypatch.setattr(offload, "LAST_BLOCK_ON_GPU", False)  # every block copies out (the last one: below)
     model = tiny_lora("llama", num_layers=3, dropout=0.3)
     model.train()
     ids = torch.randint(0, len(tiny_tokenizer), (2, 13))
@@ -78,6 +79,46 @@ def test_stashed_attention_matches_plain_runs_once_and_falls_back(tiny_lora, tin
     for fn in undo:
         fn()
     assert all("forward" not in vars(a) for a in attentions)
+
+
+@pytest.mark.parametrize("stash", [True, False])
+def test_last_block_keeps_its_input_and_stash_on_the_device(tiny_lora, tiny_tokenizer, monkeypatch, stash):
+    """The forward's last block keeps its input (the tensor itself, no copy) and its attention stash (every saved
+    tensor by reference) where they are; the blocks before it copy theirs out. No checkpointing's gradients
+    (dropout included), each step."""
+    from tunery.kernels import offload
+
+    monkeypatch.setattr(offload, "STASH_MAX_BYTES_PER_GFLOP", float("inf"))
+    monkeypatch.setattr(offload, "KEEP_BYTES", 0)  # tiny tensors too go through the host copies
+    model = tiny_lora("llama", num_layers=3, dropout=0.3)
+    model.train()
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 13))
+    ref_loss, ref = _grads(model, ids)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    enable_offload(model, stash_attention=stash)
+    inputs, slots = [], []
+    for layer in model.base_model.model.model.layers:
+        layer.register_forward_pre_hook(lambda m, args, kwargs: inputs.append(kwargs.get("hidden_states", args[0] if
+                                                                                          args else None)),
+                                        with_kwargs=True)
+    slot_init = offload._Slot.__init__
+    monkeypatch.setattr(offload._Slot, "__init__",  # where each slot's copy of its input lives when made
+                        lambda self, *a: (slot_init(self, *a), slots.append(self.host.data_ptr()))[0])
+    stashes = []  # how many storages each kept sublayer copied to the host
+    keep = offload._AttentionStash.keep_graph
+    monkeypatch.setattr(offload._AttentionStash, "keep_graph",
+                        lambda self, *a: keep(self, *a) + (stashes.append(len(self.host)) or ()))
+    for _ in range(2):  # twice: which block is last is counted afresh each step
+        inputs.clear(), slots.clear(), stashes.clear()
+        loss, got = _grads(model, ids)
+        assert torch.allclose(loss, ref_loss)
+        for name, g in ref.items():
+            assert torch.allclose(got[name], g, atol=1e-6), name
+        assert len(slots) == len(inputs) == 3
+        shared = [address == x.data_ptr() for address, x in zip(slots, inputs)]
+        assert shared == [False, False, True]
+        assert stashes == ([stashes[0], stashes[0], 0] if stash else []) and (not stash or stashes[0] >= 4)
 
 
 def _counting(forward, calls):

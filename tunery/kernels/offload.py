@@ -25,6 +25,13 @@ recomputed: on Llama-3.1-8B the stash made the QLoRA step 7% slower (docs/benchm
 host link carries about four block inputs more per block (Llama-3.1-8B at 4096 tokens: 112 MiB forward and back); a
 block stashes only while the whole model's stash fits in `STASH_HOST_FRACTION` of the host's memory, otherwise it
 recomputes as before.
+
+The forward's last block keeps its input and stash on the GPU (`LAST_BLOCK_ON_GPU`): its backward comes right after
+the loss, so they would cross the link twice only for backward to wait for them at its start (Llama-3.1-8B at 16k
+tokens: 14.5 ms of a 1.63 s step with the GPU idle). They stay allocated through the loss instead, less than the
+block's backward holds. Running that block as plain autograd (no recompute) as well was faster still on the small
+models but held its whole activations through the loss: at 16k tokens the step's peak rose 0.31 GiB
+(docs/benchmarks.md, eleventh session).
 """
 
 from __future__ import annotations
@@ -56,6 +63,8 @@ STASH_MAX_BYTES_PER_GFLOP = 100e3
 # the stash's fixed costs (the block's compiled region split in two, the hooks, the replay). Measured on the H100:
 # Llama-3.1-8B (19%) gained 4.2%, Qwen2.5-7B (13%) lost 1.8% (docs/benchmarks.md, sixth session).
 STASH_MIN_ATTENTION_SHARE = 0.15
+# The forward's last block keeps its input and attention stash in GPU memory (see the module doc).
+LAST_BLOCK_ON_GPU = True
 
 
 class _Offloader:
@@ -98,6 +107,10 @@ class _Offloader:
         if self._stream is not None:
             torch.cuda.current_stream(device).wait_stream(self._stream)
         self.in_flight, self.blocks_in_flight = [], []
+
+    def at_last_block(self) -> bool:
+        """Whether the block about to run is the forward's last: every other checkpointed block awaits backward."""
+        return len([r for r in self.pending if r() is not None]) == self.layers - 1
 
     def stash_fits(self, hidden: torch.Tensor) -> bool:
         """Whether every block's attention stash at this input size fits the host memory allowed for it."""
@@ -178,17 +191,22 @@ def _to_device(host: torch.Tensor, device: torch.device, stream) -> tuple[torch.
 
 
 class _Slot:
-    def __init__(self, owner: _Offloader, hidden: torch.Tensor):
+    """A block's input until its backward: in pinned host memory, or (`on_device`, the last block) where it is."""
+
+    def __init__(self, owner: _Offloader, hidden: torch.Tensor, on_device: bool = False):
         self.owner, self.device = owner, hidden.device
         self.fetched: torch.Tensor | None = None
         self.ready = None
         self.attention: _AttentionStash | None = None  # set when the block's attention was kept
-        self.host, self.buffer = _to_host(hidden, owner)
+        self.host, self.buffer = (hidden.detach(), None) if on_device else _to_host(hidden, owner)
+        self.on_device = on_device
 
     def prefetch(self) -> None:
         if self.attention is not None and OUTPUT_FETCH == "block":
             self.attention.prefetch(self.attention.output_only)
-        if self.fetched is None:
+        if self.fetched is None and self.on_device:
+            self.fetched = self.host
+        elif self.fetched is None:
             self.fetched, self.ready = _to_device(self.host, self.device, self.owner.stream(self.device))
 
     def take(self) -> torch.Tensor:
@@ -208,14 +226,15 @@ class _OffloadedBlock(torch.autograd.Function):
         # capture: kernels/graphs.py captures only models that draw none)
         ctx.rng = _rng_state(hidden.device) if offloader.rng else None
         global _STASH
-        stash = _AttentionStash(offloader, hidden.device) if offloader.stash_fits(hidden) else None
+        last = LAST_BLOCK_ON_GPU and offloader.at_last_block()
+        stash = _AttentionStash(offloader, hidden.device, last) if offloader.stash_fits(hidden) else None
         _STASH = stash
         try:
             with torch.no_grad():
                 out = run(hidden)
         finally:
             _STASH = None
-        ctx.run, ctx.slot = run, _Slot(offloader, hidden)
+        ctx.run, ctx.slot = run, _Slot(offloader, hidden, last)
         offloader.block_done(hidden.device)
         ctx.slot.attention = stash if stash is not None and stash.anchor is not None else None
         offloader.pending = [r for r in offloader.pending if r() is not None] + [weakref.ref(ctx.slot)]
@@ -258,8 +277,9 @@ class _AttentionStash:
     """One block's kept attention sublayer: its autograd graph, the tensors that graph saved (host copies,
     one per storage), its output, and the RNG state after it. See the module doc."""
 
-    def __init__(self, owner: _Offloader, device: torch.device):
+    def __init__(self, owner: _Offloader, device: torch.device, on_device: bool = False):
         self.owner, self.device = owner, device
+        self.on_device = on_device  # the last block: every saved tensor stays on the GPU by reference
         self.host: list[torch.Tensor | None] = []  # per storage: its bytes in (pinned) host memory
         self.buffers: list[torch.Tensor | None] = []  # per storage: the pool buffer under its host copy
         self.fetched: list[torch.Tensor | None] = []  # per storage: its bytes back on the device
@@ -299,7 +319,7 @@ class _AttentionStash:
         address, view = storage.data_ptr(), (t.dtype, t.shape, t.stride(), t.storage_offset())
         if address == self._input[0]:
             return ("input", view)
-        if address in self._keep or storage.nbytes() < KEEP_BYTES:
+        if self.on_device or address in self._keep or storage.nbytes() < KEEP_BYTES:
             return ("keep", t)
         seen = self._seen.get(address)
         if seen is None:  # the tensor is held until forward ends: its address cannot be reused meanwhile
