@@ -81,12 +81,16 @@ def test_stashed_attention_matches_plain_runs_once_and_falls_back(tiny_lora, tin
     assert all("forward" not in vars(a) for a in attentions)
 
 
-@pytest.mark.parametrize("stash", [True, False])
-def test_last_block_keeps_its_input_and_stash_on_the_device(tiny_lora, tiny_tokenizer, monkeypatch, stash):
+@pytest.mark.parametrize("stash, max_tokens", [(True, 8192), (False, 8192), (True, 25)])
+def test_last_block_keeps_its_input_and_stash_on_the_device(tiny_lora, tiny_tokenizer, monkeypatch, stash,
+                                                            max_tokens):
     """The forward's last block keeps its input (the tensor itself, no copy) and its attention stash (every saved
-    tensor by reference) where they are; the blocks before it copy theirs out. No checkpointing's gradients
-    (dropout included), each step."""
+    tensor by reference) where they are, unless the input holds more tokens than the limit (here 2 x 13); the
+    blocks before it copy theirs out. No checkpointing's gradients (dropout included), each step."""
     from tunery.kernels import offload
+
+    monkeypatch.setattr(offload, "LAST_BLOCK_ON_GPU_MAX_TOKENS", max_tokens)
+    on_device = max_tokens >= 2 * 13
 
     monkeypatch.setattr(offload, "STASH_MAX_BYTES_PER_GFLOP", float("inf"))
     monkeypatch.setattr(offload, "KEEP_BYTES", 0)  # tiny tensors too go through the host copies
@@ -117,8 +121,9 @@ def test_last_block_keeps_its_input_and_stash_on_the_device(tiny_lora, tiny_toke
             assert torch.allclose(got[name], g, atol=1e-6), name
         assert len(slots) == len(inputs) == 3
         shared = [address == x.data_ptr() for address, x in zip(slots, inputs)]
-        assert shared == [False, False, True]
-        assert stashes == ([stashes[0], stashes[0], 0] if stash else []) and (not stash or stashes[0] >= 4)
+        assert shared == [False, False, on_device]
+        assert stashes == ([stashes[0], stashes[0], 0 if on_device else stashes[0]] if stash else [])
+        assert not stash or stashes[0] >= 4
 
 
 def _counting(forward, calls):

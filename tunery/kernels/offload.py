@@ -26,11 +26,13 @@ host link carries about four block inputs more per block (Llama-3.1-8B at 4096 t
 block stashes only while the whole model's stash fits in `STASH_HOST_FRACTION` of the host's memory, otherwise it
 recomputes as before.
 
-The forward's last block keeps its input and stash on the GPU (`LAST_BLOCK_ON_GPU`): its backward comes right after
-the loss, so they would cross the link twice only for backward to wait for them at its start (Llama-3.1-8B at 16k
-tokens: 14.5 ms of a 1.63 s step with the GPU idle). They stay allocated through the loss instead, less than the
-block's backward holds. Running that block as plain autograd (no recompute) as well was faster still on the small
-models but held its whole activations through the loss: at 16k tokens the step's peak rose 0.31 GiB
+The forward's last block keeps its input and stash on the GPU (`LAST_BLOCK_ON_GPU`) when its input holds at most
+`LAST_BLOCK_ON_GPU_MAX_TOKENS` tokens: its backward comes right after the loss, so they would cross the link twice
+only for backward to wait for them at its start (Llama-3.1-8B at 16k tokens: 14.5 ms of a 1.63 s step with the GPU
+idle). They stay allocated through the loss instead. At 4,096 tokens that left every measured peak unchanged; at
+16,384 it raised Llama-3.1-8B's by 0.06 GiB for a 0.4% faster step, and at 249,856 tokens (the longest-sequence
+row) by about 1 GiB, so longer inputs go to the host as before. Running that block as plain autograd (no recompute)
+was faster still on the small models but held its whole activations through the loss: +0.31 GiB at 16k tokens
 (docs/benchmarks.md, eleventh session).
 """
 
@@ -63,8 +65,10 @@ STASH_MAX_BYTES_PER_GFLOP = 100e3
 # the stash's fixed costs (the block's compiled region split in two, the hooks, the replay). Measured on the H100:
 # Llama-3.1-8B (19%) gained 4.2%, Qwen2.5-7B (13%) lost 1.8% (docs/benchmarks.md, sixth session).
 STASH_MIN_ATTENTION_SHARE = 0.15
-# The forward's last block keeps its input and attention stash in GPU memory (see the module doc).
+# The forward's last block keeps its input and attention stash in GPU memory when its input holds at most this many
+# tokens (batch x sequence; see the module doc).
 LAST_BLOCK_ON_GPU = True
+LAST_BLOCK_ON_GPU_MAX_TOKENS = 8192
 
 
 class _Offloader:
@@ -226,7 +230,8 @@ class _OffloadedBlock(torch.autograd.Function):
         # capture: kernels/graphs.py captures only models that draw none)
         ctx.rng = _rng_state(hidden.device) if offloader.rng else None
         global _STASH
-        last = LAST_BLOCK_ON_GPU and offloader.at_last_block()
+        tokens = hidden.numel() // max(hidden.shape[-1], 1)
+        last = LAST_BLOCK_ON_GPU and tokens <= LAST_BLOCK_ON_GPU_MAX_TOKENS and offloader.at_last_block()
         stash = _AttentionStash(offloader, hidden.device, last) if offloader.stash_fits(hidden) else None
         _STASH = stash
         try:
