@@ -52,13 +52,7 @@ def test_stashed_attention_matches_plain_runs_once_and_falls_back(tiny_lora, tin
     monkeypatch.setattr(offload, "STASH_MAX_BYTES_PER_GFLOP", float("inf"))  # tiny blocks are all link
     monkeypatch.setattr(offload, "OUTPUT_FETCH", output_fetch)
     monkeypatch.setattr(offload, "LAST_BLOCK_ON_GPU", False)  # every block copies out (the last one: below)
-    model = tiny_lora("llama", num_layers=3, dropout=0.3)
-    model.train()
-    ids = torch.randint(0, len(tiny_tokenizer), (2, 13))
-    ref_loss, ref = _grads(model, ids)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    done, undo = enable_offload(model, stash_attention=True)
+    model, ids, ref_loss, ref, (done, undo) = _three_offloaded_blocks(tiny_lora, tiny_tokenizer, stash=True)
     assert done[1] == "attention kept for backward in pinned CPU memory, not recomputed x3"
     attentions = [layer.self_attn for layer in model.base_model.model.model.layers]
     calls, copies = [], []
@@ -94,13 +88,7 @@ def test_last_block_keeps_its_input_and_stash_on_the_device(tiny_lora, tiny_toke
 
     monkeypatch.setattr(offload, "STASH_MAX_BYTES_PER_GFLOP", float("inf"))
     monkeypatch.setattr(offload, "KEEP_BYTES", 0)  # tiny tensors too go through the host copies
-    model = tiny_lora("llama", num_layers=3, dropout=0.3)
-    model.train()
-    ids = torch.randint(0, len(tiny_tokenizer), (2, 13))
-    ref_loss, ref = _grads(model, ids)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    enable_offload(model, stash_attention=stash)
+    model, ids, ref_loss, ref, _ = _three_offloaded_blocks(tiny_lora, tiny_tokenizer, stash)
     inputs, slots = [], []
     for layer in model.base_model.model.model.layers:
         layer.register_forward_pre_hook(lambda m, args, kwargs: inputs.append(kwargs.get("hidden_states", args[0] if
@@ -124,6 +112,18 @@ def test_last_block_keeps_its_input_and_stash_on_the_device(tiny_lora, tiny_toke
         assert shared == [False, False, on_device]
         assert stashes == ([stashes[0], stashes[0], 0 if on_device else stashes[0]] if stash else [])
         assert not stash or stashes[0] >= 4
+
+
+def _three_offloaded_blocks(tiny_lora, tiny_tokenizer, stash: bool):
+    """A 3-block Llama with dropout, its loss and gradients without checkpointing, then offloaded checkpointing
+    on: (model, ids, loss, grads, what enable_offload returned)."""
+    model = tiny_lora("llama", num_layers=3, dropout=0.3)
+    model.train()
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 13))
+    ref_loss, ref = _grads(model, ids)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    return model, ids, ref_loss, ref, enable_offload(model, stash_attention=stash)
 
 
 def _counting(forward, calls):
