@@ -95,8 +95,11 @@ def test_last_block_keeps_its_input_and_stash_on_the_device(tiny_lora, tiny_toke
                                                                                           args else None)),
                                         with_kwargs=True)
     slot_init = offload._Slot.__init__
-    monkeypatch.setattr(offload._Slot, "__init__",  # where each slot's copy of its input lives when made
-                        lambda self, *a: (slot_init(self, *a), slots.append(self.host.data_ptr()))[0])
+    def recording_init(self, *args):  # where each slot's copy of its input lives when made
+        slot_init(self, *args)
+        slots.append((self.fetched if self.host is None else self.host).data_ptr())
+
+    monkeypatch.setattr(offload._Slot, "__init__", recording_init)
     stashes = []  # how many storages each kept sublayer copied to the host
     keep = offload._AttentionStash.keep_graph
     monkeypatch.setattr(offload._AttentionStash, "keep_graph",

@@ -112,10 +112,6 @@ class _Offloader:
             torch.cuda.current_stream(device).wait_stream(self._stream)
         self.in_flight, self.blocks_in_flight = [], []
 
-    def at_last_block(self) -> bool:
-        """Whether the block about to run is the forward's last: every other checkpointed block awaits backward."""
-        return len([r for r in self.pending if r() is not None]) == self.layers - 1
-
     def stash_fits(self, hidden: torch.Tensor) -> bool:
         """Whether every block's attention stash at this input size fits the host memory allowed for it."""
         need = STASH_FACTOR * hidden.numel() * hidden.element_size() * self.layers
@@ -195,22 +191,20 @@ def _to_device(host: torch.Tensor, device: torch.device, stream) -> tuple[torch.
 
 
 class _Slot:
-    """A block's input until its backward: in pinned host memory, or (`on_device`, the last block) where it is."""
+    """A block's input until its backward: in pinned host memory, or (`on_device`, the last block) where it is,
+    as if already fetched."""
 
     def __init__(self, owner: _Offloader, hidden: torch.Tensor, on_device: bool = False):
         self.owner, self.device = owner, hidden.device
-        self.fetched: torch.Tensor | None = None
+        self.fetched: torch.Tensor | None = hidden.detach() if on_device else None
         self.ready = None
         self.attention: _AttentionStash | None = None  # set when the block's attention was kept
-        self.host, self.buffer = (hidden.detach(), None) if on_device else _to_host(hidden, owner)
-        self.on_device = on_device
+        self.host, self.buffer = (None, None) if on_device else _to_host(hidden, owner)
 
     def prefetch(self) -> None:
         if self.attention is not None and OUTPUT_FETCH == "block":
             self.attention.prefetch(self.attention.output_only)
-        if self.fetched is None and self.on_device:
-            self.fetched = self.host
-        elif self.fetched is None:
+        if self.fetched is None:
             self.fetched, self.ready = _to_device(self.host, self.device, self.owner.stream(self.device))
 
     def take(self) -> torch.Tensor:
@@ -230,8 +224,10 @@ class _OffloadedBlock(torch.autograd.Function):
         # capture: kernels/graphs.py captures only models that draw none)
         ctx.rng = _rng_state(hidden.device) if offloader.rng else None
         global _STASH
+        offloader.pending = [r for r in offloader.pending if r() is not None]  # blocks awaiting backward
         tokens = hidden.numel() // max(hidden.shape[-1], 1)
-        last = LAST_BLOCK_ON_GPU and tokens <= LAST_BLOCK_ON_GPU_MAX_TOKENS and offloader.at_last_block()
+        last = (LAST_BLOCK_ON_GPU and tokens <= LAST_BLOCK_ON_GPU_MAX_TOKENS  # every other block awaits backward
+                and len(offloader.pending) == offloader.layers - 1)
         stash = _AttentionStash(offloader, hidden.device, last) if offloader.stash_fits(hidden) else None
         _STASH = stash
         try:
@@ -242,7 +238,7 @@ class _OffloadedBlock(torch.autograd.Function):
         ctx.run, ctx.slot = run, _Slot(offloader, hidden, last)
         offloader.block_done(hidden.device)
         ctx.slot.attention = stash if stash is not None and stash.anchor is not None else None
-        offloader.pending = [r for r in offloader.pending if r() is not None] + [weakref.ref(ctx.slot)]
+        offloader.pending.append(weakref.ref(ctx.slot))
         return out
 
     @staticmethod
