@@ -66,7 +66,7 @@ def probe(variant: str, hidden: int, layers: int, seq: int, quant: str, mode: st
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     try:
-        with capture_context(causal=True), torch.cuda.graph(graph, capture_error_mode=mode):
+        with capture_context(), torch.cuda.graph(graph, capture_error_mode=mode):
             loss = step()
         graph.replay()
         torch.cuda.synchronize()

@@ -130,6 +130,45 @@ def test_a_full_attention_mask_is_dropped_and_a_padded_one_kept():
     assert torch.equal(graphs._without_full_mask(padded)["attention_mask"], padded["attention_mask"])
 
 
+@pytest.mark.parametrize("family, window, batch", [
+    ("llama", None, "plain"), ("llama", None, "padded"), ("llama", None, "packed"),
+    ("mistral", 5, "plain"),  # a sliding window the sequence reaches: sdpa needs the mask
+    ("gemma2", 5, "plain"),  # eager attention (Gemma 2's default): no mask would mean no masking at all
+])
+def test_a_capture_sees_the_masks_an_eager_step_sees(tiny_lora, family, window, batch):
+    """Under `capture_context` the model computes what it computes eagerly: sdpa's builder skips only the masks
+    an eager step skips, and the other builders are untouched."""
+    model = tiny_lora(family, 2)
+    if window:
+        model.config.sliding_window = window
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids}
+    if batch == "padded":
+        inputs["attention_mask"] = torch.ones_like(ids).index_fill_(1, torch.arange(9, 12), 0)
+    if batch == "packed":
+        inputs = {"input_ids": ids[:1], "position_ids": torch.tensor([[*range(5), *range(7)]])}
+    want = model(**inputs, use_cache=False).logits
+    with graphs.capture_context():
+        got = model(**inputs, use_cache=False).logits
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_under_a_capture_sdpa_builds_a_mask_only_where_eager_would():
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as masks
+    from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
+
+    def build(**extra):
+        return masks["sdpa"](**{"batch_size": 1, "q_length": 8, "kv_length": 8, "device": "cpu",
+                                "mask_function": causal_mask_function, **extra})
+
+    window = {"mask_function": sliding_window_causal_mask_function(4), "local_size": 4}
+    with graphs.capture_context():
+        assert build() is None
+        kept = build(**window), build(allow_is_causal_skip=False)
+    assert torch.equal(kept[0], build(**window)) and not bool(kept[0][0, 0, 7, 0])  # the window masks key 0
+    assert torch.equal(kept[1], torch.ones(8, 8, dtype=torch.bool).tril()[None, None])
+
+
 def test_a_failed_capture_falls_back_to_eager_for_the_run(pair, caplog):
     (a, eager), (b, captured), vocab = pair(Broken)
     steps = [[_batch(vocab, (2, 8), seed=i)] for i in range(5)]

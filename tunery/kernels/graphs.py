@@ -126,10 +126,9 @@ class StepGraphs:
             (loss * scale).backward()
             return loss.detach()
 
-        causal = "attention_mask" not in static and "position_ids" not in static
         _free_cublas_workspaces()
         try:
-            with capture_context(causal):
+            with capture_context():
                 loss = graph.capture(run)
             grads = [p.grad for p in self.params]
             if not fresh and any(g is not s for g, s in zip(grads, self._sums)):
@@ -164,23 +163,41 @@ class StepGraphs:
 
 
 @contextlib.contextmanager
-def capture_context(causal: bool):
+def capture_context():
     """What a capture runs under. Dynamo may not recompile (a recompile inside a capture would compile and
     autotune there, which a capture does not allow): it raises instead, and the step stays eager.
-    `causal`: the batch has neither padding nor packing. transformers takes a stream capture for tracing and then
-    builds an explicit mask (slower attention, a recompile of the blocks) where eager steps pass none and let sdpa
-    run causal; with no padding nor packing the mask is none, so mask builders return none for the capture."""
+    transformers takes a stream capture for tracing, and its sdpa mask builder then builds an explicit mask (slower
+    attention, a recompile of the blocks) where an eager step gets none and sdpa runs causal: under the capture
+    that builder returns none exactly where an eager step's would (`_eager_skip`), and builds the mask everywhere
+    else (padding, packing, a sliding window the sequence reaches). Other builders (eager attention's) are left
+    as they are: for them no mask means no masking at all."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as masks
+    from transformers.masking_utils import sdpa_mask
 
     saved = dict(masks._local_mapping)
-    if causal:
-        masks._local_mapping.update({name: _no_mask for name in (*masks._global_mapping, *saved)})
+    current = {**masks._global_mapping, **saved}
+    masks._local_mapping.update({name: _eager_skip(build) for name, build in current.items() if build is sdpa_mask})
     try:
         with torch.compiler.set_stance("fail_on_recompile"):
             yield
     finally:
         masks._local_mapping.clear()
         masks._local_mapping.update(saved)
+
+
+def _eager_skip(build: Callable) -> Callable:
+    """sdpa's mask builder `build`, returning None (sdpa's own causal mask) where an eager call skips the mask: a
+    skip allowed (no packing, no extra mask function), no padding mask, queries over all keys, and no local
+    window the keys reach (transformers' `_ignore_causal_mask_sdpa`, without its tracing check)."""
+
+    def mask(**kwargs):
+        q, kv, local = kwargs.get("q_length"), kwargs.get("kv_length"), kwargs.get("local_size")
+        if (kwargs.get("allow_is_causal_skip", True) and kwargs.get("attention_mask") is None and q == kv
+                and (local is None or kv < local)):
+            return None
+        return build(**kwargs)
+
+    return mask
 
 
 def _free_cublas_workspaces() -> None:
@@ -191,10 +208,6 @@ def _free_cublas_workspaces() -> None:
     if clear is not None and torch.cuda.is_available():
         torch.cuda.synchronize()
         clear()
-
-
-def _no_mask(*args, **kwargs):
-    return None
 
 
 def _without_full_mask(tensors: dict) -> dict:
