@@ -32,17 +32,26 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("weight_grad", [False, True])
 @pytest.mark.parametrize("chunk", [7, 64, 1000])
-def test_chunked_matches_reference_fp32(weight_grad, chunk):
+@pytest.mark.parametrize("softcap", [None, 1.5])  # logits are about N(0, 1): a cap of 1.5 bends most of them
+def test_chunked_matches_reference_fp32(weight_grad, chunk, softcap):
     for seed in range(3):
         hidden, weight, labels = _inputs(53, 24, 301, torch.float32, "cpu", weight_grad, seed)
-        ref = _grads(linear_cross_entropy_reference, hidden, weight, labels)
-        got = _grads(lambda h, w, y: linear_cross_entropy(h, w, y, chunk=chunk), hidden, weight, labels)
+        ref = _grads(lambda h, w, y: linear_cross_entropy_reference(h, w, y, softcap), hidden, weight, labels)
+        got = _grads(lambda h, w, y: linear_cross_entropy(h, w, y, chunk=chunk, softcap=softcap), hidden, weight,
+                     labels)
         assert torch.allclose(got[0], ref[0], rtol=1e-5)
         assert _rel(got[1], ref[1]) < 1e-5
         if weight_grad:
             assert _rel(got[2], ref[2]) < 1e-5
         else:
             assert got[2] is None
+
+
+def test_softcap_changes_the_loss():
+    hidden, weight, labels = _inputs(32, 24, 301, torch.float32, "cpu", False, 0)
+    plain = linear_cross_entropy(hidden, weight, labels, chunk=8)
+    capped = linear_cross_entropy(hidden, weight, labels, chunk=8, softcap=1.5)
+    assert abs(float(capped) - float(plain)) > 1e-2 * abs(float(plain))
 
 
 def test_all_ignored_rows_give_zero_loss_and_zero_grad():
@@ -62,13 +71,14 @@ def test_scaled_upstream_gradient_is_applied():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(4096, 2048, 128256), (2048, 896, 151936)])
-def test_chunked_matches_reference_bf16_on_cuda(shape):
+@pytest.mark.parametrize("shape, softcap", [((4096, 2048, 128256), None), ((2048, 896, 151936), None),
+                                           ((2048, 2304, 256000), 30.0)])  # the last: Gemma-2-2B's head
+def test_chunked_matches_reference_bf16_on_cuda(shape, softcap):
     if not torch.cuda.is_available():
         pytest.fail("this test needs a CUDA GPU: run it on the device (pytest -m gpu)")
     n, h, v = shape
     hidden, weight, labels = _inputs(n, h, v, torch.bfloat16, "cuda", False, 0)
-    ref = _grads(linear_cross_entropy_reference, hidden, weight, labels)
-    got = _grads(linear_cross_entropy, hidden, weight, labels)
+    ref = _grads(lambda x, w, y: linear_cross_entropy_reference(x, w, y, softcap), hidden, weight, labels)
+    got = _grads(lambda x, w, y: linear_cross_entropy(x, w, y, softcap=softcap), hidden, weight, labels)
     assert _rel(got[0], ref[0]) < 1e-3
     assert _rel(got[1], ref[1]) < 1e-2

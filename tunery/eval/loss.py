@@ -24,7 +24,7 @@ def summed_loss(model, batch: dict, fast=None):
 
         hidden = fast.decoder(**inputs, use_cache=False).last_hidden_state
         return linear_cross_entropy(hidden[:, :-1].flatten(0, 1), fast.lm_head.weight,
-                                    batch["labels"][:, 1:].flatten())
+                                    batch["labels"][:, 1:].flatten(), softcap=fast.softcap)
     logits = model(**inputs, use_cache=False).logits
     # (batch, seq-1, vocab) against (batch, seq-1): predict token t+1 from position t
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),

@@ -2,7 +2,8 @@
 
     report = fast_path_for(model, device, enabled=cfg.fast)   # -> FastPath(...), with .describe()
 
-Today, for families whose output is a plain `lm_head` over the final norm (no logit soft-capping):
+For the families in `FAMILY_FAST_PATHS` (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, LFM2), whose output is an
+`lm_head` over the final norm, soft-capped or not (Gemma 2):
 - the fused linear + cross-entropy loss (kernels/linear_ce.py);
 - fused LoRA linears with a hand-written backward, 16-bit or 4-bit base (kernels/lora.py); with a 16-bit base,
   the projections that share an input (q/k/v, gate/up) of a model up to 2048 wide as one matmul with the
@@ -26,19 +27,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-# model_type -> fast paths that are exact for it
+# model_type -> fast paths that are exact for it. The liger swaps ("ops") compute Llama's RMSNorm and SwiGLU:
+# Gemma's norms scale by 1 + weight and its MLP is GeGLU; LFM2's modules have other names (nothing to swap).
 _ALL = ("fused_linear_ce", "fused_lora", "offload", "attention", "ops", "compile")
-FAMILY_FAST_PATHS: dict[str, tuple[str, ...]] = {"llama": _ALL, "mistral": _ALL, "qwen2": _ALL, "qwen3": _ALL}
+_NO_OPS = tuple(p for p in _ALL if p != "ops")
+FAMILY_FAST_PATHS: dict[str, tuple[str, ...]] = {
+    **{t: _ALL for t in ("llama", "mistral", "qwen2", "qwen3", "phi3")},
+    **{t: _NO_OPS for t in ("gemma", "gemma2", "gemma3_text", "lfm2")}}
 # model_type -> layers whose output only feeds the block's last residual add (no norm after the MLP), so a
-# recompute for backward need not compute it (kernels/lora.py)
+# recompute for backward need not compute it (kernels/lora.py). Not Gemma 2/3: a norm reads the MLP's output.
 UNREAD_IN_RECOMPUTE: dict[str, tuple[str, ...]] = {
-    t: ("mlp.down_proj",) for t in ("llama", "mistral", "qwen2", "qwen3")}
+    **{t: ("mlp.down_proj",) for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")},
+    "lfm2": ("feed_forward.w2",)}
 # model_type -> (parent module suffix, its projections that read one input, in the order the parent calls them,
 # those whose output backward keeps as it is): grouped into one matmul with their adapters (kernels/lora_group.py).
 # v goes into attention unchanged and is saved there; as a view of the group's output it would keep all of q/k/v.
+# Phi-3's checkpoints already hold q/k/v and gate/up as one linear each (qkv_proj, gate_up_proj).
+_QKV = ("self_attn", ("q_proj", "k_proj", "v_proj"), ("v_proj",))
 LORA_GROUPS: dict[str, tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]] = {
-    t: (("self_attn", ("q_proj", "k_proj", "v_proj"), ("v_proj",)), ("mlp", ("gate_proj", "up_proj"), ()))
-    for t in ("llama", "mistral", "qwen2", "qwen3")}
+    **{t: (_QKV, ("mlp", ("gate_proj", "up_proj"), ()))
+       for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")},
+    "lfm2": (_QKV, ("feed_forward", ("w1", "w3"), ()))}
 
 
 @dataclass
@@ -49,6 +58,7 @@ class FastPath:
     reason: str = ""
     undo: list = field(default_factory=list)
     compiled: bool = False  # blocks run under torch.compile: batches padded to a few lengths recompile less
+    softcap: float | None = None  # the model's final logit soft-capping (Gemma 2), applied by the fused loss
 
     def remove(self) -> None:
         """Put the replaced modules back (the fused loss needs nothing undone: it is chosen per call)."""
@@ -93,8 +103,10 @@ def fast_path_for(model, device: str, enabled: bool = True, distributed: bool = 
     lm_head = base.get_output_embeddings()
     if decoder is None or lm_head is None or getattr(lm_head, "bias", None) is not None:
         return FastPath(reason="model has no plain decoder + lm_head")
-    fast = FastPath(decoder=decoder, lm_head=lm_head,
-                    applied=["fused linear+cross-entropy (chunked; no full-vocabulary logits)"])
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    fast = FastPath(decoder=decoder, lm_head=lm_head, softcap=softcap,
+                    applied=["fused linear+cross-entropy (chunked; no full-vocabulary logits"
+                             + (f"; logits soft-capped at {softcap:g})" if softcap else ")")])
     from tunery.kernels import ops as kops
 
     checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in getattr(decoder, "layers", ()))
