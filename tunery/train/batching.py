@@ -72,6 +72,19 @@ def pack_batch(batch: list[Tokenized], device: str, multiple: int = 1) -> dict:
             "real_tokens": total}
 
 
+def packing_problem(model) -> str | None:
+    """Why examples packed into one row would see each other in `model`, or None. Attention stays inside each
+    example (the positions restart: see `pack_batch`), but a convolution over the sequence, like LFM2's short
+    convolution blocks, reaches across the boundary into the example packed before."""
+    import torch
+
+    convolving = sorted({type(m).__name__ for m in model.modules()
+                         if any(isinstance(c, torch.nn.Conv1d) for c in m.children())})
+    if convolving:
+        return f"its blocks mix neighbouring tokens by convolution ({', '.join(convolving)}), across examples too"
+    return None
+
+
 def trained_tokens(batch: dict) -> int:
     """Label tokens that carry loss after the one-token shift."""
     return int((batch["labels"][:, 1:] != IGNORE).sum())

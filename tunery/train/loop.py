@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunery.config import RunConfig
+from tunery.config import ConfigError, RunConfig
 from tunery.data.dataset import PreparedData, prepare_data
 from tunery.data.templates import ensure_chat_template
 from tunery.errors import RunError
@@ -23,7 +23,7 @@ from tunery.models.load import load_model, load_tokenizer, model_fingerprint, pi
 from tunery.models.lora import apply_lora
 from tunery.progress import console
 from tunery.train import checkpoint, distributed, rundir
-from tunery.train.batching import collate, pack_batch, step_examples, trained_tokens
+from tunery.train.batching import collate, pack_batch, packing_problem, step_examples, trained_tokens
 from tunery.train.distributed import Dist
 from tunery.train.metrics import MetricsFile, TrainDisplay
 from tunery.train.reporters import Reporters
@@ -105,6 +105,9 @@ def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
     model = load_model(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.revision, cfg.trust_remote_code,
                        four_bit=cfg.method == "qlora")
     model = make_trainable(model, cfg)
+    why = packing_problem(model) if cfg.packing else None
+    if why:
+        raise ConfigError(f"packing cannot train {cfg.model}: {why}; train it without --packing")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = total_steps(cfg, len(data.train))
