@@ -1,6 +1,7 @@
 """The whole fast path on a tiny model of every family it serves (kernels/apply.py's tables): PEFT's loss and
 LoRA gradients without checkpointing against the checkpointed, offloaded, stashed, grouped and compiled fast path
-(CPU: fp32, compiled with aot_eager; GPU: bf16 with inductor, pytest -m gpu), and what it says it applied."""
+(CPU: fp32, compiled with aot_eager; GPU: bf16 with inductor, pytest -m gpu), and what it says it applied. The
+batch has a right-padded row, which the fast path trains without the mask (train/loop.py)."""
 
 from __future__ import annotations
 
@@ -29,13 +30,15 @@ def _batch(vocab: int, device: str) -> dict:
 
 
 def _fast_against_reference(model, batch, loss_and_grads, device, backend):
+    """PEFT with the padding mask, then the fast path on the same batch without it, as train/loop.py runs it."""
     if model.config.model_type in SLIDING:
         model.config.sliding_window = 6
     ref = loss_and_grads(model, batch)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     fast = fast_path_for(model, device, allow_cpu=True, compile_backend=backend)
-    return ref, loss_and_grads(model, batch, fast), fast
+    unmasked = {k: v for k, v in batch.items() if k != "attention_mask"}
+    return ref, loss_and_grads(model, unmasked, fast), fast
 
 
 def _check_applied(model, fast) -> None:

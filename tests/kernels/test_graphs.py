@@ -123,13 +123,6 @@ def test_a_gradient_left_by_an_eager_step_is_carried_into_the_replay(pair):
             assert torch.allclose(q.grad, p.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_a_full_attention_mask_is_dropped_and_a_padded_one_kept():
-    full = _batch(50, (2, 8), 0)
-    padded = _batch(50, (2, 8), 0, pad=3)
-    assert "attention_mask" not in graphs._without_full_mask(full)
-    assert torch.equal(graphs._without_full_mask(padded)["attention_mask"], padded["attention_mask"])
-
-
 @pytest.mark.parametrize("family, window, batch", [
     ("llama", None, "plain"), ("llama", None, "padded"), ("llama", None, "packed"),
     ("mistral", 5, "plain"),  # a sliding window the sequence reaches: sdpa needs the mask
@@ -220,14 +213,16 @@ def test_the_host_pool_reuses_its_buffers():
 @pytest.mark.parametrize("quant", ["", "4bit"])
 def test_captured_fast_path_matches_eager_gpu(tmp_path, monkeypatch, quant):
     """The real thing: compiled blocks, offloaded inputs, the attention stash through pinned memory (16-bit),
-    captured and replayed, against the same model stepping eagerly; both bf16 on the GPU."""
+    captured and replayed, against the same model stepping eagerly; both bf16 on the GPU, on padded batches."""
     if not torch.cuda.is_available():
         pytest.fail("needs a CUDA GPU: run on the device (pytest -m gpu)")
     from tunery.config import RunConfig
+    from tunery.data.tokenize import Tokenized
     from tunery.kernels import offload
     from tunery.kernels.apply import fast_path_for
     from tunery.models.load import load_model
     from tunery.models.tiny import TinySpec, build_tiny_model, corpus_of
+    from tunery.train.batching import collate
     from tunery.train.loop import make_trainable, step_graphs
 
     monkeypatch.setattr(offload, "STASH_MAX_BYTES_PER_GFLOP", float("inf"))  # the tiny model would not stash
@@ -246,8 +241,12 @@ def test_captured_fast_path_matches_eager_gpu(tmp_path, monkeypatch, quant):
         assert runner.enabled == capture, runner.reason
         vocab = model.config.vocab_size
         g = torch.Generator().manual_seed(1)
-        steps = [[{"input_ids": (ids := torch.randint(0, vocab, (2, 128), generator=g).cuda()),
-                   "attention_mask": torch.ones_like(ids), "labels": ids} for _ in range(2)] for _ in range(4)]
+
+        def micro(vocab=vocab, g=g) -> dict:  # as train/loop.py builds them for the fast path: right-padded, no mask
+            rows = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (128, 97)]
+            return collate([Tokenized(r, r, False) for r in rows], 0, "cuda", multiple=64, mask=False)
+
+        steps = [[micro() for _ in range(2)] for _ in range(4)]
         runs[capture] = _train(model, runner, steps)
         if capture:
             assert len(runner._graphs) == 2 and runner.enabled, runner.reason  # fresh and adding

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tunery.config import RunConfig
 from tunery.models.tiny import TinySpec, build_tiny_model, corpus_of
@@ -46,6 +47,9 @@ def test_collate_pads_right_and_rounds_up_to_a_multiple():
     assert plain["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     rounded = collate(batch, 0, "cpu", multiple=64)
     assert rounded["input_ids"].shape == (2, 64) and int(rounded["attention_mask"].sum()) == 4
+    unmasked = collate(batch, 0, "cpu", mask=False)
+    assert "attention_mask" not in unmasked and unmasked["real_tokens"] == plain["real_tokens"] == 4
+    assert all(torch.equal(unmasked[k], plain[k]) for k in ("input_ids", "labels"))
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +91,28 @@ def test_packed_step_equals_padded_step(tiny, monkeypatch):
     assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     assert b["tokens"] == a["tokens"]  # real tokens, not padding
     for (na, pa), (nb, pb) in zip(padded.model.named_parameters(), packed.model.named_parameters()):
+        if pa.requires_grad:
+            assert nb == na and (pa - pb).abs().max() < 1e-5, na
+
+
+def test_the_fast_path_steps_padded_batches_without_a_mask_to_the_same_update(tiny, monkeypatch):
+    """The fast path's models are causal and pad on the right, so the loop leaves the mask out (sdpa's causal
+    kernel, nothing read back): the step is the reference's, padded rows and all."""
+    from tunery.kernels.apply import fast_path_for
+    from tunery.train.loop import step_graphs
+
+    reference = _trainer(tiny, monkeypatch, batch_size=4, grad_accum=2)
+    fast = _trainer(tiny, monkeypatch, batch_size=4, grad_accum=2)
+    fast.fast = fast_path_for(fast.model, "cpu", allow_cpu=True, compile=False)
+    fast.steps = step_graphs(fast.model, fast.model, fast.fast, "cpu")
+    seen = []
+    loss_fn = fast.steps.loss_fn
+    fast.steps.loss_fn = lambda batch: seen.append(sorted(batch)) or loss_fn(batch)
+    a, b = train_step(reference, 0), train_step(fast, 0)
+    assert seen == [["input_ids", "labels"]] * 2
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["tokens"] == a["tokens"]
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    for (na, pa), (nb, pb) in zip(reference.model.named_parameters(), fast.model.named_parameters()):
         if pa.requires_grad:
             assert nb == na and (pa - pb).abs().max() < 1e-5, na
 

@@ -76,7 +76,6 @@ class StepGraphs:
         tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
         if not self.enabled:
             return self._eager(tensors, scale)
-        tensors = _without_full_mask(tensors)
         shape = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(tensors.items()))
         # a step's first micro-batch (no gradients yet) writes the gradients, a later one adds to them: two graphs
         key = (shape, all(p.grad is None for p in self.params))
@@ -208,15 +207,6 @@ def _free_cublas_workspaces() -> None:
     if clear is not None and torch.cuda.is_available():
         torch.cuda.synchronize()
         clear()
-
-
-def _without_full_mask(tensors: dict) -> dict:
-    """Drop an attention mask of all ones (no padding): the same causal attention without it, and transformers
-    then builds no mask, a step that reads the mask back to the host (which a capture does not allow)."""
-    mask = tensors.get("attention_mask")
-    if mask is not None and bool(mask.all()):
-        return {k: v for k, v in tensors.items() if k != "attention_mask"}
-    return tensors
 
 
 def _reset_offload() -> None:

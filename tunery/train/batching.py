@@ -27,23 +27,25 @@ def _permutation(n: int, seed: int) -> list[int]:
     return _PERMS[key]
 
 
-def collate(batch: list[Tokenized], pad_id: int, device: str, multiple: int = 1) -> dict:
+def collate(batch: list[Tokenized], pad_id: int, device: str, multiple: int = 1, mask: bool = True) -> dict:
     """Right-padded input_ids / attention_mask / labels of shape (batch, longest rounded up to `multiple`).
 
-    A compiled model sees few distinct lengths when `multiple` > 1, so it recompiles rarely.
+    A compiled model sees few distinct lengths when `multiple` > 1, so it recompiles rarely. `mask=False` leaves
+    the attention mask out: a causal model then computes the same loss and gradients, since with padding on the
+    right no real token attends to a pad and no pad carries a label (train/loop.py's fast path).
     """
     import torch
 
     longest = -(-max(len(t.input_ids) for t in batch) // multiple) * multiple
     ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), longest), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    keep_mask, mask = mask, torch.zeros((len(batch), longest), dtype=torch.long)
     for row, t in enumerate(batch):
         ids[row, : len(t.input_ids)] = torch.tensor(t.input_ids)
         labels[row, : len(t.labels)] = torch.tensor(t.labels)
         mask[row, : len(t.input_ids)] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
-            "real_tokens": int(mask.sum())}
+    out = {"input_ids": ids.to(device), "labels": labels.to(device), "real_tokens": int(mask.sum())}
+    return {**out, "attention_mask": mask.to(device)} if keep_mask else out
 
 
 def pack_batch(batch: list[Tokenized], device: str, multiple: int = 1) -> dict:

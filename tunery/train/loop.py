@@ -137,10 +137,13 @@ def train_step(t: Trainer, step: int) -> dict:
     # micro-batch m of rank r: the (m * world + r)-th slice of the step's examples
     starts = range(dist.rank * cfg.batch_size, per_step, cfg.batch_size * dist.world)
     multiple = 64 if t.fast and t.fast.compiled else 1
+    # the fast path's families are causal: right-padded rows need no mask, so attention runs sdpa's causal kernel
+    # (no mask built, none read back), and a padded batch is captured like an unpadded one (kernels/graphs.py)
+    mask = not (t.fast and t.fast.applied)
     if cfg.packing:
         batches = [pack_batch(picked[i : i + cfg.batch_size], t.device, multiple) for i in starts]
     else:
-        batches = [collate(picked[i : i + cfg.batch_size], t.tokenizer.pad_token_id, t.device, multiple)
+        batches = [collate(picked[i : i + cfg.batch_size], t.tokenizer.pad_token_id, t.device, multiple, mask)
                    for i in starts]
     n_tokens = max(1.0, distributed.all_sum(sum(trained_tokens(b) for b in batches), dist))
     total = 0.0
