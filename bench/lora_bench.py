@@ -1,7 +1,7 @@
 """LoRA SFT step throughput and peak GPU memory: tunery against Unsloth and a plain HF+PEFT stack, side by side.
 
 Random-init models from public architecture configs (speed and memory do not depend on weight values),
-LoRA r=16 (alpha 32, dropout 0) on every linear layer of the blocks, random token batches, labels on every
+LoRA r=16 (alpha 32, dropout 0) on every linear layer of the blocks (`targets`), random token batches, labels on every
 token, activation checkpointing on, AdamW. Each run is its own process (peak memory is per process, and
 Unsloth patches transformers when imported). On the GPU machine, with the reference stacks unpacked on
 PYTHONPATH (../shared/tools/reference-stacks-bundle.sh):
@@ -9,7 +9,8 @@ PYTHONPATH (../shared/tools/reference-stacks-bundle.sh):
     python bench/lora_bench.py --rows llama-1b qwen-0.5b llama-8b   # rows by name (ROWS), 3 stacks each
     python bench/lora_bench.py --rows qwen-7b llama-8b-4bit llama-8b-16k
     python bench/lora_bench.py --rows llama-1b --repeat 2   # stacks alternate twice; median and spread
-    python bench/lora_bench.py --rows maxseq     # longest sequence at bs 1 in 80 GB, tunery vs Unsloth
+    python bench/lora_bench.py --rows gemma3-1b phi3.5-mini lfm2-1.2b   # the families after Llama and Qwen
+    python bench/lora_bench.py --rows maxseq     # longest sequence at bs 1 in 80 GB (to 4,096), tunery vs Unsloth
     python bench/lora_bench.py --one tunery llama-8b 2 2048 [--quant 4bit] [--profile]   # a single run
 
 Prints one JSON line per run, then a table per row: tokens/s, useful TFLOP/s, peak GiB, ratio to each
@@ -44,8 +45,21 @@ ARCHS = {  # public config.json values of each model
                                     num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                                     max_position_embeddings=32768, rope_theta=1000000.0,
                                     tie_word_embeddings=False, rms_norm_eps=1e-6)),
+    # the next families (kernels/apply.py); RoPE scaling left out (it changes no shape)
+    "gemma3-1b": ("Gemma3TextConfig", dict(vocab_size=262144, hidden_size=1152, intermediate_size=6912,
+                                           num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1,
+                                           head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
+                                           max_position_embeddings=32768, rope_theta=1000000.0,
+                                           tie_word_embeddings=True, rms_norm_eps=1e-6)),
+    "phi3.5-mini": ("Phi3Config", dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192,
+                                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                                       max_position_embeddings=131072, rope_theta=10000.0,
+                                       tie_word_embeddings=False, rms_norm_eps=1e-5)),
+    "lfm2-1.2b": ("Lfm2Config", dict(vocab_size=65536, hidden_size=2048, intermediate_size=12288,
+                                     num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                                     full_attn_idxs=[2, 5, 8, 10, 12, 14], max_position_embeddings=128000,
+                                     rope_theta=1000000.0, tie_word_embeddings=True, norm_eps=1e-5)),
 }
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ROWS = {  # name: (arch, batch, seq, quant)
     "llama-1b": ("llama-1b", 4, 2048, ""),
     "qwen-0.5b": ("qwen-0.5b", 8, 2048, ""),
@@ -53,6 +67,9 @@ ROWS = {  # name: (arch, batch, seq, quant)
     "qwen-7b": ("qwen-7b", 2, 2048, ""),
     "llama-8b-4bit": ("llama-8b", 2, 2048, "4bit"),
     "llama-8b-16k": ("llama-8b", 1, 16384, ""),
+    "gemma3-1b": ("gemma3-1b", 4, 2048, ""),
+    "phi3.5-mini": ("phi3.5-mini", 2, 2048, ""),
+    "lfm2-1.2b": ("lfm2-1.2b", 4, 2048, ""),
 }
 STACKS = ("tunery", "unsloth", "hf")
 MODELS = os.environ.get("BENCH_MODELS", "/tmp/bench-models")
@@ -63,6 +80,13 @@ def _config(arch: str):
 
     cls_name, kw = ARCHS[arch]
     return getattr(transformers, cls_name)(**kw)
+
+
+def targets(arch: str) -> list[str]:
+    """Every linear layer of the blocks: the family's LoRA targets (tunery/models/catalog.py)."""
+    from tunery.models.catalog import family_of
+
+    return list(family_of(_config(arch).model_type).lora_targets)
 
 
 def model_dir(arch: str) -> str:
@@ -104,7 +128,7 @@ def _build_tunery(arch: str, quant: str, fast_opts: dict):
         with torch.device("cuda"):
             model = transformers.AutoModelForCausalLM.from_config(_config(arch), dtype=torch.bfloat16)
     cfg = RunConfig(method="qlora" if quant else "lora", lora_r=16, lora_alpha=32, lora_dropout=0.0,
-                    lora_targets=TARGETS, gradient_checkpointing=True)
+                    lora_targets=targets(arch), gradient_checkpointing=True)
     model = make_trainable(model, cfg)  # exactly what `tunery train` trains
     fast = fast_path_for(model, "cuda", **{k: v for k, v in fast_opts.items() if k != "graphs"})
     runner = step_graphs(model, model, fast, "cuda", off="" if fast_opts.get("graphs", True) else "--no-graphs")
@@ -143,7 +167,7 @@ def _build_unsloth(arch: str, quant: str, seq: int):
 
     model, _ = FastLanguageModel.from_pretrained(model_name=model_dir(arch), max_seq_length=seq, dtype=torch.bfloat16,
                                                  load_in_4bit=bool(quant), local_files_only=True)
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0, target_modules=TARGETS,
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0, target_modules=targets(arch),
                                              bias="none", use_gradient_checkpointing="unsloth", random_state=0)
 
     def step(ids):
@@ -166,7 +190,7 @@ def _build_hf(arch: str, quant: str):
     else:
         with torch.device("cuda"):
             model = transformers.AutoModelForCausalLM.from_config(_config(arch), dtype=torch.bfloat16)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets(arch)))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
 
@@ -177,12 +201,21 @@ def _build_hf(arch: str, quant: str):
 
 
 def _useful_flops_per_token(arch: str, seq: int) -> float:
+    """4 x the matmul weights (the blocks' linears and the lm_head) + causal attention (forward 2 x seq x width
+    per attention layer, x3 with backward), counted on a model built on the meta device."""
+    import torch
+    import transformers
+
     cfg = _config(arch)
-    h, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    kv = h // cfg.num_attention_heads * cfg.num_key_value_heads
-    per_layer = h * (2 * h + 2 * kv) + 3 * h * inter  # q, o, k, v, gate, up, down
-    n_mat = layers * per_layer + cfg.vocab_size * h  # + lm_head
-    return 4 * n_mat + 3 * 2 * layers * seq * h
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    n_mat = sum(m.weight.numel() for name, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and (".layers." in name or name.endswith("lm_head")))
+    # q/k/v apart (Llama, Gemma, LFM2's attention blocks); Gemma 3's sliding-window layers counted as full ones
+    attention = [m for m in model.modules() if hasattr(m, "q_proj")]
+    width = attention[0].q_proj.out_features if attention else cfg.hidden_size  # Phi-3: q/k/v in one linear
+    layers = len(attention) or cfg.num_hidden_layers
+    return 4 * n_mat + 3 * 2 * layers * seq * width
 
 
 def run_one(stack: str, arch: str, bs: int, seq: int, quant: str = "", steps: int = 6, warmup: int = 3,
@@ -403,26 +436,42 @@ def _table(results: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _max_seq(stack: str, arch: str, extra: list[str], budget_gib: float = 78.0, tries: int = 3) -> dict:
-    """Longest bs-1 sequence whose step fits: peak memory is linear in the sequence (flash attention, chunked
-    loss), so two measured lengths give the line to `budget_gib`; the longest multiple of 4096 under it is then
-    run for one step, and on OOM 4% shorter, up to `tries` lengths (a step there takes minutes)."""
-    a, b = (_spawn(stack, arch, 1, seq, "", 1, extra, warmup=1) for seq in (8192, 16384))
+def _max_seq(stack: str, arch: str, extra: list[str], budget_gib: float = 78.0, tries: int = 4,
+             spawn=None) -> dict:
+    """Longest bs-1 sequence whose step fits, to 4,096 tokens: peak memory is linear in the sequence (flash
+    attention, chunked loss), so two measured lengths give the line to `budget_gib`; the longest multiple of 4096
+    under it is run for one step, then 4,096 longer while it fits or shorter while it does not, until one length
+    fits and the next does not, up to `tries` lengths (a step there takes minutes)."""
+    spawn = spawn or _spawn
+    a, b = (spawn(stack, arch, 1, seq, "", 1, extra, warmup=1) for seq in (8192, 16384))
     if "tok_s" not in a or "tok_s" not in b:
         return {**b, "err": f"could not measure: {a.get('err') or b.get('err')}"}
     per_token = (b["peak_gib"] - a["peak_gib"]) / 8192
     estimate = int(16384 + (budget_gib - b["peak_gib"]) / per_token)
-    seq, failed = estimate // 4096 * 4096, []
+    seq, fit, failed = estimate // 4096 * 4096, None, []
     for _ in range(tries):
-        res = _spawn(stack, arch, 1, seq, "", 1, extra, warmup=0)
-        if res.get("err") != "OOM":
-            break
-        failed.append(seq)
-        seq = int(seq * 0.96) // 4096 * 4096
+        res = spawn(stack, arch, 1, seq, "", 1, extra, warmup=0)
+        if res.get("err") not in (None, "OOM"):
+            return {**res, "estimate": estimate}
+        if res.get("err") == "OOM":
+            failed.append(seq)
+        else:
+            fit = res
+        if fit is not None and failed and min(failed) - fit["seq"] == 4096:
+            break  # the limit: this length fits, 4,096 more does not
+        seq = seq + 4096 if res.get("err") is None else seq - 4096
+    res = dict(fit or res)
     for key in ("step_s", "tok_s", "tflops"):  # one step, compilation included: a fit check, not a speed
         res.pop(key, None)
+    shortest_oom = min(failed, default=None)
+    if fit is None:
+        note = f"no length fits down to {seq + 4096:,}"
+    elif shortest_oom is not None and shortest_oom - fit["seq"] == 4096:
+        note = f"longest: {fit['seq']:,} fits, {shortest_oom:,} does not"
+    else:
+        note = f"{fit['seq']:,} fits; the limit was not reached in {tries} lengths"
     return {**res, "estimate": estimate, "oom_at": failed, "gib_per_1k_tokens": round(per_token * 1024, 3),
-            "note": "fits: one step, compilation included, peak only" if not res.get("err") else res["err"]}
+            "note": note}
 
 
 def main() -> None:

@@ -1,8 +1,11 @@
-"""bench/trace_gaps.py: idle gaps on the GPU charged to the host ops that launched late."""
+"""bench/trace_gaps.py: idle gaps on the GPU charged to the host ops that launched late; bench/lora_bench.py: the
+longest-sequence search."""
 
 import importlib.util
 import json
 from pathlib import Path
+
+import pytest
 
 _spec = importlib.util.spec_from_file_location("trace_gaps", Path(__file__).parents[1] / "bench" / "trace_gaps.py")
 trace_gaps = importlib.util.module_from_spec(_spec)
@@ -32,3 +35,33 @@ def test_gaps_charge_the_late_launch_to_its_enclosing_ops(tmp_path):
     span, busy, idle, charged = trace_gaps.gaps(trace_gaps.load(str(path)), min_us=5)
     assert (span, busy, idle) == (145, 90, 53)
     assert charged == {"step > aten::mm": [1, 30], "step > aten::addmm": [1, 8], "(waited) cudaLaunchKernel": [1, 15]}
+
+
+_bench_spec = importlib.util.spec_from_file_location("lora_bench",
+                                                     Path(__file__).parents[1] / "bench" / "lora_bench.py")
+lora_bench = importlib.util.module_from_spec(_bench_spec)
+_bench_spec.loader.exec_module(lora_bench)
+
+
+def _fake_spawn(limit: int, calls: list):
+    """A stack whose peak is 1 GiB + 0.25 GiB per 1k tokens, out of memory past `limit` tokens."""
+
+    def spawn(stack, arch, bs, seq, quant, steps, extra, warmup=3):
+        calls.append(seq)
+        if seq > limit:
+            return {"stack": stack, "seq": seq, "err": "OOM"}
+        return {"stack": stack, "seq": seq, "err": None, "peak_gib": 1 + seq / 4096, "tok_s": 1, "step_s": 1}
+
+    return spawn
+
+
+@pytest.mark.parametrize("limit, checked, note", [
+    (303104, [307200, 303104], "longest: 303,104 fits, 307,200 does not"),  # the line over-estimates by one
+    (319488, [307200, 311296, 315392, 319488], "319,488 fits; the limit was not reached in 4 lengths"),
+    (311296, [307200, 311296, 315392], "longest: 311,296 fits, 315,392 does not"),
+])
+def test_max_seq_searches_both_ways_to_the_limit(limit, checked, note):
+    calls = []
+    res = lora_bench._max_seq("tunery", "llama-8b", [], budget_gib=76.0, spawn=_fake_spawn(limit, calls))
+    assert calls[:2] == [8192, 16384] and calls[2:] == checked
+    assert res["note"] == note and res["estimate"] == 16384 + int(71 * 4096) and "tok_s" not in res
