@@ -165,7 +165,7 @@ def test_four_bit_weights_count_by_their_dense_shape():
 
 @pytest.mark.parametrize("arch, kb, share, stashed", [
     ("llama-8b", 84.5, 0.193, True), ("qwen-7b", 65.9, 0.126, False), ("llama-1b", 151.5, 0.172, False),
-    ("qwen-0.5b", 257.6, 0.123, False)])
+    ("qwen-0.5b", 257.6, 0.123, False), ("phi3.5-mini", 162.8, 0.333, False)])  # Phi-3: q/k/v in one linear
 def test_stash_only_where_the_host_link_keeps_up_and_attention_weighs(arch, kb, share, stashed):
     """The stash moves per token about four block inputs over the host link; blocks whose matmuls are too small
     for that (per GFLOP), or whose attention is a small share of their weights, keep the recompute. Checked on
@@ -175,8 +175,9 @@ def test_stash_only_where_the_host_link_keeps_up_and_attention_weighs(arch, kb, 
     from tunery.kernels import offload
 
     h, inter, heads, kv = {"llama-8b": (4096, 14336, 32, 8), "qwen-7b": (3584, 18944, 28, 4),
-                           "llama-1b": (2048, 8192, 32, 8), "qwen-0.5b": (896, 4864, 14, 2)}[arch]
-    family = transformers.Qwen2Config if arch.startswith("qwen") else transformers.LlamaConfig
+                           "llama-1b": (2048, 8192, 32, 8), "qwen-0.5b": (896, 4864, 14, 2),
+                           "phi3.5-mini": (3072, 8192, 32, 32)}[arch]
+    family = {"qwen": transformers.Qwen2Config, "phi3": transformers.Phi3Config}.get(arch[:4], transformers.LlamaConfig)
     cfg = family(hidden_size=h, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv,
                  num_hidden_layers=1)
     with torch.device("meta"):

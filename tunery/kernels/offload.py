@@ -463,17 +463,19 @@ def _stashing_attention(self, hidden_states, *args, **kwargs):
 
 def _link_bytes_per_gflop(layer: torch.nn.Module) -> float:
     """Host-link bytes per GFLOP of a block's forward matmuls if its attention is stashed: per token, the block's
-    input and the stash (q, k, v, attention out, output) in 16 bits, against 2 FLOPs a weight of its linears."""
-    width = {}
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        m = getattr(layer.self_attn, name, None)
+    input and the stash (q, k, v, attention out, output) in 16 bits, against 2 FLOPs a weight of its linears.
+    q/k/v may be apart (Llama) or one linear (Phi-3's qkv_proj); the output projection is o_proj or out_proj."""
+    linears = {}
+    for name, m in layer.self_attn.named_children():
         m = m.get_base_layer() if hasattr(m, "get_base_layer") else m
-        if not isinstance(m, torch.nn.Linear):
-            return float("inf")  # a layout this estimate does not know: keep the recompute
-        width[name] = m.out_features
-    weights = _linear_weights(layer)
-    per_token = 2 * (2 * width["o_proj"] + 2 * width["q_proj"] + width["k_proj"] + width["v_proj"])
-    return per_token / (2 * weights / 1e9)
+        if isinstance(m, torch.nn.Linear):
+            linears[name] = m
+    out = next((linears.pop(n) for n in ("o_proj", "out_proj") if n in linears), None)
+    if out is None or not linears:
+        return float("inf")  # a layout this estimate does not know: keep the recompute
+    qkv = sum(m.out_features for m in linears.values())
+    per_token = 2 * (2 * out.out_features + out.in_features + qkv)
+    return per_token / (2 * _linear_weights(layer) / 1e9)
 
 
 def _linear_weights(module: torch.nn.Module) -> int:
