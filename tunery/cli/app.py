@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -35,6 +36,10 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # a deprecation inside peft/transformers that users cannot act on
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # bitsandbytes (which peft imports) tries at import to fetch an optional CPU 4-bit kernel from the Hub through
+    # `kernels`, and warns when it cannot (offline, an untrusted publisher); its own CPU code serves instead
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         app()
     except TuneryError as e:
