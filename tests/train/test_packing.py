@@ -142,6 +142,10 @@ def test_training_a_convolution_model_with_packing_stops_before_it_starts(tmp_pa
     model = build_tiny_model(tmp_path / "m", [r["prompt"] + r["completion"] for r in rows],
                              TinySpec(family="lfm2", hidden_size=32, intermediate_size=64, num_layers=2))
     cfg = RunConfig(model=str(model), data=str(data), output_dir=str(tmp_path / "runs"), packing=True, max_steps=2,
-                    device="cpu")
+                    device="cpu", name="r")
     with pytest.raises(ConfigError, match="convolution.*without --packing"):
         train(cfg)
+    # the folder it left holds no training yet: the same name starts over
+    cfg.packing = False
+    run = train(cfg)
+    assert run == tmp_path / "runs" / "r" and (run / "adapter").is_dir()

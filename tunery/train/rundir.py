@@ -12,14 +12,16 @@ from pathlib import Path
 from tunery.config import RunConfig
 from tunery.errors import RunError
 
-_PREPARED = ("config.yaml", "job.log")
+# what a run writes once it has started training (the manifest comes right before the first step)
+_STARTED = ("manifest.json", "metrics.jsonl", "checkpoints", "adapter", "model", "result.json")
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
     name = cfg.name or f"{Path(cfg.model.rstrip('/')).name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     path = Path(cfg.output_dir) / name
-    # a folder prepared by `tunery submit` holds only its config (and the job log): that is a fresh start
-    if path.exists() and any(p.name not in _PREPARED for p in path.iterdir()):
+    # a folder prepared by `tunery submit` (its config and job log), or left by a run that stopped before training
+    # (a wrong setting, a missing model: its config and an empty log), holds nothing to lose: a fresh start
+    if path.exists() and any((path / p).exists() for p in _STARTED):
         raise RunError(f"run folder {path} already exists; pick another --name, or continue it with "
                        f"`tunery train --resume {path}`")
     path.mkdir(parents=True, exist_ok=True)
