@@ -65,3 +65,32 @@ def test_max_seq_searches_both_ways_to_the_limit(limit, checked, note):
     res = lora_bench._max_seq("tunery", "llama-8b", [], budget_gib=76.0, spawn=_fake_spawn(limit, calls))
     assert calls[:2] == [8192, 16384] and calls[2:] == checked
     assert res["note"] == note and res["estimate"] == 16384 + int(71 * 4096) and "tok_s" not in res
+
+
+def test_device_queue_runs_its_commands_in_the_background_across_calls(tmp_path):
+    """bench/device_queue.sh: the first call starts the queue and returns after its wait; later calls print only
+    what is new, copy the log to $OUT, and say when the queue is done."""
+    import os
+    import subprocess
+
+    queue = tmp_path / "q.txt"
+    queue.write_text("# a comment\necho one\n\nsleep 5; echo two; false\necho three\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "QUEUE": str(queue), "QUEUE_STATE": str(tmp_path / "state"), "OUT": str(out)}
+    script = Path(__file__).parents[1] / "bench" / "device_queue.sh"
+
+    def call(wait: int) -> str:
+        return subprocess.run(["bash", str(script), str(wait)], env=env, capture_output=True, text=True,
+                              timeout=60).stdout
+
+    first = call(2)
+    assert first.endswith("queue: running\n")  # the second command sleeps longer than that
+    second = call(30)
+    assert second.endswith("queue: done\n")
+    log = (out / "queue.log").read_text()
+    # every line once, across the two calls: the second printed only what came after the first
+    assert first.removesuffix("queue: running\n") + second.removesuffix("queue: done\n") == log
+    assert "comment" not in log and log.count("### ") == 6 and log.count("\none\n") == 1
+    assert "exit 1: sleep 5; echo two; false" in log and log.index("two\n") < log.index("three\n")
+    assert call(1) == "queue: done\n"
