@@ -157,6 +157,7 @@ def test_under_a_capture_sdpa_builds_a_mask_only_where_eager_would():
     window = {"mask_function": sliding_window_causal_mask_function(4), "local_size": 4}
     with graphs.capture_context():
         assert build() is None
+        assert masks["sdpa"](1, 8, 8, device="cpu") is None  # positional arguments bind the same way
         kept = build(**window), build(allow_is_causal_skip=False)
     assert torch.equal(kept[0], build(**window)) and not bool(kept[0][0, 0, 7, 0])  # the window masks key 0
     assert torch.equal(kept[1], torch.ones(8, 8, dtype=torch.bool).tril()[None, None])

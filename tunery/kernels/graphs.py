@@ -26,6 +26,7 @@ with a stand-in for the graph.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Callable
 
@@ -189,12 +190,17 @@ def _eager_skip(build: Callable) -> Callable:
     skip allowed (no packing, no extra mask function), no padding mask, queries over all keys, and no local
     window the keys reach (transformers' `_ignore_causal_mask_sdpa`, without its tracing check)."""
 
-    def mask(**kwargs):
-        q, kv, local = kwargs.get("q_length"), kwargs.get("kv_length"), kwargs.get("local_size")
-        if (kwargs.get("allow_is_causal_skip", True) and kwargs.get("attention_mask") is None and q == kv
-                and (local is None or kv < local)):
+    signature = inspect.signature(build)
+
+    def mask(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        q, kv, local = a.get("q_length"), a.get("kv_length"), a.get("local_size")
+        causal = a.get("allow_is_causal_skip") and a.get("attention_mask") is None and q == kv
+        if causal and (local is None or kv < local):
             return None
-        return build(**kwargs)
+        return build(*args, **kwargs)
 
     return mask
 
