@@ -48,7 +48,10 @@ class StandIn:
 
 
 class Broken(StandIn):
-    def capture(self, fn):
+    def capture(self, fn):  # fails part-way through a recompute, as a real capture may
+        from tunery.kernels import offload
+
+        offload.RECOMPUTING = True
         raise RuntimeError("operation not permitted when stream is capturing")
 
 
@@ -169,7 +172,9 @@ def test_a_failed_capture_falls_back_to_eager_for_the_run(pair, caplog):
     with caplog.at_level(logging.WARNING, logger="tunery.kernels.graphs"):
         got_loss, got_grads = _train(b, captured, steps)
     want_loss, want_grads = _train(a, eager, steps)
-    assert not captured.enabled and "operation not permitted" in captured.reason
+    from tunery.kernels import offload
+
+    assert not captured.enabled and "operation not permitted" in captured.reason and not offload.RECOMPUTING
     assert "CUDA graphs off" in caplog.text
     assert got_loss == pytest.approx(want_loss, rel=1e-5)
     assert all(torch.allclose(g, w, rtol=1e-4, atol=1e-6) for gs, ws in zip(got_grads, want_grads)

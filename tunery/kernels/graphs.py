@@ -90,7 +90,9 @@ class StepGraphs:
         except Exception as e:  # noqa: BLE001 - any failure leaves the eager step, which is always right
             self.enabled, self.reason = False, f"capture failed: {type(e).__name__}: {e}"
             log.warning("CUDA graphs off for this run (the steps run eagerly): %s", self.reason)
-            _reset_offload()
+            from tunery.kernels import offload
+
+            offload.reset()
             self._graphs.clear()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -213,12 +215,6 @@ def _free_cublas_workspaces() -> None:
     if clear is not None and torch.cuda.is_available():
         torch.cuda.synchronize()
         clear()
-
-
-def _reset_offload() -> None:
-    from tunery.kernels import offload
-
-    offload.RECOMPUTING, offload._STASH = False, None
 
 
 def graphs_reason(model, device: str, fast) -> str:

@@ -494,6 +494,13 @@ def _attention_share(layer: torch.nn.Module) -> float:
     return _linear_weights(layer.self_attn) / max(_linear_weights(layer), 1)
 
 
+def reset() -> None:
+    """Leave no block marked as running or recomputing: after a step that raised part-way (a failed CUDA graph
+    capture, kernels/graphs.py), the next one starts clean."""
+    global RECOMPUTING, _STASH
+    RECOMPUTING, _STASH = False, None
+
+
 def _host_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
