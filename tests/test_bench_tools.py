@@ -94,3 +94,18 @@ def test_device_queue_runs_its_commands_in_the_background_across_calls(tmp_path)
     assert "comment" not in log and log.count("### ") == 6 and log.count("\none\n") == 1
     assert "exit 1: sleep 5; echo two; false" in log and log.index("two\n") < log.index("three\n")
     assert call(1) == "queue: done\n"
+
+
+@pytest.mark.parametrize("arch", sorted(lora_bench.ARCHS))
+def test_every_bench_architecture_builds_and_has_its_lora_targets(arch):
+    """What the device runs first: the public config builds (on the meta device, no memory) and every LoRA target
+    the bench asks for is a module of it; the useful FLOPs count its matmuls."""
+    import torch
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(lora_bench._config(arch))
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    assert set(lora_bench.targets(arch)) <= names
+    params = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
+    assert 4 * params <= lora_bench._useful_flops_per_token(arch, 2048) < 4 * params * 1.5 + 4e10
