@@ -448,7 +448,7 @@ def _max_seq(stack: str, arch: str, extra: list[str], budget_gib: float = 78.0, 
         return {**b, "err": f"could not measure: {a.get('err') or b.get('err')}"}
     per_token = (b["peak_gib"] - a["peak_gib"]) / 8192
     estimate = int(16384 + (budget_gib - b["peak_gib"]) / per_token)
-    seq, fit, failed = estimate // 4096 * 4096, None, []
+    seq, fit, failed, found = estimate // 4096 * 4096, None, [], False
     for _ in range(tries):
         res = spawn(stack, arch, 1, seq, "", 1, extra, warmup=0)
         if res.get("err") not in (None, "OOM"):
@@ -457,17 +457,17 @@ def _max_seq(stack: str, arch: str, extra: list[str], budget_gib: float = 78.0, 
             failed.append(seq)
         else:
             fit = res
-        if fit is not None and failed and min(failed) - fit["seq"] == 4096:
-            break  # the limit: this length fits, 4,096 more does not
+        found = fit is not None and min(failed, default=0) - fit["seq"] == 4096  # fits, 4,096 more does not
+        if found:
+            break
         seq = seq + 4096 if res.get("err") is None else seq - 4096
     res = dict(fit or res)
     for key in ("step_s", "tok_s", "tflops"):  # one step, compilation included: a fit check, not a speed
         res.pop(key, None)
-    shortest_oom = min(failed, default=None)
     if fit is None:
         note = f"no length fits down to {seq + 4096:,}"
-    elif shortest_oom is not None and shortest_oom - fit["seq"] == 4096:
-        note = f"longest: {fit['seq']:,} fits, {shortest_oom:,} does not"
+    elif found:
+        note = f"longest: {fit['seq']:,} fits, {min(failed):,} does not"
     else:
         note = f"{fit['seq']:,} fits; the limit was not reached in {tries} lengths"
     return {**res, "estimate": estimate, "oom_at": failed, "gib_per_1k_tokens": round(per_token * 1024, 3),

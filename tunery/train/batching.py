@@ -39,13 +39,13 @@ def collate(batch: list[Tokenized], pad_id: int, device: str, multiple: int = 1,
     longest = -(-max(len(t.input_ids) for t in batch) // multiple) * multiple
     ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), longest), IGNORE, dtype=torch.long)
-    keep_mask, mask = mask, torch.zeros((len(batch), longest), dtype=torch.long)
+    real = torch.zeros((len(batch), longest), dtype=torch.long)  # 1 on each row's tokens, 0 on its padding
     for row, t in enumerate(batch):
         ids[row, : len(t.input_ids)] = torch.tensor(t.input_ids)
         labels[row, : len(t.labels)] = torch.tensor(t.labels)
-        mask[row, : len(t.input_ids)] = 1
-    out = {"input_ids": ids.to(device), "labels": labels.to(device), "real_tokens": int(mask.sum())}
-    return {**out, "attention_mask": mask.to(device)} if keep_mask else out
+        real[row, : len(t.input_ids)] = 1
+    out = {"input_ids": ids.to(device), "labels": labels.to(device), "real_tokens": int(real.sum())}
+    return {**out, "attention_mask": real.to(device)} if mask else out
 
 
 def pack_batch(batch: list[Tokenized], device: str, multiple: int = 1) -> dict:
