@@ -9,20 +9,26 @@ import torch
 
 @pytest.fixture
 def tiny_lora(tiny_tokenizer):
-    """tiny_lora(family, num_layers, dropout) -> a fresh seeded LoRA model (r 4, alpha 8) on the session tokenizer."""
+    """tiny_lora(family, num_layers, dropout, ...) -> a fresh seeded LoRA model (r 4, alpha 8 unless told) on the
+    session tokenizer; width, rank, device and dtype as given (the GPU tests build wider bf16 models)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from tunery.models.lora import apply_lora
     from tunery.models.tiny import TinySpec, make_config
 
-    def build(family: str = "llama", num_layers: int = 2, dropout: float = 0.0):
+    def build(family: str = "llama", num_layers: int = 2, dropout: float = 0.0, hidden_size: int = 32,
+              intermediate_size: int = 64, rank: int = 4, b_std: float = 0.1, device: str = "cpu",
+              dtype: torch.dtype = torch.float32):
         torch.manual_seed(0)
-        spec = TinySpec(family=family, hidden_size=32, intermediate_size=64, num_layers=num_layers)
-        model = apply_lora(AutoModelForCausalLM.from_config(make_config(spec, tiny_tokenizer)), 4, 8, dropout)
+        spec = TinySpec(family=family, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                        num_layers=num_layers)
+        with torch.device(device):
+            base = AutoModelForCausalLM.from_config(make_config(spec, tiny_tokenizer), dtype=dtype)
+        model = apply_lora(base, rank, 2 * rank, dropout)
         for name, p in model.named_parameters():  # B starts at zero in PEFT; make the adapter do something
             if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.1)
+                torch.nn.init.normal_(p, std=b_std)
         return model
 
     return build

@@ -74,23 +74,12 @@ def test_fast_path_matches_peft_on_each_family(family, tiny_lora, loss_and_grads
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fast_path_matches_peft_on_each_family_bf16_gpu(family, tiny_tokenizer, loss_and_grads, fresh_dynamo):
+def test_fast_path_matches_peft_on_each_family_bf16_gpu(family, tiny_lora, loss_and_grads, fresh_dynamo):
     """The same on the GPU, in bf16, at a width where the kernels run as they do on real models."""
     if not torch.cuda.is_available():
         pytest.fail("needs a CUDA GPU: run on the device")
-    from transformers import AutoModelForCausalLM
-
-    from tunery.models.lora import apply_lora
-    from tunery.models.tiny import TinySpec, make_config
-
-    torch.manual_seed(0)
-    spec = TinySpec(family=family, hidden_size=256, intermediate_size=704, num_layers=2)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(make_config(spec, tiny_tokenizer), dtype=torch.bfloat16)
-    model = apply_lora(model, 8, 16, 0.0)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
+    model = tiny_lora(family, 2, hidden_size=256, intermediate_size=704, rank=8, b_std=0.02, device="cuda",
+                      dtype=torch.bfloat16)
     batch = _batch(model.config.vocab_size, "cuda")
     (ref_loss, ref_grads), (loss, grads), fast = _fast_against_reference(model, batch, loss_and_grads, "cuda",
                                                                          "inductor")
