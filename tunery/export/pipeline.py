@@ -66,8 +66,10 @@ def write_ggufs(run: Path, merged: Path, out: Path, kinds: list[str]) -> dict[st
 
 
 def _describe(r: dict) -> str:
+    ties = [p["prompt"] for p in r["generation_partings"] if p["near_tie"]]
+    tied = f" (prompts {ties} part at a near tie of torch's logits)" if ties else ""
     return (f"top-1 agreement {r['top1_agreement']:.0%}, identical greedy generations "
-            f"{r['generations_identical']:.0%}, stopped at end of turn {r['gguf_stopped']}/{r['prompts']} "
+            f"{r['generations_identical']:.0%}{tied}, stopped at end of turn {r['gguf_stopped']}/{r['prompts']} "
             f"(torch {r['torch_stopped']}), max |logit diff| {r['max_abs_logit_diff']:.3g}")
 
 
