@@ -18,7 +18,8 @@ def summed_loss(model, batch: dict, fast=None):
 
     # no KV cache: a loss never reuses one, and with a cache transformers ignores the document boundaries
     # that position_ids mark in a packed batch (it builds a plain causal mask)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    # a packed row's document bounds go to attention: the fast path's varlen attention reads them (kernels/varlen.py)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "doc_bounds") if k in batch}
     if fast is not None and fast.applied:
         from tunery.kernels.linear_ce import linear_cross_entropy
 

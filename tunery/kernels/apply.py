@@ -12,7 +12,8 @@ For the families in `FAMILY_FAST_PATHS` (Llama, Mistral, Qwen2/3, Gemma 1/2/3, P
   whose recompute skips the MLP's down projection (its output is never read in backward) and, with
   `stash_attention`, the attention sublayer, kept from forward in pinned CPU memory instead;
 - attention through sdpa with cuDNN's fused kernel first, on Hopper and newer GPUs, where it was measured
-  faster (kernels/attention.py);
+  faster (kernels/attention.py); with packing, a packed row's examples through varlen flash attention, each
+  on its own, and no mask over the row (kernels/varlen.py);
 - torch.compile of each decoder block's forward as one region, reused by all blocks; when checkpointing is
   on, inside the block's checkpoint hook, which stays outside the compiled code (kernels/ops.py); the liger
   RMSNorm/SwiGLU swaps are the `ops=True` option.
@@ -79,6 +80,12 @@ def _hopper_or_newer(device: str) -> bool:
     return cuda and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
+def _varlen_problem(model) -> str | None:
+    from tunery.kernels.varlen import varlen_problem
+
+    return varlen_problem(_unwrap(model))
+
+
 def _unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -86,9 +93,11 @@ def _unwrap(model):
 def fast_path_for(model, device: str, enabled: bool = True, distributed: bool = False,
                   allow_cpu: bool = False, ops: bool = False, compile: bool = True, lora: bool = True,
                   lora_groups: bool = True, offload: bool = True, stash_attention: bool = True,
-                  compile_backend: str | Callable = "inductor") -> FastPath:
+                  compile_backend: str | Callable = "inductor", packing: bool = False,
+                  varlen_attention: bool = True) -> FastPath:
     """The fast paths `model` gets here, with the reason when it gets none. `compile_backend` is torch.compile's
-    backend (the tests compile on CPU with "aot_eager")."""
+    backend (the tests compile on CPU with "aot_eager"). `packing`: batches are packed rows, whose attention
+    then runs as varlen attention where it can (`varlen_attention`; kernels/varlen.py)."""
     if not enabled:
         return FastPath(reason="switched off (--no-fast)")
     if not device.startswith("cuda") and not allow_cpu:
@@ -126,7 +135,12 @@ def fast_path_for(model, device: str, enabled: bool = True, distributed: bool = 
         from tunery.kernels.offload import enable_offload
 
         steps.append(partial(enable_offload, model, stash_attention))
-    if "attention" in paths and _hopper_or_newer(device):
+    varlen = packing and "attention" in paths and varlen_attention and not _varlen_problem(model)
+    if varlen:
+        from tunery.kernels.varlen import use_varlen_attention
+
+        steps.append(partial(use_varlen_attention, model, cudnn=_hopper_or_newer(device)))
+    elif "attention" in paths and _hopper_or_newer(device):
         from tunery.kernels.attention import use_cudnn_attention
 
         steps.append(partial(use_cudnn_attention, model))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from tunery.data.tokenize import IGNORE, Tokenized
 
 
@@ -50,7 +52,8 @@ def collate(batch: list[Tokenized], pad_id: int, device: str, multiple: int = 1,
 
 def pack_batch(batch: list[Tokenized], device: str, multiple: int = 1) -> dict:
     """The micro-batch as one row (1, total) with no padding: input_ids, labels and position_ids that restart
-    at 0 for each example, and no attention_mask.
+    at 0 for each example, no attention_mask, and `doc_bounds` (int32: 0, where each example ends, the row's
+    length), which the fast path's varlen attention reads (kernels/varlen.py).
 
     Given position_ids and no attention_mask (and no KV cache), transformers reads a restart of the positions
     as a new document and builds a block-diagonal causal mask (sdpa, eager, flex) or runs varlen flash
@@ -70,8 +73,9 @@ def pack_batch(batch: list[Tokenized], device: str, multiple: int = 1) -> dict:
     # any id would do for the tail: its labels are IGNORE and no real token can attend to it
     row = {"input_ids": ids + [0] * tail, "labels": labels + [IGNORE] * tail,
            "position_ids": positions + list(range(tail))}
+    ends = list(itertools.accumulate(len(t.input_ids) for t in batch)) + ([total + tail] if tail else [])
     return {**{k: torch.tensor([v], dtype=torch.long, device=device) for k, v in row.items()},
-            "real_tokens": total}
+            "doc_bounds": torch.tensor([0, *ends], dtype=torch.int32, device=device), "real_tokens": total}
 
 
 def packing_problem(model) -> str | None:

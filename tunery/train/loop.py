@@ -120,7 +120,7 @@ def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
 
         ids = [dist.local_rank] if device.startswith("cuda") else None
         forward = DistributedDataParallel(model, device_ids=ids)
-    fast = fast_path_for(model, device, cfg.fast, dist.enabled)
+    fast = fast_path_for(model, device, cfg.fast, dist.enabled, packing=cfg.packing)
     log.info(fast.describe())
     trainer = Trainer(cfg, run, model, tokenizer, data, optimizer, scheduler, device, steps, dist, forward, fast)
     log.info(trainer.steps.describe())

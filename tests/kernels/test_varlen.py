@@ -1,0 +1,205 @@
+"""Packed rows through varlen attention (kernels/varlen.py): each example attends to itself only, so a packed row's
+loss and LoRA gradients equal each example's alone. The CPU has no varlen kernel: there a stand-in with each of
+torch's two signatures runs sdpa example by example, which checks everything around the kernel (bounds, layout,
+GQA, scale, which rows and layers take it). The GPU test runs torch's kernel against sdpa's dense mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunery.data.tokenize import IGNORE, Tokenized
+from tunery.kernels import varlen
+from tunery.kernels.apply import fast_path_for
+from tunery.models.tiny import FAMILIES
+from tunery.train.batching import collate, pack_batch
+
+SDPA_FAMILIES = [f for f in FAMILIES if f not in ("lfm2", "gemma2")]  # LFM2 cannot pack; Gemma 2 runs eager
+SLIDING = {"mistral", "gemma3_text"}  # given a window the longest example reaches: those layers keep sdpa's mask
+
+
+class StandIn:
+    """sdpa over each example; records the calls. `new`: torch 2.11+'s keywords, else 2.9's."""
+
+    def __init__(self, new: bool = True):
+        self.calls = []
+        self.fn = self._new if new else self._old
+
+    def _run(self, q, k, v, bounds, max_q, max_k, scale=None, gqa=False):
+        self.calls.append({"bounds": bounds.tolist(), "max": (max_q, max_k), "heads": (q.shape[1], k.shape[1]),
+                           "scale": scale})
+        b = bounds.tolist()
+        outs = [F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1)[None] for t in (q, k, v)), is_causal=True,
+                                               scale=scale, enable_gqa=gqa)[0].transpose(0, 1)
+                for s, e in zip(b, b[1:])]
+        return torch.cat(outs)
+
+    def _new(self, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+             window_size=(-1, -1), enable_gqa=False):
+        assert window_size == (-1, 0) and torch.equal(cu_seq_q, cu_seq_k) and cu_seq_q.dtype == torch.int32
+        return self._run(query, key, value, cu_seq_q, max_q, max_k, scale, enable_gqa)
+
+    def _old(self, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        assert is_causal and query.shape[1] == key.shape[1]  # 2.9's kernel took no GQA
+        return self._run(query, key, value, cu_seq_q, max_q, max_k)
+
+
+def _with(monkeypatch, stand_in: StandIn) -> None:
+    monkeypatch.setattr(varlen, "_kernel", lambda: stand_in.fn)
+
+
+def _examples(vocab: int, lengths=(9, 3, 14, 6)) -> list[Tokenized]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for n in lengths:
+        ids = torch.randint(0, vocab, (n,), generator=g).tolist()
+        out.append(Tokenized(ids, [IGNORE] * (n // 3) + ids[n // 3 :], False))
+    return out
+
+
+def _loss_and_grads(model, batches, fast=None):
+    from tunery.eval.loss import summed_loss
+
+    model.zero_grad(set_to_none=True)
+    loss = sum(summed_loss(model, b, fast) for b in batches)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_close(got, ref, rtol: float = 1e-5, grad_rtol: float = 1e-5):
+    (loss, grads), (ref_loss, ref_grads) = got, ref
+    assert abs(float(loss) - float(ref_loss)) <= rtol * abs(float(ref_loss)), (float(loss), float(ref_loss))
+    assert grads.keys() == ref_grads.keys() and grads
+    for name, g in ref_grads.items():
+        rel = float((grads[name].float() - g.float()).norm() / g.float().norm().clamp_min(1e-12))
+        assert rel < grad_rtol, (name, rel)
+
+
+def test_pack_batch_gives_each_example_bounds_and_the_tail_its_own():
+    batch = [Tokenized([5, 6, 7], [IGNORE, 6, 7], False), Tokenized([8, 9], [8, 9], False)]
+    assert pack_batch(batch, "cpu")["doc_bounds"].tolist() == [0, 3, 5]
+    rounded = pack_batch(batch, "cpu", multiple=8)
+    assert rounded["doc_bounds"].tolist() == [0, 3, 5, 8] and rounded["doc_bounds"].dtype == torch.int32
+    assert pack_batch(batch, "cpu", multiple=5)["doc_bounds"].tolist() == [0, 3, 5]  # no tail, no empty one
+
+
+@pytest.mark.parametrize("new", [True, False], ids=["window_size", "is_causal"])
+@pytest.mark.parametrize("family", SDPA_FAMILIES)
+def test_a_packed_row_through_varlen_attention_equals_each_example_alone(family, new, tiny_lora, monkeypatch):
+    stand_in = StandIn(new)
+    _with(monkeypatch, stand_in)
+    model = tiny_lora(family, num_layers=2)
+    examples = _examples(model.config.vocab_size)
+    alone = _loss_and_grads(model, [collate([t], 0, "cpu") for t in examples])
+    fast = fast_path_for(model, "cpu", allow_cpu=True, compile=False, packing=True)
+    assert "packed rows through varlen flash attention" in fast.describe(), fast.describe()
+    _assert_close(_loss_and_grads(model, [pack_batch(examples, "cpu", multiple=24)], fast), alone)
+    # each layer's forward took the kernel once, over the examples and the tail, with the row's length
+    assert len(stand_in.calls) == 2
+    heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
+    for call in stand_in.calls:
+        assert call["bounds"] == [0, 9, 12, 26, 32, 48] and call["max"] == (48, 48)
+        assert call["heads"] == (heads, kv_heads if new else heads)
+    # undone, the model is the reference again
+    fast.remove()
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("family", sorted(SLIDING))
+def test_layers_whose_window_the_row_reaches_keep_the_mask(family, tiny_lora, monkeypatch):
+    stand_in = StandIn()
+    _with(monkeypatch, stand_in)
+    model = tiny_lora(family, num_layers=2)
+    model.config.sliding_window = 5  # every layer of these tiny models slides; the longest example reaches it
+    examples = _examples(model.config.vocab_size)
+    alone = _loss_and_grads(model, [collate([t], 0, "cpu") for t in examples])
+    fast = fast_path_for(model, "cpu", allow_cpu=True, compile=False, packing=True)
+    assert "varlen" in fast.describe()
+    _assert_close(_loss_and_grads(model, [pack_batch(examples, "cpu", multiple=16)], fast), alone)
+    assert stand_in.calls == []
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_the_whole_fast_path_on_a_packed_row(family, tiny_lora, monkeypatch, fresh_dynamo):
+    """Checkpointed, offloaded, attention stashed, compiled (aot_eager), as `tunery train --packing` runs it."""
+    from tunery.kernels import offload
+
+    monkeypatch.setattr(offload, "KEEP_BYTES", 0)  # tiny tensors too go through the host copies
+    monkeypatch.setattr(offload, "STASH_MAX_BYTES_PER_GFLOP", float("inf"))  # tiny blocks are all link
+    stand_in = StandIn()
+    _with(monkeypatch, stand_in)
+    model = tiny_lora(family, num_layers=2)
+    examples = _examples(model.config.vocab_size)
+    alone = _loss_and_grads(model, [collate([t], 0, "cpu") for t in examples])
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    fast = fast_path_for(model, "cpu", allow_cpu=True, compile_backend="aot_eager", packing=True)
+    text = fast.describe()
+    assert "varlen" in text and "attention kept for backward" in text and "one region" in text, text
+    _assert_close(_loss_and_grads(model, [pack_batch(examples, "cpu", multiple=24)], fast), alone, grad_rtol=1e-4)
+    assert len(stand_in.calls) == 2  # the stash keeps attention from forward: the recompute does not call it
+
+
+def test_rows_with_a_mask_keep_sdpa(tiny_lora, monkeypatch):
+    stand_in = StandIn()
+    _with(monkeypatch, stand_in)
+    model = tiny_lora("qwen2", num_layers=2)
+    examples = _examples(model.config.vocab_size)
+    padded = collate(examples, 0, "cpu")  # the held-out loss's batches: padded rows with their mask
+    ref = _loss_and_grads(model, [padded])
+    fast = fast_path_for(model, "cpu", allow_cpu=True, compile=False, packing=True)
+    assert "varlen" in fast.describe()
+    _assert_close(_loss_and_grads(model, [padded]), ref)
+    assert stand_in.calls == []
+
+
+def test_the_old_kernel_gets_repeated_heads_and_refuses_a_scale_it_cannot_take():
+    q, k = torch.randn(11, 4, 8), torch.randn(11, 2, 8)
+    bounds = torch.tensor([0, 5, 11], dtype=torch.int32)
+    new, old = StandIn(True), StandIn(False)
+    plan_new, plan_old = varlen.Plan.of(new.fn), varlen.Plan.of(old.fn)
+    assert (plan_new.causal, plan_new.scale, plan_new.gqa) == (("window_size", (-1, 0)), True, True)
+    assert (plan_old.causal, plan_old.scale, plan_old.gqa) == (("is_causal", True), False, False)
+    out_new = varlen.varlen_call(plan_new, q, k, k, bounds, 11, 8 ** -0.5)
+    out_old = varlen.varlen_call(plan_old, q, k, k, bounds, 11, 8 ** -0.5)  # the default scale: fine without one
+    assert torch.allclose(out_new, out_old, atol=1e-6)
+    assert old.calls[0]["heads"] == (4, 4) and new.calls[0]["heads"] == (4, 2)
+    with pytest.raises(RuntimeError, match="no scale argument"):
+        varlen.varlen_call(plan_old, q, k, k, bounds, 11, 0.5)
+    # and each example attends to itself only: the second's output ignores the first's keys
+    alone = varlen.varlen_call(plan_new, q[5:], k[5:], k[5:], torch.tensor([0, 6], dtype=torch.int32), 6, None)
+    assert torch.allclose(out_new[5:], alone, atol=1e-6)
+
+
+def test_what_keeps_a_model_off_varlen(tiny_lora, monkeypatch):
+    model = tiny_lora("llama", num_layers=1)
+    assert varlen.varlen_problem(model) == "varlen attention runs on CUDA only"  # torch's own kernel, on the CPU
+    assert "varlen" not in fast_path_for(model, "cpu", allow_cpu=True, compile=False, packing=True).describe()
+    _with(monkeypatch, StandIn())
+    assert varlen.varlen_problem(model) is None
+    assert "varlen" not in fast_path_for(model, "cpu", allow_cpu=True, compile=False).describe()  # not packing
+    model.config.attention_dropout = 0.1
+    assert varlen.varlen_problem(model) == "attention dropout is on"
+    model.config.attention_dropout = 0.0
+    model.set_attn_implementation("eager")
+    assert varlen.varlen_problem(model) == "the model runs eager attention, not sdpa"
+    monkeypatch.setattr(varlen, "_kernel", lambda: None)
+    assert "no varlen attention" in varlen.varlen_problem(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
+def test_varlen_attention_matches_the_dense_mask_bf16_gpu(family, tiny_lora, fresh_dynamo):
+    """torch's kernel on a packed row against sdpa with transformers' block-diagonal mask, compiled as trained."""
+    if not torch.cuda.is_available():
+        pytest.fail("needs a CUDA GPU: run on the device")
+    results = []
+    for use in (False, True):
+        model = tiny_lora(family, 2, hidden_size=256, intermediate_size=704, rank=8, b_std=0.02, device="cuda",
+                          dtype=torch.bfloat16)
+        examples = _examples(model.config.vocab_size, lengths=(300, 45, 700, 130))
+        fast = fast_path_for(model, "cuda", packing=True, varlen_attention=use)
+        assert ("varlen" in fast.describe()) == use, fast.describe()
+        results.append(_loss_and_grads(model, [pack_batch(examples, "cuda", multiple=64)], fast))
+    _assert_close(results[1], results[0], rtol=1e-2, grad_rtol=5e-2)
