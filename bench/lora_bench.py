@@ -12,6 +12,8 @@ PYTHONPATH (../shared/tools/reference-stacks-bundle.sh):
     python bench/lora_bench.py --rows gemma3-1b phi3.5-mini lfm2-1.2b   # the families after Llama and Qwen
     python bench/lora_bench.py --rows maxseq     # longest sequence at bs 1 in 80 GB (to 4,096), tunery vs Unsloth
     python bench/lora_bench.py --one tunery llama-8b 2 2048 [--quant 4bit] [--profile]   # a single run
+    python bench/lora_bench.py --rows llama-1b-8k-packed llama-8b-16k-packed   # packed rows (PACKED): tunery's
+        # varlen attention against its dense block mask (--no-varlen) and HF+PEFT's; Unsloth is not run on them
 
 Prints one JSON line per run, then a table per row: tokens/s, useful TFLOP/s, peak GiB, ratio to each
 reference. Useful FLOPs per token are 4 x (matmul params) + attention (forward 2*L*seq*hidden, x3); the
@@ -71,6 +73,12 @@ ROWS = {  # name: (arch, batch, seq, quant)
     "phi3.5-mini": ("phi3.5-mini", 2, 2048, ""),
     "lfm2-1.2b": ("lfm2-1.2b", 4, 2048, ""),
 }
+# name: (arch, seq, examples): one row of `seq` tokens holding that many examples, their lengths drawn at random
+# (seeded; `packed_row`), as `tunery train --packing` builds it (train/batching.pack_batch); bs 1
+PACKED = {
+    "llama-1b-8k-packed": ("llama-1b", 8192, 16),
+    "llama-8b-16k-packed": ("llama-8b", 16384, 32),
+}
 STACKS = ("tunery", "unsloth", "hf")
 MODELS = os.environ.get("BENCH_MODELS", "/tmp/bench-models")
 
@@ -112,7 +120,24 @@ def model_dir(arch: str) -> str:
     return path
 
 
-def _build_tunery(arch: str, quant: str, fast_opts: dict):
+def packed_row(seq: int, examples: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """position_ids and example bounds (0, each end) of one packed row: `examples` lengths summing to `seq`."""
+    import random
+
+    cuts = sorted(random.Random(seed).sample(range(1, seq), examples - 1))
+    bounds = [0, *cuts, seq]
+    return [i for s, e in zip(bounds, bounds[1:]) for i in range(e - s)], bounds
+
+
+def _packed_extras(seq: int, examples: int) -> dict:
+    import torch
+
+    positions, bounds = packed_row(seq, examples)
+    return {"position_ids": torch.tensor([positions], device="cuda"),
+            "doc_bounds": torch.tensor(bounds, dtype=torch.int32, device="cuda")}
+
+
+def _build_tunery(arch: str, quant: str, fast_opts: dict, packed: int = 0):
     import torch
     import transformers
 
@@ -130,13 +155,14 @@ def _build_tunery(arch: str, quant: str, fast_opts: dict):
     cfg = RunConfig(method="qlora" if quant else "lora", lora_r=16, lora_alpha=32, lora_dropout=0.0,
                     lora_targets=targets(arch), gradient_checkpointing=True)
     model = make_trainable(model, cfg)  # exactly what `tunery train` trains
-    fast = fast_path_for(model, "cuda", **{k: v for k, v in fast_opts.items() if k != "graphs"})
+    opts = {("varlen_attention" if k == "varlen" else k): v for k, v in fast_opts.items() if k != "graphs"}
+    fast = fast_path_for(model, "cuda", packing=bool(packed), **opts)
     runner = step_graphs(model, model, fast, "cuda", off="" if fast_opts.get("graphs", True) else "--no-graphs")
     print(fast.describe() + "; " + runner.describe(), file=sys.stderr)
     _watch_stash()
 
-    def step(ids):  # as tunery train runs a micro-batch (train/loop.py)
-        batch = {"input_ids": ids, "labels": ids}  # no padding, and the fast path passes no mask
+    def step(ids, extras):  # as tunery train runs a micro-batch (train/loop.py)
+        batch = {"input_ids": ids, "labels": ids, **extras}  # no padding, and the fast path passes no mask
         runner(batch, 1 / (ids.shape[0] * (ids.shape[1] - 1)))
 
     return model, step
@@ -170,7 +196,9 @@ def _build_unsloth(arch: str, quant: str, seq: int):
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0, target_modules=targets(arch),
                                              bias="none", use_gradient_checkpointing="unsloth", random_state=0)
 
-    def step(ids):
+    def step(ids, extras):
+        if extras:
+            raise SystemExit("unsloth: packed rows are not benchmarked")
         model(input_ids=ids, labels=ids).loss.backward()
 
     return model, step
@@ -194,15 +222,16 @@ def _build_hf(arch: str, quant: str):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
 
-    def step(ids):
-        model(input_ids=ids, labels=ids).loss.backward()
+    def step(ids, extras):  # packed: the restarting position_ids make transformers build a block-diagonal mask
+        model(input_ids=ids, labels=ids, position_ids=extras.get("position_ids")).loss.backward()
 
     return model, step
 
 
-def _useful_flops_per_token(arch: str, seq: int) -> float:
+def _useful_flops_per_token(arch: str, seq: float) -> float:
     """4 x the matmul weights (the blocks' linears and the lm_head) + causal attention (forward 2 x seq x width
-    per attention layer, x3 with backward), counted on a model built on the meta device."""
+    per attention layer, x3 with backward), counted on a model built on the meta device. A packed row's
+    attention counts each example over itself: `seq` is then sum(length^2) / row length."""
     import torch
     import transformers
 
@@ -220,13 +249,15 @@ def _useful_flops_per_token(arch: str, seq: int) -> float:
 
 def run_one(stack: str, arch: str, bs: int, seq: int, quant: str = "", steps: int = 6, warmup: int = 3,
             fast_opts: dict | None = None, profile: bool = False, skip_guards: bool = False,
-            memory: bool = False) -> dict:
+            memory: bool = False, packed: int = 0) -> dict:
     import torch
 
+    if packed and bs != 1:
+        raise SystemExit("--packed: one packed row a step (bs 1)")
     torch.manual_seed(0)
     t_load = time.perf_counter()
     if stack == "tunery":
-        model, step = _build_tunery(arch, quant, fast_opts or {})
+        model, step = _build_tunery(arch, quant, fast_opts or {}, packed)
     elif stack == "unsloth":
         model, step = _build_unsloth(arch, quant, seq)
     else:
@@ -236,13 +267,14 @@ def run_one(stack: str, arch: str, bs: int, seq: int, quant: str = "", steps: in
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=True)
     vocab = _config(arch).vocab_size
     batches = [torch.randint(0, vocab - 3, (bs, seq), device="cuda") for _ in range(2)]
+    extras = _packed_extras(seq, packed) if packed else {}
     torch.cuda.reset_peak_memory_stats()
     times, hosts, err = [], [], None
 
     def one_step(i: int) -> float:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        step(batches[i % 2])
+        step(batches[i % 2], extras)
         opt.step()
         opt.zero_grad(set_to_none=True)
         hosts.append(time.perf_counter() - t0)  # the host has queued the whole step: near the step's time = host-bound
@@ -273,7 +305,8 @@ def run_one(stack: str, arch: str, bs: int, seq: int, quant: str = "", steps: in
 
         tag += f" lora-first={lora.FIRST}" if lora.FIRST != "adapter" else ""
         tag += " last-block-offloaded" if not offload.LAST_BLOCK_ON_GPU else ""
-    res = {"stack": tag, "arch": arch, "bs": bs, "seq": seq, "quant": quant or "bf16", "err": err,
+    weights = (quant or "bf16") + (f", {packed} examples packed" if packed else "")
+    res = {"stack": tag, "arch": arch, "bs": bs, "seq": seq, "quant": weights, "err": err,
            "load_s": round(load_s, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
            "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
     if STASH_MIB:
@@ -283,8 +316,16 @@ def run_one(stack: str, arch: str, bs: int, seq: int, quant: str = "", steps: in
         tok_s = bs * seq / med
         res.update(step_s=round(med, 4), tok_s=round(tok_s), steps_ms=[round(t * 1e3) for t in times],
                    host_ms=round(sorted(hosts[warmup:warmup + len(times)])[len(times) // 2] * 1e3),
-                   tflops=round(tok_s * _useful_flops_per_token(arch, seq) / 1e12, 1))
+                   tflops=round(tok_s * _useful_flops_per_token(arch, _context(seq, packed)) / 1e12, 1))
     return res
+
+
+def _context(seq: int, packed: int) -> float:
+    """The length each token's attention spans on average (for FLOPs): the row's, or its examples' when packed."""
+    if not packed:
+        return seq
+    _, bounds = packed_row(seq, packed)
+    return sum((e - s) ** 2 for s, e in zip(bounds, bounds[1:])) / seq
 
 
 def _cpp_wrapper() -> bool:
@@ -476,7 +517,7 @@ def _max_seq(stack: str, arch: str, extra: list[str], budget_gib: float = 78.0, 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", nargs="*", default=[], help=f"row groups: {', '.join(ROWS)}, maxseq")
+    p.add_argument("--rows", nargs="*", default=[], help=f"row groups: {', '.join([*ROWS, *PACKED])}, maxseq")
     p.add_argument("--stacks", nargs="*", default=list(STACKS), choices=STACKS)
     p.add_argument("--one", nargs=4, metavar=("STACK", "ARCH", "BS", "SEQ"), help="a single run in this process")
     p.add_argument("--quant", default="", choices=["", "4bit"])
@@ -503,6 +544,10 @@ def main() -> None:
     p.add_argument("--skip-guards", action="store_true", help="experiment: after warm-up, dynamo evaluates only the "
                                                               "guards that tell its cache entries apart")
     p.add_argument("--ops", action="store_true", help="tunery: liger RMSNorm/SwiGLU swaps")
+    p.add_argument("--packed", type=int, default=0, metavar="EXAMPLES",
+                   help="--one: the row (bs 1) packs this many examples (tunery and hf)")
+    p.add_argument("--no-varlen", action="store_true", help="tunery, packed rows: sdpa with transformers' "
+                                                            "block-diagonal mask instead of varlen attention")
     p.add_argument("--memory", action="store_true", help="after the timed steps, one step under the allocator's "
                    "history: the tensors live at its peak memory and the code that allocated them")
     p.add_argument("--bnb-dequant", action="store_true", help="tunery: bitsandbytes' two dequantization ops "
@@ -512,7 +557,7 @@ def main() -> None:
                    "stash go to host memory too (kernels/offload.LAST_BLOCK_ON_GPU off)")
     a = p.parse_args()
     flags = [f for f in ("--no-compile", "--no-offload", "--no-lora", "--no-groups", "--no-stash", "--no-graphs",
-                         "--ops", "--cpp-wrapper", "--skip-guards", "--bnb-dequant")
+                         "--no-varlen", "--ops", "--cpp-wrapper", "--skip-guards", "--bnb-dequant")
              if getattr(a, f[2:].replace("-", "_"))]
     flags += ["--last-block-offloaded"] if a.last_block_offloaded else []
     if a.last_block_offloaded:
@@ -541,15 +586,21 @@ def main() -> None:
         stack, arch, bs, seq = a.one
         opts = {"compile": not a.no_compile, "offload": not a.no_offload, "lora": not a.no_lora,
                 "lora_groups": not a.no_groups, "stash_attention": not a.no_stash, "ops": a.ops,
-                "graphs": not a.no_graphs}
+                "graphs": not a.no_graphs, "varlen": not a.no_varlen}
         print(json.dumps(run_one(stack, arch, int(bs), int(seq), a.quant, steps=a.steps, warmup=a.warmup,
                                  fast_opts=opts if stack == "tunery" else None, profile=a.profile,
-                                 skip_guards=a.skip_guards, memory=a.memory)), flush=True)
+                                 skip_guards=a.skip_guards, memory=a.memory, packed=a.packed)), flush=True)
         return
     results = []
     for group in a.rows:
         if group == "maxseq":
             results += [_max_seq(s, "llama-8b", flags if s == "tunery" else []) for s in a.stacks if s != "hf"]
+            continue
+        if group in PACKED:  # tunery with and without varlen attention, and HF+PEFT
+            arch, seq, examples = PACKED[group]
+            packed = ["--packed", str(examples)]
+            results += [_spawn(s, arch, 1, seq, "", a.steps, packed + (flags + more if s == "tunery" else []))
+                        for s, more in (("tunery", []), ("tunery", ["--no-varlen"]), ("hf", []))]
             continue
         arch, bs, seq, quant = ROWS[group]
         runs = [_spawn(s, arch, bs, seq, quant, a.steps, flags if s == "tunery" else [])

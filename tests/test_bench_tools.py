@@ -109,3 +109,16 @@ def test_every_bench_architecture_builds_and_has_its_lora_targets(arch):
     assert set(lora_bench.targets(arch)) <= names
     params = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
     assert 4 * params <= lora_bench._useful_flops_per_token(arch, 2048) < 4 * params * 1.5 + 4e10
+
+
+def test_a_packed_bench_row_holds_its_examples_back_to_back():
+    positions, bounds = lora_bench.packed_row(8192, 16)
+    assert len(positions) == 8192 and len(bounds) == 17 and bounds[0] == 0 and bounds[-1] == 8192
+    assert all(s < e for s, e in zip(bounds, bounds[1:]))  # no empty example
+    starts = [i for i, p in enumerate(positions) if p == 0]
+    assert starts == bounds[:-1]  # the positions restart exactly at each example's start
+    assert lora_bench.packed_row(8192, 16) == (positions, bounds)  # seeded: every stack gets the same row
+    # attention FLOPs: each example over itself, far fewer than over the whole row
+    context = lora_bench._context(8192, 16)
+    assert context == sum((e - s) ** 2 for s, e in zip(bounds, bounds[1:])) / 8192 and 8192 / 16 <= context < 8192
+    assert lora_bench._context(8192, 0) == 8192
