@@ -98,12 +98,13 @@ def _attention(fallback, plan: Plan, module, query, key, value, attention_mask, 
 
 def _mask(build, *args, **kwargs):
     """sdpa's mask builder `build`, building none where the varlen path runs: no padding mask, queries over all
-    keys (no cache), and no local window the keys reach. Else `build`'s mask, which sends the row to sdpa."""
+    keys (no cache), no local window the keys reach, and no extra mask function a model adds (transformers
+    then asks for `use_vmap`). Else `build`'s mask, which sends the row to sdpa."""
     a = inspect.signature(build).bind(*args, **kwargs)
     a.apply_defaults()
     a = a.arguments
     q, kv, local = a.get("q_length"), a.get("kv_length"), a.get("local_size")
-    if a.get("attention_mask") is None and q == kv and (local is None or kv < local):
+    if a.get("attention_mask") is None and q == kv and (local is None or kv < local) and not a.get("use_vmap"):
         return None
     return build(*args, **kwargs)
 
