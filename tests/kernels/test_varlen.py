@@ -26,19 +26,21 @@ class StandIn:
         self.calls = []
         self.fn = self._new if new else self._old
 
-    def _run(self, q, k, v, bounds, max_q, max_k, scale=None, gqa=False):
+    def _run(self, q, k, v, bounds, max_q, max_k, scale=None, gqa=False, left=-1):
         self.calls.append({"bounds": bounds.tolist(), "max": (max_q, max_k), "heads": (q.shape[1], k.shape[1]),
-                           "scale": scale})
-        b = bounds.tolist()
-        outs = [F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1)[None] for t in (q, k, v)), is_causal=True,
-                                               scale=scale, enable_gqa=gqa)[0].transpose(0, 1)
-                for s, e in zip(b, b[1:])]
+                           "scale": scale, "left": left})
+        b, outs = bounds.tolist(), []
+        for s, e in zip(b, b[1:]):
+            i = torch.arange(e - s)
+            seen = (i[None, :] <= i[:, None]) & ((i[:, None] - i[None, :] <= left) if left >= 0 else True)
+            outs.append(F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1)[None] for t in (q, k, v)),
+                                                       attn_mask=seen, scale=scale, enable_gqa=gqa)[0].transpose(0, 1))
         return torch.cat(outs)
 
     def _new(self, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
              window_size=(-1, -1), enable_gqa=False):
-        assert window_size == (-1, 0) and torch.equal(cu_seq_q, cu_seq_k) and cu_seq_q.dtype == torch.int32
-        return self._run(query, key, value, cu_seq_q, max_q, max_k, scale, enable_gqa)
+        assert window_size[1] == 0 and torch.equal(cu_seq_q, cu_seq_k) and cu_seq_q.dtype == torch.int32
+        return self._run(query, key, value, cu_seq_q, max_q, max_k, scale, enable_gqa, window_size[0])
 
     def _old(self, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
         assert is_causal and query.shape[1] == key.shape[1]  # 2.9's kernel took no GQA
@@ -106,18 +108,23 @@ def test_a_packed_row_through_varlen_attention_equals_each_example_alone(family,
     assert model.config._attn_implementation == "sdpa"
 
 
+@pytest.mark.parametrize("new", [True, False], ids=["window_size", "is_causal"])
 @pytest.mark.parametrize("family", sorted(SLIDING))
-def test_layers_whose_window_the_row_reaches_keep_the_mask(family, tiny_lora, monkeypatch):
-    stand_in = StandIn()
+def test_a_sliding_window_the_row_reaches(family, new, tiny_lora, monkeypatch):
+    """torch's newer kernel takes the window; under the older one those layers keep the mask. Equal either way."""
+    stand_in = StandIn(new)
     _with(monkeypatch, stand_in)
     model = tiny_lora(family, num_layers=2)
     model.config.sliding_window = 5  # every layer of these tiny models slides; the longest example reaches it
+    for m in model.modules():  # Gemma 3's attention modules read their window from the config when built
+        if getattr(m, "sliding_window", None):
+            m.sliding_window = 5
     examples = _examples(model.config.vocab_size)
     alone = _loss_and_grads(model, [collate([t], 0, "cpu") for t in examples])
     fast = fast_path_for(model, "cpu", allow_cpu=True, compile=False, packing=True)
     assert "varlen" in fast.describe()
     _assert_close(_loss_and_grads(model, [pack_batch(examples, "cpu", multiple=16)], fast), alone)
-    assert stand_in.calls == []
+    assert [c["left"] for c in stand_in.calls] == ([4, 4] if new else [])
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
@@ -198,6 +205,11 @@ def test_varlen_attention_matches_the_dense_mask_bf16_gpu(family, tiny_lora, fre
     for use in (False, True):
         model = tiny_lora(family, 2, hidden_size=256, intermediate_size=704, rank=8, b_std=0.02, device="cuda",
                           dtype=torch.bfloat16)
+        if family == "gemma3_text":  # a window the longer examples reach: the kernel's window against the mask's
+            model.config.sliding_window = 128
+            for m in model.modules():
+                if getattr(m, "sliding_window", None):
+                    m.sliding_window = 128
         examples = _examples(model.config.vocab_size, lengths=(300, 45, 700, 130))
         fast = fast_path_for(model, "cuda", packing=True, varlen_attention=use)
         assert ("varlen" in fast.describe()) == use, fast.describe()

@@ -7,8 +7,9 @@ only the position_ids, transformers' sdpa path keeps the examples apart with a b
 over the whole row: memory quadratic in the row's length, and a masked kernel that computes every (query, key)
 pair of the row, across examples too. Under the implementation this module registers, the mask builder builds
 no mask for such a row and the attention function runs torch's varlen attention (`torch.nn.attention.varlen`,
-flash attention over the examples, each causal). Rows with a mask (padded evaluation, generation) or a sliding
-window the row reaches keep sdpa and transformers' mask, as do models this cannot serve (`varlen_problem`).
+flash attention over the examples, each causal, within a layer's sliding window if it has one). Rows with a
+mask (padded evaluation, generation), or with a window the row reaches where torch's kernel takes no window
+(2.9-2.10), keep sdpa and transformers' mask, as do models this cannot serve (`varlen_problem`).
 
 Invariant: a packed row's forward carries its `doc_bounds` (eval/loss.summed_loss passes them). A packed row
 without them would get causal attention over the whole row under this implementation.
@@ -50,6 +51,7 @@ class Plan:
     causal: tuple  # the keyword that makes it causal, and its value
     scale: bool  # takes `scale=`
     gqa: bool  # takes `enable_gqa=`; else key/value heads are repeated for the query heads that share them
+    window: bool  # takes a sliding window (`window_size=`); else rows a window reaches keep sdpa's mask
 
     @classmethod
     def of(cls, kernel: Callable) -> Plan:
@@ -60,13 +62,18 @@ class Plan:
             causal = ("is_causal", True)
         else:
             raise RuntimeError("torch's varlen_attn takes neither window_size nor is_causal: an unknown release")
-        return cls(kernel, causal, "scale" in params, "enable_gqa" in params)
+        return cls(kernel, causal, "scale" in params, "enable_gqa" in params, "window_size" in params)
 
 
 def varlen_call(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torch.Tensor, max_len: int,
-                scale: float | None) -> torch.Tensor:
-    """Causal attention of each example (between consecutive `bounds`) in (tokens, heads, dim) tensors."""
+                scale: float | None, window: int | None = None) -> torch.Tensor:
+    """Causal attention of each example (between consecutive `bounds`) in (tokens, heads, dim) tensors; with
+    `window`, each query sees its last `window` positions, itself included (transformers' sliding window)."""
     kw = dict([plan.causal])
+    if window is not None and window < max_len:
+        if not plan.window:
+            raise RuntimeError(f"this torch's varlen_attn has no sliding window, and {window} is under the row")
+        kw["window_size"] = (window - 1, 0)
     if scale is not None and plan.scale:
         kw["scale"] = scale
     elif scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-6 * scale:
@@ -92,19 +99,20 @@ def _attention(fallback, plan: Plan, module, query, key, value, attention_mask, 
     if dropout:
         raise RuntimeError("varlen attention here runs without attention dropout; set attention_dropout 0")
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (row, heads, dim)
-    out = varlen_call(plan, q, k, v, bounds, query.shape[2], scaling)
+    out = varlen_call(plan, q, k, v, bounds, query.shape[2], scaling, kwargs.get("sliding_window"))
     return out[None], None  # (1, row, heads, dim), as transformers' attention functions return
 
 
-def _mask(build, *args, **kwargs):
+def _mask(build, plan: Plan, *args, **kwargs):
     """sdpa's mask builder `build`, building none where the varlen path runs: no padding mask, queries over all
-    keys (no cache), no local window the keys reach, and no extra mask function a model adds (transformers
-    then asks for `use_vmap`). Else `build`'s mask, which sends the row to sdpa."""
+    keys (no cache), no extra mask function a model adds (transformers then asks for `use_vmap`), and no local
+    window the keys reach unless the kernel takes windows. Else `build`'s mask, which sends the row to sdpa."""
     a = inspect.signature(build).bind(*args, **kwargs)
     a.apply_defaults()
     a = a.arguments
     q, kv, local = a.get("q_length"), a.get("kv_length"), a.get("local_size")
-    if a.get("attention_mask") is None and q == kv and (local is None or kv < local) and not a.get("use_vmap"):
+    window_ok = local is None or kv < local or plan.window
+    if a.get("attention_mask") is None and q == kv and window_ok and not a.get("use_vmap"):
         return None
     return build(*args, **kwargs)
 
@@ -118,7 +126,7 @@ def _register(plan: Plan) -> None:
 
     for name, fallback in ((NAME, sdpa_attention_forward), (NAME_CUDNN, cudnn_first_attention)):
         AttentionInterface.register(name, functools.partial(_attention, fallback, plan))
-        AttentionMaskInterface.register(name, functools.partial(_mask, sdpa_mask))
+        AttentionMaskInterface.register(name, functools.partial(_mask, sdpa_mask, plan))
 
 
 def varlen_problem(model) -> str | None:
