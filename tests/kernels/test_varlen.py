@@ -215,3 +215,27 @@ def test_varlen_attention_matches_the_dense_mask_bf16_gpu(family, tiny_lora, fre
         assert ("varlen" in fast.describe()) == use, fast.describe()
         results.append(_loss_and_grads(model, [pack_batch(examples, "cuda", multiple=64)], fast))
     _assert_close(results[1], results[0], rtol=1e-2, grad_rtol=5e-2)
+
+
+def test_only_a_model_on_varlen_attention_gets_the_bounds():
+    """A model's own forward may take no `doc_bounds` keyword (remote code): the loss passes them only to a model
+    that runs varlen attention, whose packed rows need them."""
+    from tunery.eval.loss import summed_loss
+
+    class Plain(torch.nn.Module):  # a forward with no **kwargs
+        def __init__(self):
+            super().__init__()
+            self.config = type("Config", (), {"_attn_implementation": "sdpa"})()
+            self.emb = torch.nn.Embedding(50, 50)
+
+        def forward(self, input_ids, position_ids=None, use_cache=False):
+            return type("Out", (), {"logits": self.emb(input_ids)})()
+
+    model = Plain()
+    batch = pack_batch(_examples(50), "cpu")
+    assert "doc_bounds" in batch and float(summed_loss(model, batch)) > 0
+    assert not varlen.reads_bounds(model)
+    model.config._attn_implementation = varlen.NAME
+    assert varlen.reads_bounds(model)
+    with pytest.raises(TypeError, match="doc_bounds"):
+        summed_loss(model, batch)

@@ -16,10 +16,13 @@ def summed_loss(model, batch: dict, fast=None):
     """
     import torch.nn.functional as F
 
+    from tunery.kernels.varlen import reads_bounds
+
     # no KV cache: a loss never reuses one, and with a cache transformers ignores the document boundaries
     # that position_ids mark in a packed batch (it builds a plain causal mask)
-    # a packed row's document bounds go to attention: the fast path's varlen attention reads them (kernels/varlen.py)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "doc_bounds") if k in batch}
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if "doc_bounds" in batch and reads_bounds(model):  # a packed row's example bounds, for varlen attention
+        inputs["doc_bounds"] = batch["doc_bounds"]
     if fast is not None and fast.applied:
         from tunery.kernels.linear_ce import linear_cross_entropy
 

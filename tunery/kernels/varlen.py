@@ -11,8 +11,8 @@ flash attention over the examples, each causal, within a layer's sliding window 
 mask (padded evaluation, generation), or with a window the row reaches where torch's kernel takes no window
 (2.9-2.10), keep sdpa and transformers' mask, as do models this cannot serve (`varlen_problem`).
 
-Invariant: a packed row's forward carries its `doc_bounds` (eval/loss.summed_loss passes them). A packed row
-without them would get causal attention over the whole row under this implementation.
+Invariant: a packed row's forward carries its `doc_bounds` (eval/loss.summed_loss passes them to a model that
+`reads_bounds`). A packed row without them would get causal attention over the whole row here.
 
 The reference is sdpa with the dense mask: tests/kernels/test_varlen.py compares the two on random inputs on
 the GPU, and on the CPU (which has no varlen kernel) checks the plumbing through a stand-in kernel that runs
@@ -127,6 +127,12 @@ def _register(plan: Plan) -> None:
     for name, fallback in ((NAME, sdpa_attention_forward), (NAME_CUDNN, cudnn_first_attention)):
         AttentionInterface.register(name, functools.partial(_attention, fallback, plan))
         AttentionMaskInterface.register(name, functools.partial(_mask, sdpa_mask, plan))
+
+
+def reads_bounds(model) -> bool:
+    """Whether `model` runs this module's attention, whose packed rows need their `doc_bounds` (and only then
+    does a forward get them: a model's own forward may take no such keyword)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) in (NAME, NAME_CUDNN)
 
 
 def varlen_problem(model) -> str | None:
