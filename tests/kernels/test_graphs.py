@@ -216,10 +216,11 @@ def test_the_host_pool_reuses_its_buffers():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("quant", ["", "4bit"])
-def test_captured_fast_path_matches_eager_gpu(tmp_path, monkeypatch, quant):
+@pytest.mark.parametrize("quant, packed", [("", False), ("4bit", False), ("", True)])
+def test_captured_fast_path_matches_eager_gpu(tmp_path, monkeypatch, quant, packed):
     """The real thing: compiled blocks, offloaded inputs, the attention stash through pinned memory (16-bit),
-    captured and replayed, against the same model stepping eagerly; both bf16 on the GPU, on padded batches."""
+    captured and replayed, against the same model stepping eagerly; both bf16 on the GPU, on padded batches, or
+    on packed rows through varlen attention whose example bounds change from replay to replay."""
     if not torch.cuda.is_available():
         pytest.fail("needs a CUDA GPU: run on the device (pytest -m gpu)")
     from tunery.config import RunConfig
@@ -228,7 +229,7 @@ def test_captured_fast_path_matches_eager_gpu(tmp_path, monkeypatch, quant):
     from tunery.kernels.apply import fast_path_for
     from tunery.models.load import load_model
     from tunery.models.tiny import TinySpec, build_tiny_model, corpus_of
-    from tunery.train.batching import collate
+    from tunery.train.batching import collate, pack_batch
     from tunery.train.loop import make_trainable, step_graphs
 
     monkeypatch.setattr(offload, "STASH_MAX_BYTES_PER_GFLOP", float("inf"))  # the tiny model would not stash
@@ -242,13 +243,19 @@ def test_captured_fast_path_matches_eager_gpu(tmp_path, monkeypatch, quant):
     for capture in (False, True):
         torch.manual_seed(0)
         model = make_trainable(load_model(str(folder), "cuda", torch.bfloat16, four_bit=bool(quant)), cfg)
-        fast = fast_path_for(model, "cuda")
+        fast = fast_path_for(model, "cuda", packing=packed)
+        assert ("varlen" in fast.describe()) == packed, fast.describe()
         runner = step_graphs(model, model, fast, "cuda", off="" if capture else "the eager reference")
         assert runner.enabled == capture, runner.reason
         vocab = model.config.vocab_size
         g = torch.Generator().manual_seed(1)
 
-        def micro(vocab=vocab, g=g) -> dict:  # as train/loop.py builds them for the fast path: right-padded, no mask
+        lengths = iter([(128, 97, 64), (100, 125, 64)] * 8)  # packed: one row shape, other bounds each time
+
+        def micro(vocab=vocab, g=g, lengths=lengths) -> dict:  # as train/loop.py builds them for the fast path
+            if packed:
+                rows = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in next(lengths)]
+                return pack_batch([Tokenized(r, r, False) for r in rows], "cuda", multiple=64)
             rows = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (128, 97)]
             return collate([Tokenized(r, r, False) for r in rows], 0, "cuda", multiple=64, mask=False)
 

@@ -239,3 +239,31 @@ def test_only_a_model_on_varlen_attention_gets_the_bounds():
     assert varlen.reads_bounds(model)
     with pytest.raises(TypeError, match="doc_bounds"):
         summed_loss(model, batch)
+
+
+def test_captured_steps_read_each_rows_bounds(tiny_lora, monkeypatch):
+    """A captured step replays with the bounds of the row it is given (a static input, like the tokens), not
+    those it was captured with: rows of one shape whose examples differ, through the CPU stand-in of a graph."""
+    from tunery.eval.loss import summed_loss
+    from tunery.kernels.graphs import StepGraphs
+
+    from .test_graphs import StandIn as GraphStandIn
+    from .test_graphs import _train
+
+    _with(monkeypatch, StandIn())
+    a, b = tiny_lora("llama", 2), tiny_lora("llama", 2)
+    for model in (a, b):
+        assert varlen.use_varlen_attention(model)[0]
+    eager = StepGraphs(lambda x: summed_loss(a, x), list(a.parameters()), enabled=False, reason="reference")
+    params = [p for p in b.parameters() if p.requires_grad]
+    captured = StepGraphs(lambda x: summed_loss(b, x), params, graph_cls=lambda pool: GraphStandIn(pool, params))
+    vocab = a.config.vocab_size
+    rows = [pack_batch(_examples(vocab, lengths), "cpu", multiple=32) for lengths in [(9, 3, 14), (4, 12, 10)] * 3]
+    assert {r["input_ids"].shape for r in rows} == {(1, 32)} and rows[0]["doc_bounds"].tolist() == [0, 9, 12, 26, 32]
+    steps = [[r] for r in rows]
+    (want_losses, want_grads), (losses, grads) = _train(a, eager, steps), _train(b, captured, steps)
+    assert captured._graphs and GraphStandIn.made[-1].replays >= 2
+    assert losses == pytest.approx(want_losses, rel=1e-5)
+    for want, got in zip(want_grads, grads):
+        for w, g in zip(want, got):
+            assert torch.allclose(g, w, rtol=1e-4, atol=1e-6)
