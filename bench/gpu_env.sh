@@ -1,7 +1,9 @@
 # Source on the GPU machine (repo root, `.whl` carried): puts the reference stacks and tunery's missing
 # dependencies on PYTHONPATH.   . bench/gpu_env.sh && python bench/lora_bench.py --rows small
 # .whl/reference-stacks.tgz: bash ../shared/tools/reference-stacks-bundle.sh
-# .whl/deps/*.whl: pip download --only-binary=:all: --python-version 3.12 of typer rich pytest ... (see docs/benchmarks.md)
+# .whl/deps/*.whl: python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl/deps \
+#   typer click rich markdown-it-py mdurl pygments shellingham pytest pluggy iniconfig xxhash fsspec   (about 3 MB)
 mkdir -p /tmp/site
 [ -f /tmp/site/.unpacked ] || {
   tar xzf .whl/reference-stacks.tgz -C /tmp/site
