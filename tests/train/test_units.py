@@ -197,3 +197,25 @@ def test_cuda_runs_get_an_expandable_allocator_unless_the_user_set_one(monkeypat
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # too late once CUDA has started
     assert not load.lean_cuda_allocator() and "PYTORCH_ALLOC_CONF" not in os.environ
+
+
+def test_a_step_groups_its_padded_micro_batches_by_length():
+    from tunery.data.tokenize import Tokenized
+    from tunery.train.batching import micro_batches
+
+    lengths = [30, 3, 28, 5, 25, 4, 31, 6]
+    picked = [Tokenized([1] * n, [1] * n, False) for n in lengths]
+
+    def padding(batches) -> int:
+        return sum(len(b) * max(len(t.input_ids) for t in b) - sum(len(t.input_ids) for t in b) for b in batches)
+
+    grouped = micro_batches(picked, 4)
+    assert [[len(t.input_ids) for t in b] for b in grouped] == [[3, 4, 5, 6], [25, 28, 30, 31]]
+    as_drawn = micro_batches(picked, 4, by_length=False)
+    assert [len(t.input_ids) for b in as_drawn for t in b] == lengths  # the draw's order, for packed rows
+    assert padding(grouped) == 16 < padding(as_drawn) == 112
+    # across ranks: every example once, each rank's micro-batches alike in length
+    ranks = [micro_batches(picked, 2, rank, world=2) for rank in (0, 1)]
+    assert sorted(len(t.input_ids) for r in ranks for b in r for t in b) == sorted(lengths)
+    assert [[len(t.input_ids) for t in b] for b in ranks[0]] == [[3, 4], [25, 28]]
+    assert [[len(t.input_ids) for t in b] for b in ranks[1]] == [[5, 6], [30, 31]]

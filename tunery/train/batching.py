@@ -29,6 +29,17 @@ def _permutation(n: int, seed: int) -> list[int]:
     return _PERMS[key]
 
 
+def micro_batches(picked: list[Tokenized], batch_size: int, rank: int = 0, world: int = 1,
+                  by_length: bool = True) -> list[list[Tokenized]]:
+    """This rank's micro-batches of one optimizer step's examples: micro-batch m of rank r is the
+    (m * world + r)-th slice of `batch_size`. `by_length`: the step's examples are sorted by length first, so
+    each micro-batch pads only to a length near its own examples' (the step's loss and update are sums over all
+    of its tokens, whichever micro-batch holds them); the sort is stable, so the split stays a pure function of
+    the step."""
+    order = sorted(picked, key=lambda t: len(t.input_ids)) if by_length else picked
+    return [order[i : i + batch_size] for i in range(rank * batch_size, len(order), batch_size * world)]
+
+
 def collate(batch: list[Tokenized], pad_id: int, device: str, multiple: int = 1, mask: bool = True) -> dict:
     """Right-padded input_ids / attention_mask / labels of shape (batch, longest rounded up to `multiple`).
 

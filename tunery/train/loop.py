@@ -23,7 +23,7 @@ from tunery.models.load import load_model, load_tokenizer, model_fingerprint, pi
 from tunery.models.lora import apply_lora
 from tunery.progress import console
 from tunery.train import checkpoint, distributed, rundir
-from tunery.train.batching import collate, pack_batch, packing_problem, step_examples, trained_tokens
+from tunery.train.batching import collate, micro_batches, pack_batch, packing_problem, step_examples, trained_tokens
 from tunery.train.distributed import Dist
 from tunery.train.metrics import MetricsFile, TrainDisplay
 from tunery.train.reporters import Reporters
@@ -134,17 +134,16 @@ def train_step(t: Trainer, step: int) -> dict:
     cfg, dist = t.cfg, t.dist
     per_step = cfg.batch_size * cfg.grad_accum * dist.world
     picked = [t.data.train[i] for i in step_examples(len(t.data.train), step, per_step, cfg.seed)]
-    # micro-batch m of rank r: the (m * world + r)-th slice of the step's examples
-    starts = range(dist.rank * cfg.batch_size, per_step, cfg.batch_size * dist.world)
+    # padded micro-batches take the step's examples grouped by length; a packed row has no padding to save
+    micro = micro_batches(picked, cfg.batch_size, dist.rank, dist.world, by_length=not cfg.packing)
     multiple = 64 if t.fast and t.fast.compiled else 1
     # the fast path's families are causal: right-padded rows need no mask, so attention runs sdpa's causal kernel
     # (no mask built, none read back), and a padded batch is captured like an unpadded one (kernels/graphs.py)
     mask = not (t.fast and t.fast.applied)
     if cfg.packing:
-        batches = [pack_batch(picked[i : i + cfg.batch_size], t.device, multiple) for i in starts]
+        batches = [pack_batch(examples, t.device, multiple) for examples in micro]
     else:
-        batches = [collate(picked[i : i + cfg.batch_size], t.tokenizer.pad_token_id, t.device, multiple, mask)
-                   for i in starts]
+        batches = [collate(examples, t.tokenizer.pad_token_id, t.device, multiple, mask) for examples in micro]
     n_tokens = max(1.0, distributed.all_sum(sum(trained_tokens(b) for b in batches), dist))
     total = 0.0
     for i, batch in enumerate(batches):
