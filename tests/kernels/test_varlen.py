@@ -191,6 +191,9 @@ def test_what_keeps_a_model_off_varlen(tiny_lora, monkeypatch):
     model.config.attention_dropout = 0.0
     model.set_attn_implementation("eager")
     assert varlen.varlen_problem(model) == "the model runs eager attention, not sdpa"
+    model.set_attn_implementation("sdpa")
+    monkeypatch.setattr(varlen, "_kernel", lambda: lambda q, k, v, cu_q, cu_k, max_q, max_k: q)  # a future signature
+    assert "neither window_size nor is_causal" in varlen.varlen_problem(model)
     monkeypatch.setattr(varlen, "_kernel", lambda: None)
     assert "no varlen attention" in varlen.varlen_problem(model)
 

@@ -155,7 +155,11 @@ def varlen_problem(model) -> str | None:
             return "varlen attention runs on CUDA only"
         if weight.dtype not in (torch.float16, torch.bfloat16):
             return "flash attention runs in 16 bits; the model is in 32"
-    if not Plan.of(kernel).scale:
+    try:
+        plan = Plan.of(kernel)
+    except RuntimeError as e:
+        return str(e)
+    if not plan.scale:
         scales = {float(m.scaling) for m in model.modules() if isinstance(getattr(m, "scaling", None), float)}
         if any(abs(scale - head_dim ** -0.5) > 1e-6 * scale for scale in scales):
             return "this torch's varlen_attn has no scale argument, and the model scales attention its own way"
