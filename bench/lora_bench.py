@@ -155,8 +155,7 @@ def _build_tunery(arch: str, quant: str, fast_opts: dict, packed: int = 0):
     cfg = RunConfig(method="qlora" if quant else "lora", lora_r=16, lora_alpha=32, lora_dropout=0.0,
                     lora_targets=targets(arch), gradient_checkpointing=True)
     model = make_trainable(model, cfg)  # exactly what `tunery train` trains
-    opts = {("varlen_attention" if k == "varlen" else k): v for k, v in fast_opts.items() if k != "graphs"}
-    fast = fast_path_for(model, "cuda", packing=bool(packed), **opts)
+    fast = fast_path_for(model, "cuda", packing=bool(packed), **{k: v for k, v in fast_opts.items() if k != "graphs"})
     runner = step_graphs(model, model, fast, "cuda", off="" if fast_opts.get("graphs", True) else "--no-graphs")
     print(fast.describe() + "; " + runner.describe(), file=sys.stderr)
     _watch_stash()
@@ -586,7 +585,7 @@ def main() -> None:
         stack, arch, bs, seq = a.one
         opts = {"compile": not a.no_compile, "offload": not a.no_offload, "lora": not a.no_lora,
                 "lora_groups": not a.no_groups, "stash_attention": not a.no_stash, "ops": a.ops,
-                "graphs": not a.no_graphs, "varlen": not a.no_varlen}
+                "graphs": not a.no_graphs, "varlen_attention": not a.no_varlen}
         print(json.dumps(run_one(stack, arch, int(bs), int(seq), a.quant, steps=a.steps, warmup=a.warmup,
                                  fast_opts=opts if stack == "tunery" else None, profile=a.profile,
                                  skip_guards=a.skip_guards, memory=a.memory, packed=a.packed)), flush=True)

@@ -80,12 +80,6 @@ def _hopper_or_newer(device: str) -> bool:
     return cuda and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def _varlen_problem(model) -> str | None:
-    from tunery.kernels.varlen import varlen_problem
-
-    return varlen_problem(_unwrap(model))
-
-
 def _unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -135,10 +129,9 @@ def fast_path_for(model, device: str, enabled: bool = True, distributed: bool = 
         from tunery.kernels.offload import enable_offload
 
         steps.append(partial(enable_offload, model, stash_attention))
-    varlen = packing and "attention" in paths and varlen_attention and not _varlen_problem(model)
-    if varlen:
-        from tunery.kernels.varlen import use_varlen_attention
+    from tunery.kernels.varlen import use_varlen_attention, varlen_problem
 
+    if packing and "attention" in paths and varlen_attention and not varlen_problem(model):
         steps.append(partial(use_varlen_attention, model, cudnn=_hopper_or_newer(device)))
     elif "attention" in paths and _hopper_or_newer(device):
         from tunery.kernels.attention import use_cudnn_attention

@@ -103,18 +103,24 @@ def _attention(fallback, plan: Plan, module, query, key, value, attention_mask, 
     return out[None], None  # (1, row, heads, dim), as transformers' attention functions return
 
 
-def _mask(build, plan: Plan, *args, **kwargs):
+def _varlen_skip(build: Callable, plan: Plan) -> Callable:
     """sdpa's mask builder `build`, building none where the varlen path runs: no padding mask, queries over all
     keys (no cache), no extra mask function a model adds (transformers then asks for `use_vmap`), and no local
-    window the keys reach unless the kernel takes windows. Else `build`'s mask, which sends the row to sdpa."""
-    a = inspect.signature(build).bind(*args, **kwargs)
-    a.apply_defaults()
-    a = a.arguments
-    q, kv, local = a.get("q_length"), a.get("kv_length"), a.get("local_size")
-    window_ok = local is None or kv < local or plan.window
-    if a.get("attention_mask") is None and q == kv and window_ok and not a.get("use_vmap"):
-        return None
-    return build(*args, **kwargs)
+    window the keys reach unless the kernel takes windows. Else `build`'s mask, which sends the row to sdpa.
+    (kernels/graphs.py's `_eager_skip` reads the same arguments for its own rule.)"""
+    signature = inspect.signature(build)
+
+    def mask(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        q, kv, local = a.get("q_length"), a.get("kv_length"), a.get("local_size")
+        window_ok = local is None or kv < local or plan.window
+        if a.get("attention_mask") is None and q == kv and window_ok and not a.get("use_vmap"):
+            return None
+        return build(*args, **kwargs)
+
+    return mask
 
 
 def _register(plan: Plan) -> None:
@@ -126,7 +132,7 @@ def _register(plan: Plan) -> None:
 
     for name, fallback in ((NAME, sdpa_attention_forward), (NAME_CUDNN, cudnn_first_attention)):
         AttentionInterface.register(name, functools.partial(_attention, fallback, plan))
-        AttentionMaskInterface.register(name, functools.partial(_mask, sdpa_mask, plan))
+        AttentionMaskInterface.register(name, _varlen_skip(sdpa_mask, plan))
 
 
 def reads_bounds(model) -> bool:
