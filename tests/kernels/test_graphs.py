@@ -131,9 +131,13 @@ def test_a_gradient_left_by_an_eager_step_is_carried_into_the_replay(pair):
     ("mistral", 5, "plain"),  # a sliding window the sequence reaches: sdpa needs the mask
     ("gemma2", 5, "plain"),  # eager attention (Gemma 2's default): no mask would mean no masking at all
 ])
-def test_a_capture_sees_the_masks_an_eager_step_sees(tiny_lora, family, window, batch):
+def test_a_capture_sees_the_masks_an_eager_step_sees(tiny_lora, monkeypatch, family, window, batch):
     """Under `capture_context` the model computes what it computes eagerly: sdpa's builder skips only the masks
-    an eager step skips, and the other builders are untouched."""
+    an eager step skips, a batch without position ids is not read as packed, and the other builders are
+    untouched. transformers is told a stream capture is on, as it is in a real one (its mask code then decides
+    as for a traced graph)."""
+    from transformers.utils import import_utils
+
     model = tiny_lora(family, 2)
     if window:
         model.config.sliding_window = window
@@ -143,10 +147,24 @@ def test_a_capture_sees_the_masks_an_eager_step_sees(tiny_lora, family, window, 
         inputs["attention_mask"] = torch.ones_like(ids).index_fill_(1, torch.arange(9, 12), 0)
     if batch == "packed":
         inputs = {"input_ids": ids[:1], "position_ids": torch.tensor([[*range(5), *range(7)]])}
+    calls = []  # per sdpa call: whether it was given a mask
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("attn_mask") is not None)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     want = model(**inputs, use_cache=False).logits
-    with graphs.capture_context():
+    eager_calls, calls[:] = list(calls), []
+    monkeypatch.setattr(import_utils, "is_cuda_stream_capturing", lambda: True)
+    with graphs.capture_context(packed=batch == "packed"):
         got = model(**inputs, use_cache=False).logits
+        assert graphs.capturing()
     assert torch.allclose(got, want, atol=1e-6)
+    assert calls == eager_calls  # a mask exactly where the eager step had one (else the blocks would recompile)
+    assert eager_calls == ([] if family == "gemma2" else [window is not None or batch != "plain"] * 2)
+    assert not graphs.capturing()
 
 
 def test_under_a_capture_sdpa_builds_a_mask_only_where_eager_would():
@@ -176,6 +194,45 @@ def test_a_failed_capture_falls_back_to_eager_for_the_run(pair, caplog):
 
     assert not captured.enabled and "operation not permitted" in captured.reason and not offload.RECOMPUTING
     assert "CUDA graphs off" in caplog.text
+    assert got_loss == pytest.approx(want_loss, rel=1e-5)
+    assert all(torch.allclose(g, w, rtol=1e-4, atol=1e-6) for gs, ws in zip(got_grads, want_grads)
+               for g, w in zip(gs, ws))
+
+
+def test_a_failed_capture_leaves_grouped_adapter_slots_to_the_eager_step(tiny_lora):
+    """A capture computes nothing, so the adapter slots of kernels/lora_group.py, refreshed at each forward after
+    an optimizer step, must not count as refreshed by a capture: the eager step after a failed one would run on
+    the adapters from before the last update (on the GPU: a 7.8% higher loss at the step that tried)."""
+    from tunery.eval.loss import summed_loss
+    from tunery.kernels.apply import LORA_GROUPS
+    from tunery.kernels.lora import fuse_lora
+    from tunery.kernels.lora_group import group_lora
+
+    def grouped():
+        model = tiny_lora("llama", 2)
+        fuse_lora(model)
+        assert group_lora(model, LORA_GROUPS["llama"], model.get_base_model().model)[0]
+        return model
+
+    a, b = grouped(), grouped()
+    slots = [m._tunery_group[0].s for m in b.modules() if hasattr(m, "_tunery_group")]
+
+    class Unrun(StandIn):
+        def capture(self, fn):  # queues the step (the forward's refresh too), computes none of it, and fails
+            before = [s.clone() for s in slots]
+            fn()
+            for s, v in zip(slots, before):
+                s.copy_(v)
+            raise RuntimeError("capture failed after the forward")
+
+    eager = StepGraphs(lambda x: summed_loss(a, x), list(a.parameters()), enabled=False, reason="reference")
+    params = [p for p in b.parameters() if p.requires_grad]
+    captured = StepGraphs(lambda x: summed_loss(b, x), params, graph_cls=lambda pool: Unrun(pool, params))
+    vocab = a.config.vocab_size
+    steps = [[_batch(vocab, (2, 8), seed=i)] for i in range(5)]
+    got_loss, got_grads = _train(b, captured, steps)
+    want_loss, want_grads = _train(a, eager, steps)
+    assert not captured.enabled and "capture failed after the forward" in captured.reason
     assert got_loss == pytest.approx(want_loss, rel=1e-5)
     assert all(torch.allclose(g, w, rtol=1e-4, atol=1e-6) for gs, ws in zip(got_grads, want_grads)
                for g, w in zip(gs, ws))

@@ -130,7 +130,7 @@ class StepGraphs:
 
         _free_cublas_workspaces()
         try:
-            with capture_context():
+            with capture_context(packed="position_ids" in tensors):
                 loss = graph.capture(run)
             grads = [p.grad for p in self.params]
             if not fresh and any(g is not s for g, s in zip(grads, self._sums)):
@@ -164,27 +164,54 @@ class StepGraphs:
         return loss.clone()
 
 
+_CAPTURING = False  # inside StepGraphs' capture (`capturing`)
+
+
+def capturing() -> bool:
+    """Whether the code running now is being captured into a CUDA graph, not run: what it queues runs at replays,
+    and nothing it computes exists yet. State kept between steps (kernels/lora_group.py's adapter slots) must not
+    be marked up to date here: a failed capture leaves it as it was, and a graph replays the whole refresh."""
+    return _CAPTURING or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 @contextlib.contextmanager
-def capture_context():
+def capture_context(packed: bool = False):
     """What a capture runs under. Dynamo may not recompile (a recompile inside a capture would compile and
     autotune there, which a capture does not allow): it raises instead, and the step stays eager.
-    transformers takes a stream capture for tracing, and its sdpa mask builder then builds an explicit mask (slower
-    attention, a recompile of the blocks) where an eager step gets none and sdpa runs causal: under the capture
-    that builder returns none exactly where an eager step's would (`_eager_skip`), and builds the mask everywhere
-    else (padding, packing, a sliding window the sequence reaches). Other builders (eager attention's) are left
-    as they are: for them no mask means no masking at all."""
+    transformers takes a stream capture for tracing, and its mask code then decides as it does for a traced
+    graph, where values cannot be read: its sdpa mask builder builds an explicit mask (slower attention, a
+    recompile of the blocks) where an eager step gets none and sdpa runs causal, and position ids count as
+    packed documents even when none restarts. Under the capture the sdpa builder returns none exactly where an
+    eager step's would (`_eager_skip`) and builds the mask everywhere else (padding, packing, a sliding window
+    the sequence reaches); and a batch that is not `packed` (no position_ids of its own: the model numbers its
+    positions 0, 1, ...) is not read as packed. Other builders (eager attention's) are left as they are: for
+    them no mask means no masking at all."""
+    global _CAPTURING
+    from transformers import masking_utils
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as masks
     from transformers.masking_utils import sdpa_mask
 
     saved = dict(masks._local_mapping)
     current = {**masks._global_mapping, **saved}
     masks._local_mapping.update({name: _eager_skip(build) for name, build in current.items() if build is sdpa_mask})
+    find_packed = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if find_packed is not None and not packed:
+        masking_utils.find_packed_sequence_indices = _not_packed
+    _CAPTURING = True
     try:
         with torch.compiler.set_stance("fail_on_recompile"):
             yield
     finally:
+        _CAPTURING = False
+        if find_packed is not None:
+            masking_utils.find_packed_sequence_indices = find_packed
         masks._local_mapping.clear()
         masks._local_mapping.update(saved)
+
+
+def _not_packed(position_ids: torch.Tensor) -> None:
+    """transformers' packed-document finder for a batch without position ids of its own: none restarts."""
+    return None
 
 
 def _eager_skip(build: Callable) -> Callable:

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from tunery.kernels import lora
+from tunery.kernels.graphs import capturing
 
 # dx widens dy into one buffer (one matmul, K = O + R) when the group's width O is at most this many times its
 # input's; wider groups chain their matmuls into dx instead. On the H100, q/k/v (1.3-1.5x) gained 12-36% with
@@ -137,16 +138,20 @@ class _Group:
 
     @torch.no_grad()
     def sync(self) -> None:
-        """Copy the adapters into S if any changed since the last copy (in-place updates bump `_version`)."""
+        """Copy the adapters into S if any changed since the last copy (in-place updates bump `_version`). Under a
+        CUDA graph capture (kernels/graphs.py) the copy is queued, not run: it is always queued, so that every
+        replay refreshes S, and S is not marked up to date, so that after a failed capture the next eager forward
+        copies for real."""
         params = self._params()
         versions = [(id(p), p._version) for p in params]
-        if versions == self.versions:
+        captured = capturing()
+        if versions == self.versions and not captured:
             return
         o, width = self.o, self.width
         for a, b, (r0, r1), (c0, c1), scale in zip(params[::2], params[1::2], self.rows, self.cols, self.scales):
             self.s[o + c0:o + c1, :width].copy_(a)
             self.s[r0:r1, width + c0:width + c1].copy_(b * scale)
-        self.versions = versions
+        self.versions = None if captured else versions
 
     def ready(self) -> bool:
         """Whether every member would take kernels/lora.py's fused path with no LoRA dropout in play."""
