@@ -164,6 +164,7 @@ def _build_tunery(arch: str, quant: str, fast_opts: dict, packed: int = 0):
         batch = {"input_ids": ids, "labels": ids, **extras}  # no padding, and the fast path passes no mask
         runner(batch, 1 / (ids.shape[0] * (ids.shape[1] - 1)))
 
+    step.runner = runner  # its state goes into the row's result (`graphs`)
     return model, step
 
 
@@ -310,6 +311,9 @@ def run_one(stack: str, arch: str, bs: int, seq: int, quant: str = "", steps: in
            "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
     if STASH_MIB:
         res["stash_mib"] = STASH_MIB
+    runner = getattr(step, "runner", None)
+    if runner is not None:  # whether the timed steps replayed CUDA graphs, or why they ran eagerly
+        res["graphs"] = f"{len(runner._graphs)} captured" if runner.enabled else f"off: {runner.reason[:160]}"
     if times:  # warm-up steps absorb compilation and autotuning
         med = sorted(times)[len(times) // 2]
         tok_s = bs * seq / med
