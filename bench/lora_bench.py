@@ -474,7 +474,8 @@ def _table(results: list[dict]) -> str:
         speed = f"{r['tok_s']:,}" if "tok_s" in r else r.get("err") or r.get("note") or "-"
         if len(r.get("repeats_tok_s", ())) > 1:
             speed += f" ({min(r['repeats_tok_s']):,}-{max(r['repeats_tok_s']):,})"
-        out.append(f"| {r['arch']} | {r['bs']} x {r['seq']} | {r['quant']} | {r['stack']} | {speed} | "
+        stack = r["stack"] + (" (eager: graphs off)" if str(r.get("graphs", "")).startswith("off") else "")
+        out.append(f"| {r['arch']} | {r['bs']} x {r['seq']} | {r['quant']} | {stack} | {speed} | "
                    f"{r.get('tflops', '-')} | {r.get('peak_gib', '-')} | "
                    f"{_ratio(r, ref.get('unsloth')) if mine else ''} | {_ratio(r, ref.get('hf')) if mine else ''} |")
     return "\n".join(out)

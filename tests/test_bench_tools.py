@@ -122,3 +122,13 @@ def test_a_packed_bench_row_holds_its_examples_back_to_back():
     context = lora_bench._context(8192, 16)
     assert context == sum((e - s) ** 2 for s, e in zip(bounds, bounds[1:])) / 8192 and 8192 / 16 <= context < 8192
     assert lora_bench._context(8192, 0) == 8192
+
+
+def test_the_table_flags_a_tunery_row_whose_steps_ran_without_graphs():
+    base = {"arch": "llama-1b", "bs": 4, "seq": 2048, "quant": "bf16", "tok_s": 100, "peak_gib": 1.0}
+    rows = [{**base, "stack": "tunery", "graphs": "off: capture failed: RuntimeError: x"},
+            {**base, "stack": "unsloth", "tok_s": 80},
+            {**base, "arch": "qwen-0.5b", "stack": "tunery", "graphs": "1 captured"}]
+    lines = lora_bench._table(rows).splitlines()[2:]
+    assert "| tunery (eager: graphs off) | 100 |" in lines[0] and "1.25x speed" in lines[0]
+    assert "| tunery | 100 |" in lines[2]
