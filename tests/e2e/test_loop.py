@@ -26,6 +26,8 @@ def test_run_folder_is_complete_and_loss_falls(trained):
     assert manifest["seed"] == 42 and manifest["versions"]["torch"] and manifest["model"]["folder_sha256"]
     assert list(manifest["data_sha256"].values())[0] == __import__("hashlib").sha256(
         trained["data"].read_bytes()).hexdigest()
+    engine = json.loads((run / "result.json").read_text())["engine"]
+    assert engine["fast_path"].startswith("reference path") and engine["steps"] == "no CUDA graphs (CPU)"
     losses = [m["loss"] for m in metrics(run)]
     assert len(losses) == 80
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5

@@ -265,7 +265,9 @@ def _train_in(cfg: RunConfig, run: Path, resuming: bool, dist: Dist) -> Path:
     finally:
         metrics.close()
     _save_final(t)
-    result = {"steps": t.total_steps, "final_loss": last.get("loss"), "eval_loss": last.get("eval_loss")}
+    result = {"steps": t.total_steps, "final_loss": last.get("loss"), "eval_loss": last.get("eval_loss"),
+              # what the steps ran on, as the run ended (a CUDA graph capture that failed mid-run shows here)
+              "engine": {"fast_path": t.fast.describe(), "steps": t.steps.describe()}}
     rundir.write_json_atomic(run / "result.json", result)
     console.print(f"done: loss {result['final_loss']:.4f}"
                   + (f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"] is not None else "")
