@@ -137,14 +137,14 @@ class _Group:
         return [p for m in self.members for p in (m.lora_A[self.adapter].weight, m.lora_B[self.adapter].weight)]
 
     @torch.no_grad()
-    def sync(self) -> None:
+    def sync(self, captured: bool | None = None) -> None:
         """Copy the adapters into S if any changed since the last copy (in-place updates bump `_version`). Under a
         CUDA graph capture (kernels/graphs.py) the copy is queued, not run: it is always queued, so that every
         replay refreshes S, and S is not marked up to date, so that after a failed capture the next eager forward
-        copies for real."""
+        copies for real. `captured`: whether a capture is on, if the caller knows."""
         params = self._params()
         versions = [(id(p), p._version) for p in params]
-        captured = capturing()
+        captured = capturing() if captured is None else captured
         if versions == self.versions and not captured:
             return
         o, width = self.o, self.width
@@ -280,9 +280,10 @@ def _spans(sizes: list[int]) -> list[tuple[int, int]]:
 
 def _refresh(groups: list[_Group]) -> None:
     """Before each forward of the model: fresh adapter slots, and no outputs left from a call that ended early."""
+    captured = capturing()  # once per forward, not per group
     for group in groups:
         group.pending = None
-        group.sync()
+        group.sync(captured)
 
 
 def _groupable(layers: list) -> bool:
