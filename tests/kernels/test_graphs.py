@@ -167,6 +167,37 @@ def test_a_capture_sees_the_masks_an_eager_step_sees(tiny_lora, monkeypatch, fam
     assert not graphs.capturing()
 
 
+@pytest.mark.parametrize("batch", ["plain", "packed"])
+@pytest.mark.parametrize("family", __import__("tunery.models.tiny", fromlist=["FAMILIES"]).FAMILIES)
+def test_every_family_under_a_capture_gets_the_masks_of_its_eager_step(tiny_lora, monkeypatch, family, batch):
+    """Each family's own mask code (sliding windows, hybrid layers) under a simulated stream capture: attention
+    is given a mask exactly where the eager forward gave one, so the captured blocks need no recompile."""
+    from transformers.utils import import_utils
+
+    model = tiny_lora(family, 2)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids}
+    if batch == "packed":
+        inputs = {"input_ids": ids[:1], "position_ids": torch.tensor([[*range(5), *range(7)]])}
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("attn_mask") is not None)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    want = model(**inputs, use_cache=False).logits
+    eager_calls, calls[:] = list(calls), []
+    monkeypatch.setattr(import_utils, "is_cuda_stream_capturing", lambda: True)
+    with graphs.capture_context(packed=batch == "packed"):
+        got = model(**inputs, use_cache=False).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    assert calls == eager_calls
+    if eager_calls and batch == "plain":  # sdpa families: causal, no mask built
+        assert not any(eager_calls)
+
+
 def test_under_a_capture_sdpa_builds_a_mask_only_where_eager_would():
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as masks
     from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
