@@ -15,6 +15,9 @@ alone.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 NAME = "tunery_sdpa_cudnn"
@@ -44,3 +47,18 @@ def use_cudnn_attention(model) -> tuple[list[str], list]:
     _register()
     model.set_attn_implementation(NAME)
     return ["attention: sdpa with cuDNN's fused kernel first"], [lambda: model.set_attn_implementation("sdpa")]
+
+
+def skipping_mask(build: Callable, skip: Callable[[dict], bool]) -> Callable:
+    """transformers' mask builder `build`, building no mask (None: sdpa runs causal, or the caller's own kernel
+    runs) for a call whose arguments satisfy `skip`: a dict of them bound by `build`'s signature, defaults filled
+    in (q_length, kv_length, local_size, attention_mask, ...), however the call passes them. Else `build`'s mask.
+    The signature is read once, not per call."""
+    signature = inspect.signature(build)
+
+    def mask(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return None if skip(bound.arguments) else build(*args, **kwargs)
+
+    return mask

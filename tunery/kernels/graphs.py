@@ -26,7 +26,6 @@ with a stand-in for the graph.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 from collections.abc import Callable
 
@@ -218,20 +217,14 @@ def _eager_skip(build: Callable) -> Callable:
     """sdpa's mask builder `build`, returning None (sdpa's own causal mask) where an eager call skips the mask: a
     skip allowed (no packing, no extra mask function), no padding mask, queries over all keys, and no local
     window the keys reach (transformers' `_ignore_causal_mask_sdpa`, without its tracing check)."""
+    from tunery.kernels.attention import skipping_mask
 
-    signature = inspect.signature(build)
-
-    def mask(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        a = bound.arguments
+    def skips(a: dict) -> bool:
         q, kv, local = a.get("q_length"), a.get("kv_length"), a.get("local_size")
         causal = a.get("allow_is_causal_skip") and a.get("attention_mask") is None and q == kv
-        if causal and (local is None or kv < local):
-            return None
-        return build(*args, **kwargs)
+        return bool(causal and (local is None or kv < local))
 
-    return mask
+    return skipping_mask(build, skips)
 
 
 def _free_cublas_workspaces() -> None:

@@ -107,20 +107,15 @@ def _varlen_skip(build: Callable, plan: Plan) -> Callable:
     """sdpa's mask builder `build`, building none where the varlen path runs: no padding mask, queries over all
     keys (no cache), no extra mask function a model adds (transformers then asks for `use_vmap`), and no local
     window the keys reach unless the kernel takes windows. Else `build`'s mask, which sends the row to sdpa.
-    (kernels/graphs.py's `_eager_skip` reads the same arguments for its own rule.)"""
-    signature = inspect.signature(build)
+    (kernels/graphs.py's `_eager_skip` is the same wrapper with its own rule.)"""
+    from tunery.kernels.attention import skipping_mask
 
-    def mask(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        a = bound.arguments
+    def skips(a: dict) -> bool:
         q, kv, local = a.get("q_length"), a.get("kv_length"), a.get("local_size")
         window_ok = local is None or kv < local or plan.window
-        if a.get("attention_mask") is None and q == kv and window_ok and not a.get("use_vmap"):
-            return None
-        return build(*args, **kwargs)
+        return a.get("attention_mask") is None and q == kv and window_ok and not a.get("use_vmap")
 
-    return mask
+    return skipping_mask(build, skips)
 
 
 def _register(plan: Plan) -> None:
