@@ -12,6 +12,7 @@ import torch
 
 from tunery.kernels import graphs
 from tunery.kernels.graphs import StepGraphs
+from tunery.models.tiny import FAMILIES
 
 
 class StandIn:
@@ -126,59 +127,12 @@ def test_a_gradient_left_by_an_eager_step_is_carried_into_the_replay(pair):
             assert torch.allclose(q.grad, p.grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("family, window, batch", [
-    ("llama", None, "plain"), ("llama", None, "padded"), ("llama", None, "packed"),
-    ("mistral", 5, "plain"),  # a sliding window the sequence reaches: sdpa needs the mask
-    ("gemma2", 5, "plain"),  # eager attention (Gemma 2's default): no mask would mean no masking at all
-])
-def test_a_capture_sees_the_masks_an_eager_step_sees(tiny_lora, monkeypatch, family, window, batch):
-    """Under `capture_context` the model computes what it computes eagerly: sdpa's builder skips only the masks
-    an eager step skips, a batch without position ids is not read as packed, and the other builders are
-    untouched. transformers is told a stream capture is on, as it is in a real one (its mask code then decides
-    as for a traced graph)."""
+def _eager_then_captured(model, inputs: dict, monkeypatch, packed: bool) -> dict:
+    """One forward eagerly, then one under `capture_context` with transformers told a stream capture is on, as it
+    is in a real one (its mask code then decides as for a traced graph): each forward's logits and, per sdpa
+    call, whether it was given a mask; and whether `graphs.capturing()` held inside."""
     from transformers.utils import import_utils
 
-    model = tiny_lora(family, 2)
-    if window:
-        model.config.sliding_window = window
-    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-    inputs = {"input_ids": ids}
-    if batch == "padded":
-        inputs["attention_mask"] = torch.ones_like(ids).index_fill_(1, torch.arange(9, 12), 0)
-    if batch == "packed":
-        inputs = {"input_ids": ids[:1], "position_ids": torch.tensor([[*range(5), *range(7)]])}
-    calls = []  # per sdpa call: whether it was given a mask
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("attn_mask") is not None)
-        return sdpa(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    want = model(**inputs, use_cache=False).logits
-    eager_calls, calls[:] = list(calls), []
-    monkeypatch.setattr(import_utils, "is_cuda_stream_capturing", lambda: True)
-    with graphs.capture_context(packed=batch == "packed"):
-        got = model(**inputs, use_cache=False).logits
-        assert graphs.capturing()
-    assert torch.allclose(got, want, atol=1e-6)
-    assert calls == eager_calls  # a mask exactly where the eager step had one (else the blocks would recompile)
-    assert eager_calls == ([] if family == "gemma2" else [window is not None or batch != "plain"] * 2)
-    assert not graphs.capturing()
-
-
-@pytest.mark.parametrize("batch", ["plain", "packed"])
-@pytest.mark.parametrize("family", __import__("tunery.models.tiny", fromlist=["FAMILIES"]).FAMILIES)
-def test_every_family_under_a_capture_gets_the_masks_of_its_eager_step(tiny_lora, monkeypatch, family, batch):
-    """Each family's own mask code (sliding windows, hybrid layers) under a simulated stream capture: attention
-    is given a mask exactly where the eager forward gave one, so the captured blocks need no recompile."""
-    from transformers.utils import import_utils
-
-    model = tiny_lora(family, 2)
-    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-    inputs = {"input_ids": ids}
-    if batch == "packed":
-        inputs = {"input_ids": ids[:1], "position_ids": torch.tensor([[*range(5), *range(7)]])}
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -190,10 +144,54 @@ def test_every_family_under_a_capture_gets_the_masks_of_its_eager_step(tiny_lora
     want = model(**inputs, use_cache=False).logits
     eager_calls, calls[:] = list(calls), []
     monkeypatch.setattr(import_utils, "is_cuda_stream_capturing", lambda: True)
-    with graphs.capture_context(packed=batch == "packed"):
+    with graphs.capture_context(packed=packed):
         got = model(**inputs, use_cache=False).logits
-    assert torch.allclose(got, want, atol=1e-5)
-    assert calls == eager_calls
+        inside = graphs.capturing()
+    return {"want": want, "got": got, "eager_calls": eager_calls, "captured_calls": calls, "capturing": inside}
+
+
+@pytest.mark.parametrize("family, window, batch", [
+    ("llama", None, "plain"), ("llama", None, "padded"), ("llama", None, "packed"),
+    ("mistral", 5, "plain"),  # a sliding window the sequence reaches: sdpa needs the mask
+    ("gemma2", 5, "plain"),  # eager attention (Gemma 2's default): no mask would mean no masking at all
+])
+def test_a_capture_sees_the_masks_an_eager_step_sees(tiny_lora, monkeypatch, family, window, batch):
+    """Under `capture_context` the model computes what it computes eagerly: sdpa's builder skips only the masks
+    an eager step skips, a batch without position ids is not read as packed, and the other builders are
+    untouched (`_eager_then_captured`)."""
+    model = tiny_lora(family, 2)
+    if window:
+        model.config.sliding_window = window
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids}
+    if batch == "padded":
+        inputs["attention_mask"] = torch.ones_like(ids).index_fill_(1, torch.arange(9, 12), 0)
+    if batch == "packed":
+        inputs = {"input_ids": ids[:1], "position_ids": torch.tensor([[*range(5), *range(7)]])}
+    run = _eager_then_captured(model, inputs, monkeypatch, packed=batch == "packed")
+    eager_calls = run["eager_calls"]
+    assert run["capturing"]
+    assert torch.allclose(run["got"], run["want"], atol=1e-6)
+    # a mask exactly where the eager step had one (else the blocks would recompile)
+    assert run["captured_calls"] == eager_calls
+    assert eager_calls == ([] if family == "gemma2" else [window is not None or batch != "plain"] * 2)
+    assert not graphs.capturing()
+
+
+@pytest.mark.parametrize("batch", ["plain", "packed"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_under_a_capture_gets_the_masks_of_its_eager_step(tiny_lora, monkeypatch, family, batch):
+    """Each family's own mask code (sliding windows, hybrid layers) under a simulated stream capture: attention
+    is given a mask exactly where the eager forward gave one, so the captured blocks need no recompile."""
+    model = tiny_lora(family, 2)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids}
+    if batch == "packed":
+        inputs = {"input_ids": ids[:1], "position_ids": torch.tensor([[*range(5), *range(7)]])}
+    run = _eager_then_captured(model, inputs, monkeypatch, packed=batch == "packed")
+    eager_calls = run["eager_calls"]
+    assert torch.allclose(run["got"], run["want"], atol=1e-5)
+    assert run["captured_calls"] == eager_calls
     if eager_calls and batch == "plain":  # sdpa families: causal, no mask built
         assert not any(eager_calls)
 
