@@ -18,7 +18,7 @@ VARIANTS = {
     "no-compile": {"compile": False},
     "no-offload": {"offload": False},
     "no-stash": {"stash_attention": False},
-    "no-lora": {"lora": False},
+    "no-lora": {"fused_lora": False},
     "no-fast": None,
 }
 
@@ -30,15 +30,16 @@ def probe(variant: str, hidden: int, layers: int, seq: int, quant: str, mode: st
     import transformers
 
     from tunery.config import RunConfig
-    from tunery.eval.loss import summed_loss
-    from tunery.kernels import offload
     from tunery.kernels.apply import FastPath, fast_path_for
     from tunery.kernels.graphs import capture_context
+    from tunery.kernels.options import FastPathOptions
+    from tunery.models.catalog import family_of_model
     from tunery.models.load import load_model, pick_device
     from tunery.train.loop import make_trainable
+    from tunery.train.loss import summed_loss
 
     pick_device("cuda")
-    offload.STASH_MAX_BYTES_PER_GFLOP, offload.KEEP_BYTES = float("inf"), 0
+    stash_always = {"stash_max_bytes_per_gflop": float("inf"), "offload_keep_bytes": 0}  # small blocks stash too
     cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 3,
                                    num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=2)
     torch.manual_seed(0)
@@ -52,7 +53,8 @@ def probe(variant: str, hidden: int, layers: int, seq: int, quant: str, mode: st
     model = make_trainable(model, RunConfig(method="qlora" if quant else "lora", lora_dropout=0.0,
                                             gradient_checkpointing=True))
     opts = VARIANTS[variant]
-    fast = FastPath() if opts is None else fast_path_for(model, "cuda", **opts)
+    fast = FastPath() if opts is None else fast_path_for(model, "cuda", family_of_model(model),
+                                                         FastPathOptions(**stash_always, **opts), checkpointing=True)
     ids = torch.randint(0, 32000, (2, seq), device="cuda")
     batch = {"input_ids": ids, "labels": ids}
 
@@ -66,7 +68,7 @@ def probe(variant: str, hidden: int, layers: int, seq: int, quant: str, mode: st
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     try:
-        with capture_context(), torch.cuda.graph(graph, capture_error_mode=mode):
+        with capture_context(fast.state), torch.cuda.graph(graph, capture_error_mode=mode):
             loss = step()
         graph.replay()
         torch.cuda.synchronize()

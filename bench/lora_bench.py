@@ -30,38 +30,16 @@ import subprocess
 import sys
 import time
 
-ARCHS = {  # public config.json values of each model
-    "llama-1b": ("LlamaConfig", dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                                     num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                                     max_position_embeddings=131072, rope_theta=500000.0,
-                                     tie_word_embeddings=True, rms_norm_eps=1e-5)),
-    "llama-8b": ("LlamaConfig", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                                     max_position_embeddings=131072, rope_theta=500000.0,
-                                     tie_word_embeddings=False, rms_norm_eps=1e-5)),
-    "qwen-0.5b": ("Qwen2Config", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                                      num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                                      max_position_embeddings=32768, rope_theta=1000000.0,
-                                      tie_word_embeddings=True, rms_norm_eps=1e-6)),
-    "qwen-7b": ("Qwen2Config", dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                                    num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                                    max_position_embeddings=32768, rope_theta=1000000.0,
-                                    tie_word_embeddings=False, rms_norm_eps=1e-6)),
-    # the next families (kernels/apply.py); RoPE scaling left out (it changes no shape)
-    "gemma3-1b": ("Gemma3TextConfig", dict(vocab_size=262144, hidden_size=1152, intermediate_size=6912,
-                                           num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1,
-                                           head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
-                                           max_position_embeddings=32768, rope_theta=1000000.0,
-                                           tie_word_embeddings=True, rms_norm_eps=1e-6)),
-    "phi3.5-mini": ("Phi3Config", dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192,
-                                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                                       max_position_embeddings=131072, rope_theta=10000.0,
-                                       tie_word_embeddings=False, rms_norm_eps=1e-5)),
-    "lfm2-1.2b": ("Lfm2Config", dict(vocab_size=65536, hidden_size=2048, intermediate_size=12288,
-                                     num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                                     full_attn_idxs=[2, 5, 8, 10, 12, 14], max_position_embeddings=128000,
-                                     rope_theta=1000000.0, tie_word_embeddings=True, norm_eps=1e-5)),
-}
+
+def _arch_table() -> dict[str, tuple[str, dict]]:
+    """Shape name -> (transformers config class, public config.json values): the families' `bench` shapes
+    (tunery/models/catalog.py)."""
+    from tunery.models.catalog import bench_shapes
+
+    return {name: (cls, kw) for name, (_, cls, kw) in bench_shapes().items()}
+
+
+ARCHS = _arch_table()
 ROWS = {  # name: (arch, batch, seq, quant)
     "llama-1b": ("llama-1b", 4, 2048, ""),
     "qwen-0.5b": ("qwen-0.5b", 8, 2048, ""),
@@ -143,8 +121,11 @@ def _build_tunery(arch: str, quant: str, fast_opts: dict, packed: int = 0):
 
     from tunery.config import RunConfig
     from tunery.kernels.apply import fast_path_for
+    from tunery.kernels.options import FastPathOptions
+    from tunery.models.catalog import family_of_model
     from tunery.models.load import load_model, pick_device
     from tunery.train.loop import make_trainable, step_graphs
+    from tunery.train.loss import summed_loss
 
     pick_device("cuda")  # as `tunery train` does: sets the CUDA allocator up before CUDA starts
     if quant:
@@ -155,17 +136,31 @@ def _build_tunery(arch: str, quant: str, fast_opts: dict, packed: int = 0):
     cfg = RunConfig(method="qlora" if quant else "lora", lora_r=16, lora_alpha=32, lora_dropout=0.0,
                     lora_targets=targets(arch), gradient_checkpointing=True)
     model = make_trainable(model, cfg)  # exactly what `tunery train` trains
-    fast = fast_path_for(model, "cuda", packing=bool(packed), **{k: v for k, v in fast_opts.items() if k != "graphs"})
-    runner = step_graphs(model, model, fast, "cuda", off="" if fast_opts.get("graphs", True) else "--no-graphs")
+    fast = fast_path_for(model, "cuda", family_of_model(model), FastPathOptions(**fast_opts), packing=bool(packed),
+                         checkpointing=True)
+    runner = step_graphs(model, fast, "cuda", packed=bool(packed))
     print(fast.describe() + "; " + runner.describe(), file=sys.stderr)
     _watch_stash()
 
-    def step(ids, extras):  # as tunery train runs a micro-batch (train/loop.py)
+    def forward_backward(batch, scale):  # train/loop.py's train_step runs this per micro-batch
+        loss = summed_loss(model, batch, fast)
+        (loss * scale).backward()
+        return loss.detach()
+
+    def step(ids, extras):
         batch = {"input_ids": ids, "labels": ids, **extras}  # no padding, and the fast path passes no mask
-        runner(batch, 1 / (ids.shape[0] * (ids.shape[1] - 1)))
+        runner(forward_backward, batch, 1 / (ids.shape[0] * (ids.shape[1] - 1)))
 
     step.runner = runner  # its state goes into the row's result (`graphs`)
     return model, step
+
+
+def _options_tag(fast_opts: dict) -> str:
+    """The row's label for the FastPathOptions away from their defaults (` -compile`, ` output_fetch=block`)."""
+    from tunery.kernels.options import FastPathOptions
+
+    changed = FastPathOptions(**fast_opts).changed()
+    return "".join(f" -{k}" if v is False else f" +{k}" if v is True else f" {k}={v}" for k, v in changed.items())
 
 
 STASH_MIB: list[float] = []  # the host copies of the first kept attention sublayer, MiB each
@@ -297,14 +292,8 @@ def run_one(stack: str, arch: str, bs: int, seq: int, quant: str = "", steps: in
             _memory_at_peak(one_step)
     except torch.cuda.OutOfMemoryError:
         err = "OOM"
-    off = [k for k, v in (fast_opts or {}).items() if not v and k != "ops"]
-    tag = stack + "".join(f" -{k}" for k in off) + (" +ops" if (fast_opts or {}).get("ops") else "")
+    tag = stack + _options_tag(fast_opts or {})
     tag += " +skip-guards" * skip_guards + " +cpp-wrapper" * _cpp_wrapper()
-    if stack == "tunery":
-        from tunery.kernels import lora, offload
-
-        tag += f" lora-first={lora.FIRST}" if lora.FIRST != "adapter" else ""
-        tag += " last-block-offloaded" if not offload.LAST_BLOCK_ON_GPU else ""
     weights = (quant or "bf16") + (f", {packed} examples packed" if packed else "")
     res = {"stack": tag, "arch": arch, "bs": bs, "seq": seq, "quant": weights, "err": err,
            "load_s": round(load_s, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -542,7 +531,6 @@ def main() -> None:
                                                             "CUDA graph")
     p.add_argument("--no-stash", action="store_true", help="tunery: recompute attention instead of keeping it in "
                                                            "pinned CPU memory")
-    p.add_argument("--lora-first", choices=["adapter", "base"], help="tunery: kernels/lora.FIRST")
     p.add_argument("--cpp-wrapper", action="store_true", help="experiment: inductor's C++ wrapper (fewer host "
                                                                 "cycles per launched kernel)")
     p.add_argument("--skip-guards", action="store_true", help="experiment: after warm-up, dynamo evaluates only the "
@@ -556,28 +544,15 @@ def main() -> None:
                    "history: the tensors live at its peak memory and the code that allocated them")
     p.add_argument("--bnb-dequant", action="store_true", help="tunery: bitsandbytes' two dequantization ops "
                    "instead of kernels/nf4.py's one launch")
-    p.add_argument("--output-fetch", choices=["block", "attention"], help="tunery: kernels/offload.OUTPUT_FETCH")
+    p.add_argument("--output-fetch", choices=["block", "attention"], help="tunery: FastPathOptions.output_fetch")
     p.add_argument("--last-block-offloaded", action="store_true", help="tunery: the last block's input and "
-                   "stash go to host memory too (kernels/offload.LAST_BLOCK_ON_GPU off)")
+                   "stash go to host memory too (FastPathOptions.last_block_on_gpu off)")
     a = p.parse_args()
     flags = [f for f in ("--no-compile", "--no-offload", "--no-lora", "--no-groups", "--no-stash", "--no-graphs",
                          "--no-varlen", "--ops", "--cpp-wrapper", "--skip-guards", "--bnb-dequant")
              if getattr(a, f[2:].replace("-", "_"))]
     flags += ["--last-block-offloaded"] if a.last_block_offloaded else []
-    if a.last_block_offloaded:
-        from tunery.kernels import offload
-
-        offload.LAST_BLOCK_ON_GPU = False
-    flags += ["--lora-first", a.lora_first] if a.lora_first else []
     flags += ["--output-fetch", a.output_fetch] if a.output_fetch else []
-    if a.output_fetch:
-        from tunery.kernels import offload
-
-        offload.OUTPUT_FETCH = a.output_fetch
-    if a.lora_first:
-        from tunery.kernels import lora
-
-        lora.FIRST = a.lora_first
     if a.bnb_dequant:
         from tunery.kernels import nf4
 
@@ -588,9 +563,10 @@ def main() -> None:
         torch._inductor.config.cpp_wrapper = True
     if a.one:
         stack, arch, bs, seq = a.one
-        opts = {"compile": not a.no_compile, "offload": not a.no_offload, "lora": not a.no_lora,
-                "lora_groups": not a.no_groups, "stash_attention": not a.no_stash, "ops": a.ops,
-                "graphs": not a.no_graphs, "varlen_attention": not a.no_varlen}
+        opts = {"compile": not a.no_compile, "offload": not a.no_offload, "fused_lora": not a.no_lora,
+                "lora_groups": not a.no_groups, "stash_attention": not a.no_stash, "liger_ops": a.ops,
+                "cuda_graphs": not a.no_graphs, "varlen_attention": not a.no_varlen,
+                "last_block_on_gpu": not a.last_block_offloaded, "output_fetch": a.output_fetch or "attention"}
         print(json.dumps(run_one(stack, arch, int(bs), int(seq), a.quant, steps=a.steps, warmup=a.warmup,
                                  fast_opts=opts if stack == "tunery" else None, profile=a.profile,
                                  skip_guards=a.skip_guards, memory=a.memory, packed=a.packed)), flush=True)

@@ -1,7 +1,9 @@
 """RunConfig: the one typed source of a run's settings.
 
 The CLI flags of `tunery train`, the YAML file (`--config run.yaml`) and the `config.yaml` written into the
-run folder are all generated from the dataclass below, so they cannot drift apart.
+run folder are all generated from the dataclass below, so they cannot drift apart. The fast path's switches and
+tuning are one nested field, `fast_path` (kernels/options.FastPathOptions): `fast_path: {compile: false}` in YAML,
+`--no-fast-compile` on the command line.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from tunery.errors import TuneryError
+from tunery.kernels.options import FastPathOptions
 
 
 class ConfigError(TuneryError):
@@ -74,6 +77,9 @@ class RunConfig:
                               "because with sdpa/eager attention runs over the whole row under a (tokens x tokens) "
                               "mask, which costs more than padding when lengths are similar (flash-attention "
                               "needs no mask).")
+    fast_path: FastPathOptions = field(
+        default_factory=FastPathOptions, metadata={"help": "The fast path's pieces and tuning (each is a --fast-<name> "
+                                                           "flag; in YAML a mapping)."})
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (on CUDA with the "
                                       "fast path, block inputs wait in pinned CPU memory).")
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the model.")
@@ -92,6 +98,11 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}; known settings: "
                               f"{', '.join(sorted(known))}")
+        if "fast_path" in values and not isinstance(values["fast_path"], FastPathOptions):
+            try:
+                values = {**values, "fast_path": FastPathOptions.from_dict(values["fast_path"] or {})}
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{source}: {e}") from None
         cfg = cls(**values)
         cfg.validate()
         return cfg
@@ -117,13 +128,24 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         merged = {**self.to_dict(), **{k: v for k, v in changes.items() if v is not None}}
+        if isinstance(changes.get("fast_path"), dict):  # only the options given change
+            merged["fast_path"] = {**self.fast_path.to_dict(), **changes["fast_path"]}
         return RunConfig.from_dict(merged, source="options")
 
     def validate(self) -> None:
         """Check types and ranges; every message names the field."""
         hints = typing.get_type_hints(RunConfig)
         for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+            if f.name != "fast_path":
+                setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        fast_hints = typing.get_type_hints(FastPathOptions)
+        for f in dataclasses.fields(FastPathOptions):
+            name = f"fast_path.{f.name}"
+            setattr(self.fast_path, f.name, _coerce(name, getattr(self.fast_path, f.name), fast_hints[f.name]))
+        for f in ("capture_after", "max_graphs", "offload_keep_bytes", "last_block_on_gpu_max_tokens",
+                  "group_max_width", "stash_host_fraction", "stash_factor", "stash_max_bytes_per_gflop",
+                  "stash_min_attention_share", "group_kcat_backward_max_width"):
+            _check(getattr(self.fast_path, f) >= 0, f"fast_path.{f}", "must be 0 or more")
         _check(0 <= self.eval_split < 1, "eval_split", "must be in [0, 1)")
         for name in ("lora_r", "lora_alpha", "max_seq_len", "batch_size", "grad_accum", "log_every", "gpus",
                      "max_new_tokens"):

@@ -18,9 +18,8 @@ def chat_command(
     base: bool = typer.Option(False, "--base", help="Talk to the base model instead, for comparison."),
 ) -> None:
     """Chat with the fine-tuned model. Type /exit or Ctrl-D to leave, /reset to forget the conversation."""
-    from tunery.eval.evaluate import load_trained
     from tunery.models.load import pick_device
-    from tunery.train.rundir import open_run
+    from tunery.run import load_trained, open_run
 
     _, cfg = open_run(run)
     device = pick_device(cfg.device)

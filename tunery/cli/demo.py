@@ -31,7 +31,7 @@ def demo_command(
     from tunery.data.load import load_rows
     from tunery.eval.evaluate import evaluate_run
     from tunery.models.tiny import build_tiny_model, corpus_of
-    from tunery.train.loop import train
+    from tunery.train import train
 
     t0 = time.time()
     model_dir = out / "tiny-model"

@@ -8,7 +8,7 @@ import platform
 from rich.table import Table
 
 from tunery.progress import report as console
-from tunery.train.rundir import package_version
+from tunery.run import package_version
 
 _CORE = ("tunery", "torch", "transformers", "peft", "datasets", "tokenizers", "safetensors", "accelerate")
 _OPTIONAL = {"bitsandbytes": "4-bit QLoRA", "liger-kernel": "fused GPU kernels", "gguf": "GGUF export",

@@ -13,15 +13,19 @@ from typing import Literal
 import typer
 
 from tunery.config import RunConfig
+from tunery.kernels.options import FastPathOptions
+
+FAST = "fast_"  # a FastPathOptions field `compile` is the flag --fast-compile (parameter fast_compile)
 
 HELP = """Fine-tune a model on a data file; every flag can also be set in --config YAML.
 
 Example: tunery train --model Qwen/Qwen2.5-0.5B-Instruct --data my.jsonl"""
 
 
-def _option(f: dataclasses.Field, hint) -> tuple[object, object]:
-    """(annotation, typer.Option) for one RunConfig field; None means 'not given on the command line'."""
-    flag = "--" + f.name.replace("_", "-")
+def _option(f: dataclasses.Field, hint, prefix: str = "") -> tuple[object, object]:
+    """(annotation, typer.Option) for one RunConfig (or, with `prefix`, FastPathOptions) field; None means 'not
+    given on the command line'."""
+    flag = "--" + (prefix + f.name).replace("_", "-")
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     help_text = f"{f.metadata['help']} [default: {default}]"
     optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
@@ -46,15 +50,24 @@ def train_command():
             None, "--resume", help="Continue this run folder from its last checkpoint.")),
     ]
     for f in dataclasses.fields(RunConfig):
+        if f.name == "fast_path":
+            continue
         annotation, option = _option(f, hints[f.name])
         params.append(inspect.Parameter(f.name, keyword, default=option, annotation=annotation))
+    fast_hints = typing.get_type_hints(FastPathOptions)
+    for f in dataclasses.fields(FastPathOptions):
+        annotation, option = _option(f, fast_hints[f.name], FAST)
+        params.append(inspect.Parameter(FAST + f.name, keyword, default=option, annotation=annotation))
 
     def train(**kwargs) -> None:
         from tunery.progress import console
-        from tunery.train.loop import train as run_training
+        from tunery.train import train as run_training
 
         config, resume = kwargs.pop("config"), kwargs.pop("resume")
         given = {k: v.value if isinstance(v, enum.Enum) else v for k, v in kwargs.items() if v is not None}
+        fast_path = {k[len(FAST):]: given.pop(k) for k in list(given) if k.startswith(FAST)}
+        if fast_path:
+            given["fast_path"] = fast_path
         if resume:
             if given or config:
                 raise typer.BadParameter("--resume continues a run with its own config.yaml; drop the other flags")

@@ -12,27 +12,10 @@ from tunery.data.dataset import prepare_data
 from tunery.data.tokenize import prompt_and_reference
 from tunery.errors import DataError
 from tunery.eval.generate import generate_replies
-from tunery.eval.loss import held_out_loss
 from tunery.eval.metrics import exact_match, score
 from tunery.progress import progress_bar
-from tunery.train import rundir
-
-
-def load_trained(run: Path, device: str):
-    """(base model, tuned model, tokenizer) of a finished run; for LoRA both share the base weights."""
-    from transformers import AutoTokenizer
-
-    from tunery.models.load import load_model, pick_dtype
-    from tunery.models.lora import load_adapter
-
-    _, cfg = rundir.open_run(run)
-    kind, weights = rundir.trained_weights(run)
-    dtype = pick_dtype(cfg.dtype, device)
-    tokenizer = AutoTokenizer.from_pretrained(weights)
-    base = load_model(cfg.model, device, dtype, cfg.revision, cfg.trust_remote_code)
-    if kind == "adapter":
-        return base, load_adapter(base, weights), tokenizer
-    return base, load_model(str(weights), device, dtype), tokenizer
+from tunery.run import load_trained, open_run, write_json_atomic
+from tunery.train import held_out_loss
 
 
 def _measure(model, tokenizer, data, prompts, device: str, max_new_tokens: int, label: str) -> tuple[dict, list]:
@@ -49,7 +32,7 @@ def evaluate_run(run: str | Path, samples: int | None = None, device: str | None
     """Measure base vs fine-tuned on the run's held-out split; write and return the report."""
     from tunery.models.load import pick_device
 
-    run, cfg = rundir.open_run(run)
+    run, cfg = open_run(run)
     device = pick_device(device or cfg.device)
     base, tuned, tokenizer = load_trained(run, device)
     data = prepare_data(cfg, tokenizer)
@@ -74,8 +57,6 @@ def evaluate_run(run: str | Path, samples: int | None = None, device: str | None
 
 
 def _write_report(folder: Path, report: dict) -> None:
-    from tunery.train.rundir import write_json_atomic
-
     folder.mkdir(exist_ok=True)
     write_json_atomic(folder / "report.json", report)
     lines = [f"# Evaluation of {report['run']}", "", f"Base model: `{report['model']}`; "

@@ -23,25 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunery.errors import ExportError
+from tunery.models.catalog import Gguf, architectures
 
 _INSTALL_HINT = "pip install 'tunery[gguf]' (installs gguf and llama-cpp-python)"
 
 
-@dataclass(frozen=True)
-class GgufFamily:
-    """How one Hugging Face `model_type` becomes a llama.cpp architecture."""
+# what GGUF export needs of a family (its llama.cpp architecture, RoPE layout) is in its catalogue record
+FAMILIES: dict[str, Gguf] = {a.model_type: a.gguf for a in architectures() if a.gguf is not None}
 
-    arch: str  # llama.cpp architecture name (a value of gguf.MODEL_ARCH_NAMES)
-    permute_qk: bool  # reorder q/k rows from HF's rotate-half RoPE to llama.cpp's adjacent-pair RoPE
-    sliding_window_caps_context: bool = False  # llama.cpp's arch has no sliding window: stay within it
-
-
-FAMILIES: dict[str, GgufFamily] = {
-    "llama": GgufFamily("llama", permute_qk=True),
-    "mistral": GgufFamily("llama", permute_qk=True, sliding_window_caps_context=True),
-    "qwen2": GgufFamily("qwen2", permute_qk=False),
-    "qwen3": GgufFamily("qwen3", permute_qk=False),
-}
 
 # Hugging Face pre-tokenizer regexes (as written in tokenizer.json) of the families we export
 _GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -82,7 +71,7 @@ def _gguf():
     return gguf
 
 
-def family_for(model_type: str) -> GgufFamily:
+def family_for(model_type: str) -> Gguf:
     """The GGUF recipe of a Hugging Face `model_type`; ExportError naming the supported ones otherwise."""
     if model_type not in FAMILIES:
         raise ExportError(f"GGUF export does not support model_type {model_type!r} yet; supported: "
@@ -214,7 +203,7 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _add_hparams(writer, config, family: GgufFamily) -> None:
+def _add_hparams(writer, config, family: Gguf) -> None:
     n_ctx = config.max_position_embeddings
     window = getattr(config, "sliding_window", None)
     if family.sliding_window_caps_context and window:
@@ -397,7 +386,7 @@ def _weight_files(model_dir: Path) -> list[Path]:
     return [single]
 
 
-def _plan_tensors(stack: ExitStack, model_dir: Path, config, family: GgufFamily, outtype: str) -> list[_Tensor]:
+def _plan_tensors(stack: ExitStack, model_dir: Path, config, family: Gguf, outtype: str) -> list[_Tensor]:
     from safetensors import safe_open
 
     gguf = _gguf()
@@ -442,7 +431,7 @@ def _qtype(name: str, shape: tuple[int, ...], outtype: str):
     return q.F16
 
 
-def _loader(handle, hf_name: str, config, family: GgufFamily) -> Callable[[], object]:
+def _loader(handle, hf_name: str, config, family: Gguf) -> Callable[[], object]:
     def load():
         w = handle.get_tensor(hf_name).float()
         if family.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):

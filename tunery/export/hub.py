@@ -22,7 +22,7 @@ import yaml
 from tunery.config import RunConfig
 from tunery.errors import ExportError
 from tunery.models.catalog import known_model
-from tunery.train import rundir
+from tunery.run import open_run
 
 KINDS = ("adapter", "merged", "gguf")  # what an upload holds: a PEFT adapter, full weights, a GGUF (+ Modelfile)
 CARD = "README.md"
@@ -31,7 +31,7 @@ CARD = "README.md"
 def model_card(run_dir: Path, kind: str | Sequence[str], base_model: str, repo_id: str | None = None) -> str:
     """The README.md of the Hub repo: YAML front matter (base_model, license, tags) and what was trained, on what
     data, with which results, how to reproduce it and how to load it. `kind`: one of KINDS or several."""
-    run, cfg = rundir.open_run(run_dir)
+    run, cfg = open_run(run_dir)
     kinds = _kinds(kind)
     manifest, result = _json(run / "manifest.json"), _json(run / "result.json")
     report = _json(run / "eval" / "report.json")
@@ -71,7 +71,7 @@ def plan_upload(run_dir: Path, repo_id: str, what: list[str], files: dict[str, P
         validate_repo_id(repo_id)
     except HFValidationError as e:
         raise ExportError(f"{repo_id!r} is not a Hub repo id (use NAME or OWNER/NAME): {e}") from None
-    run, cfg = rundir.open_run(run_dir)
+    run, cfg = open_run(run_dir)
     kinds = _kinds(what)
     entries = _expand(files)
     card = model_card(run, kinds, cfg.model, repo_id)

@@ -7,14 +7,12 @@ from pathlib import Path
 
 from tunery.errors import RunError
 from tunery.progress import console
-from tunery.train import rundir
+from tunery.run import load_trained, open_run
 
 
 def export_merged(run: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write merged safetensors + tokenizer to `out`, loadable by AutoModelForCausalLM.from_pretrained."""
-    from tunery.eval.evaluate import load_trained
-
-    run, _ = rundir.open_run(run)
+    run, _ = open_run(run)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tunery.errors import ExportError
 from tunery.progress import console
-from tunery.train import rundir
+from tunery.run import open_run, trained_weights
 
 DIRECT = ("f16", "q8_0")  # written by the gguf package; other kinds through llama.cpp's quantizer
 SMALLEST_FIRST = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16")
@@ -27,7 +27,7 @@ def _prompts(run: Path, tokenizer_dir: Path, n: int = 20) -> list[list[dict]]:
     from tunery.data.dataset import prepare_data
     from tunery.data.tokenize import prompt_and_reference
 
-    _, cfg = rundir.open_run(run)
+    _, cfg = open_run(run)
     data = prepare_data(cfg, AutoTokenizer.from_pretrained(tokenizer_dir))
     prompts = [pr[0] for pr in map(prompt_and_reference, data.eval_examples or []) if pr][:n]
     if not prompts:
@@ -79,7 +79,7 @@ def write_ollama(run: Path, merged: Path, ggufs: dict[str, Path], name: str, out
 
     if not ggufs:
         raise ExportError("--ollama needs a GGUF to point at: add --gguf q4_k_m (or f16/q8_0)")
-    _, cfg = rundir.open_run(run)
+    _, cfg = open_run(run)
     gguf = next(ggufs[k] for k in SMALLEST_FIRST if k in ggufs)
     modelfile = write_modelfile(merged, gguf, out / "Modelfile", system=cfg.system_prompt)
     cmd = ollama_create_command(name, modelfile)
@@ -91,7 +91,7 @@ def write_ollama(run: Path, merged: Path, ggufs: dict[str, Path], name: str, out
 
 def push_files(run: Path, merged: Path | None, ggufs: dict[str, Path], modelfile: Path | None) -> tuple[list, dict]:
     """(kinds, repo path -> local path) for the Hub: merged weights or the adapter at the root, GGUFs beside."""
-    kind, weights = rundir.trained_weights(run)
+    kind, weights = trained_weights(run)
     files: dict[str, Path] = {}
     if merged is not None:
         what, files[""] = ["merged"], merged
@@ -110,7 +110,7 @@ def export_run(run: str | Path, *, merged: Path | None = None, gguf: list[str] |
                public: bool = False, out: Path | None = None, overwrite: bool = False) -> dict:
     from tunery.export.merge import export_merged
 
-    run, _ = rundir.open_run(run)
+    run, _ = open_run(run)
     out = out or run / "export"
     kinds = list(dict.fromkeys(gguf or []))
     result: dict = {}

@@ -40,7 +40,7 @@ DATA = {data!r}  # file name -> gzip+base64 bytes
 
 def main() -> int:
     from tunery.config import RunConfig
-    from tunery.train.loop import train
+    from tunery.train import train
 
     work = pathlib.Path(os.environ.get("TUNERY_JOB_DIR", "tunery-job")).resolve()
     (work / "data").mkdir(parents=True, exist_ok=True)

@@ -1,54 +1,49 @@
 """Which fast paths a model gets: decided per family (data), applied explicitly, reported, switchable off.
 
-    report = fast_path_for(model, device, enabled=cfg.fast)   # -> FastPath(...), with .describe()
+    fast = fast_path_for(model, device, family, cfg.fast_path)   # -> FastPath(...), with .describe()
 
-For the families in `FAMILY_FAST_PATHS` (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, LFM2), whose output is an
-`lm_head` over the final norm, soft-capped or not (Gemma 2):
+`family` is the model's record in models/catalog.py (this package imports nothing outside kernels/: the training
+loop looks the family up and passes it in); its `pieces` say which of these are exact for it. For families whose
+output is an `lm_head` over the final norm, soft-capped or not (Gemma 2):
 - the fused linear + cross-entropy loss (kernels/linear_ce.py);
 - fused LoRA linears with a hand-written backward, 16-bit or 4-bit base (kernels/lora.py); with a 16-bit base,
-  the projections that share an input (q/k/v, gate/up) of a model up to 2048 wide as one matmul with the
-  adapters inside it (kernels/lora_group.py);
+  the projections that share an input (the family's `lora_groups`: q/k/v, gate/up) of a model up to
+  `group_max_width` wide as one matmul with the adapters inside it (kernels/lora_group.py);
 - checkpointing that offloads block inputs to pinned CPU memory, when checkpointing is on (kernels/offload.py),
-  whose recompute skips the MLP's down projection (its output is never read in backward) and, with
-  `stash_attention`, the attention sublayer, kept from forward in pinned CPU memory instead;
+  whose recompute skips the layers the family marks `unread_in_recompute` (the MLP's down projection: its
+  output is never read in backward) and, with `stash_attention`, the attention sublayer, kept from forward in
+  pinned CPU memory instead;
 - attention through sdpa with cuDNN's fused kernel first, on Hopper and newer GPUs, where it was measured
   faster (kernels/attention.py); with packing, a packed row's examples through varlen flash attention, each
   on its own, and no mask over the row (kernels/varlen.py);
-- torch.compile of each decoder block's forward as one region, reused by all blocks; when checkpointing is
-  on, inside the block's checkpoint hook, which stays outside the compiled code (kernels/ops.py); the liger
-  RMSNorm/SwiGLU swaps are the `ops=True` option.
-The training step around them may run as a captured CUDA graph (kernels/graphs.py, `train.loop.step_graphs`).
-Used on CUDA in single-process training; CPU training keeps the reference path, which is what CI checks
-the fast path against (tests/kernels compare each piece with its reference on random inputs).
+- torch.compile of each decoder block's forward as one region, reused by all blocks (kernels/ops.py); the liger
+  RMSNorm/SwiGLU swaps are the `liger_ops` option.
+
+The order matters and is fixed here: LoRA fusion first (grouping rebinds the fused layers), then grouping, then
+the offload hook (it wraps transformers' checkpoint function), then attention, then torch.compile, which
+compiles each block inside the offload hook, so the hook stays outside the compiled code. The pieces share one
+`StepState` (kernels/options.py), created here and kept on the FastPath. The training step around them may run
+as a captured CUDA graph (kernels/graphs.py). Used on CUDA in single-process training; CPU training keeps the
+reference path, which is what CI checks the fast path against (tests/kernels compare each piece with its
+reference on random inputs).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Protocol
 
-# model_type -> fast paths that are exact for it. The liger swaps ("ops") compute Llama's RMSNorm and SwiGLU:
-# Gemma's norms scale by 1 + weight and its MLP is GeGLU; LFM2's modules have other names (nothing to swap).
-_ALL = ("fused_linear_ce", "fused_lora", "offload", "attention", "ops", "compile")
-_NO_OPS = tuple(p for p in _ALL if p != "ops")
-FAMILY_FAST_PATHS: dict[str, tuple[str, ...]] = {
-    **{t: _ALL for t in ("llama", "mistral", "qwen2", "qwen3", "phi3")},
-    **{t: _NO_OPS for t in ("gemma", "gemma2", "gemma3_text", "lfm2")}}
-# model_type -> layers whose output only feeds the block's last residual add (no norm after the MLP), so a
-# recompute for backward need not compute it (kernels/lora.py). Not Gemma 2/3: a norm reads the MLP's output.
-UNREAD_IN_RECOMPUTE: dict[str, tuple[str, ...]] = {
-    **{t: ("mlp.down_proj",) for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")},
-    "lfm2": ("feed_forward.w2",)}
-# model_type -> (parent module suffix, its projections that read one input, in the order the parent calls them,
-# those whose output backward keeps as it is): grouped into one matmul with their adapters (kernels/lora_group.py).
-# v goes into attention unchanged and is saved there; as a view of the group's output it would keep all of q/k/v.
-# Phi-3's checkpoints already hold q/k/v and gate/up as one linear each (qkv_proj, gate_up_proj).
-_QKV = ("self_attn", ("q_proj", "k_proj", "v_proj"), ("v_proj",))
-LORA_GROUPS: dict[str, tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]] = {
-    **{t: (_QKV, ("mlp", ("gate_proj", "up_proj"), ()))
-       for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")},
-    "lfm2": (_QKV, ("feed_forward", ("w1", "w3"), ()))}
+from tunery.kernels.options import FastPathOptions, StepState
+
+
+class FamilyFacts(Protocol):
+    """What the fast path reads of a model family (models/catalog.Family)."""
+
+    pieces: tuple[str, ...]  # of "fused_linear_ce", "fused_lora", "offload", "attention", "ops", "compile"
+    lora_groups: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]
+
+    def unread_in_recompute(self, model_type: str) -> tuple[str, ...]: ...
 
 
 @dataclass
@@ -60,6 +55,8 @@ class FastPath:
     undo: list = field(default_factory=list)
     compiled: bool = False  # blocks run under torch.compile: batches padded to a few lengths recompile less
     softcap: float | None = None  # the model's final logit soft-capping (Gemma 2), applied by the fused loss
+    options: FastPathOptions = field(default_factory=FastPathOptions)
+    state: StepState = field(default_factory=StepState)  # shared by the pieces while a step runs
 
     def remove(self) -> None:
         """Put the replaced modules back (the fused loss needs nothing undone: it is chosen per call)."""
@@ -84,66 +81,71 @@ def _unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def fast_path_for(model, device: str, enabled: bool = True, distributed: bool = False,
-                  allow_cpu: bool = False, ops: bool = False, compile: bool = True, lora: bool = True,
-                  lora_groups: bool = True, offload: bool = True, stash_attention: bool = True,
-                  compile_backend: str | Callable = "inductor", packing: bool = False,
-                  varlen_attention: bool = True) -> FastPath:
-    """The fast paths `model` gets here, with the reason when it gets none. `compile_backend` is torch.compile's
-    backend (the tests compile on CPU with "aot_eager"). `packing`: batches are packed rows, whose attention
-    then runs as varlen attention where it can (`varlen_attention`; kernels/varlen.py)."""
+def fast_path_for(model, device: str, family: FamilyFacts | None, options: FastPathOptions | None = None, *,
+                  enabled: bool = True, distributed: bool = False, packing: bool = False,
+                  checkpointing: bool = False) -> FastPath:
+    """The fast paths `model` gets here, with the reason when it gets none. `family`: the model's family record
+    (None: an architecture without a fast path). `enabled`: False is --no-fast. `packing`: batches are packed
+    rows, whose attention then runs as varlen attention where it can. `checkpointing`: the run checkpoints its
+    blocks (then their inputs go to CPU memory: `offload`)."""
+    opts = options or FastPathOptions()
     if not enabled:
-        return FastPath(reason="switched off (--no-fast)")
-    if not device.startswith("cuda") and not allow_cpu:
-        return FastPath(reason="CPU: the reference path is the tested one")
+        return FastPath(reason="switched off (--no-fast)", options=opts)
+    if not device.startswith("cuda") and not opts.allow_cpu:
+        return FastPath(reason="CPU: the reference path is the tested one", options=opts)
     if distributed:
-        return FastPath(reason="multi-process training uses the DDP-wrapped forward")
+        return FastPath(reason="multi-process training uses the DDP-wrapped forward", options=opts)
     base = _unwrap(model)
-    paths = FAMILY_FAST_PATHS.get(getattr(base.config, "model_type", ""), ())
-    if "fused_linear_ce" not in paths:
-        return FastPath(reason=f"no fast path for model type {base.config.model_type!r} yet")
+    model_type = getattr(base.config, "model_type", "")
+    pieces = family.pieces if family is not None else ()
+    if "fused_linear_ce" not in pieces:
+        return FastPath(reason=f"no fast path for model type {model_type!r} yet", options=opts)
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
     lm_head = base.get_output_embeddings()
     if decoder is None or lm_head is None or getattr(lm_head, "bias", None) is not None:
-        return FastPath(reason="model has no plain decoder + lm_head")
+        return FastPath(reason="model has no plain decoder + lm_head", options=opts)
     softcap = getattr(base.config, "final_logit_softcapping", None)
-    fast = FastPath(decoder=decoder, lm_head=lm_head, softcap=softcap,
+    fast = FastPath(decoder=decoder, lm_head=lm_head, softcap=softcap, options=opts,
                     applied=["fused linear+cross-entropy (chunked; no full-vocabulary logits"
                              + (f"; logits soft-capped at {softcap:g})" if softcap else ")")])
-    from tunery.kernels import ops as kops
-
-    checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in getattr(decoder, "layers", ()))
-    steps = []  # each returns (what it did, undo callables)
-    offloaded = offload and checkpointed and "offload" in paths
-    if lora and "fused_lora" in paths:
-        from tunery.kernels.lora import fuse_lora
-
-        unread = UNREAD_IN_RECOMPUTE.get(base.config.model_type, ()) if offloaded else ()
-        steps.append(partial(fuse_lora, model, unread))
-        groups = LORA_GROUPS.get(base.config.model_type, ())
-        if lora_groups and groups:
-            from tunery.kernels.lora_group import group_lora
-
-            steps.append(partial(group_lora, model, groups, decoder))
-    if offloaded:
-        from tunery.kernels.offload import enable_offload
-
-        steps.append(partial(enable_offload, model, stash_attention))
-    from tunery.kernels.varlen import use_varlen_attention, varlen_problem
-
-    if packing and "attention" in paths and varlen_attention and not varlen_problem(model):
-        steps.append(partial(use_varlen_attention, model, cudnn=_hopper_or_newer(device)))
-    elif "attention" in paths and _hopper_or_newer(device):
-        from tunery.kernels.attention import use_cudnn_attention
-
-        steps.append(partial(use_cudnn_attention, model))
-    if ops and "ops" in paths and kops.liger_available():
-        steps.append(partial(kops.swap_ops, decoder))
-    if compile and "compile" in paths:
-        steps.append(partial(kops.compile_blocks, decoder, backend=compile_backend))
-    for step in steps:
+    for step in _steps(model, device, family, model_type, decoder, fast, packing, checkpointing):
         done, undo = step()
         fast.applied += done
         fast.undo += undo
-        fast.compiled |= step.func is kops.compile_blocks and bool(done)
+        fast.compiled |= step.func.__name__ == "compile_blocks" and bool(done)
     return fast
+
+
+def _steps(model, device: str, family: FamilyFacts, model_type: str, decoder, fast: FastPath, packing: bool,
+           checkpointing: bool) -> list[partial]:
+    """The pieces to apply, in the order they must go on (see the module doc); each returns (done, undo)."""
+    from tunery.kernels import ops as kops
+    from tunery.kernels.varlen import use_varlen_attention, varlen_problem
+
+    opts, state, pieces = fast.options, fast.state, family.pieces
+    steps = []
+    offloaded = opts.offload and checkpointing and "offload" in pieces
+    if opts.fused_lora and "fused_lora" in pieces:
+        from tunery.kernels.lora import fuse_lora
+
+        unread = family.unread_in_recompute(model_type) if offloaded else ()
+        steps.append(partial(fuse_lora, model, unread, state))
+        if opts.lora_groups and family.lora_groups:
+            from tunery.kernels.lora_group import group_lora
+
+            steps.append(partial(group_lora, model, family.lora_groups, decoder, opts, state))
+    if offloaded:
+        from tunery.kernels.offload import enable_offload
+
+        steps.append(partial(enable_offload, model, opts, state))
+    if packing and "attention" in pieces and opts.varlen_attention and not varlen_problem(model):
+        steps.append(partial(use_varlen_attention, model, cudnn=opts.cudnn_attention and _hopper_or_newer(device)))
+    elif "attention" in pieces and opts.cudnn_attention and _hopper_or_newer(device):
+        from tunery.kernels.attention import use_cudnn_attention
+
+        steps.append(partial(use_cudnn_attention, model))
+    if opts.liger_ops and "ops" in pieces and kops.liger_available():
+        steps.append(partial(kops.swap_ops, decoder))
+    if opts.compile and "compile" in pieces:
+        steps.append(partial(kops.compile_blocks, decoder, backend=opts.compile_backend))
+    return steps

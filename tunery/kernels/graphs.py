@@ -4,10 +4,15 @@ On one GPU the engine's 7-8B step is bound by the host, not the GPU: Python disp
 the LoRA ops and autograd takes about 335 ms to queue a Llama-3.1-8B step whose kernels keep the GPU busy
 for about 290 (docs/benchmarks.md, tenth session). A replayed graph queues the whole step in one launch.
 
-    steps = StepGraphs(lambda batch: summed_loss(model, batch, fast), params, enabled=True)
-    loss = steps(batch, scale)     # (loss * scale).backward(): gradients accumulate into p.grad; returns loss
+    graphs = StepGraphs(params, enabled=True)
+    loss = graphs(forward_backward, batch, scale)   # forward_backward(batch, scale), run or replayed
 
-The first `CAPTURE_AFTER` runs of a shape run eagerly (they compile, autotune and fill the offload's host
+`forward_backward(batch, scale)` is the training loop's micro-batch step (train/loop.py's `train_step`): it
+computes the loss, calls `(loss * scale).backward()` so gradients accumulate into `p.grad`, and returns the loss.
+StepGraphs runs it as it is, or replays its capture: it adds nothing to the step, and must be handed the same
+function every time (a replay runs what was captured).
+
+The first `capture_after` runs of a shape run eagerly (they compile, autotune and fill the offload's host
 buffers); the next one is captured into a graph, which then replays for every batch of that shape. What a
 replay needs stays in place for the graph's life: the batch is copied into static input tensors, the offload's
 pinned host buffers stay in its pool (kernels/offload.py), and all graphs share one memory pool. Gradients: a
@@ -17,7 +22,7 @@ and are overwritten by the next replay of that graph. A micro-batch that finds g
 a second graph that adds into static buffers, loaded with what `p.grad` held.
 
 Not captured (the step stays eager, and `reason` says why): a model that draws random numbers (dropout; the
-recompute replays the RNG state, which cannot be read inside a capture), CPU, graphs past `MAX_GRAPHS`.
+recompute replays the RNG state, which cannot be read inside a capture), CPU, graphs past `max_graphs`.
 A capture that fails turns graphs off for the run with a warning and runs the step eagerly. The eager path is
 the reference: tests/kernels/test_graphs.py compares replays with it on the GPU, and the bookkeeping on the CPU
 with a stand-in for the graph.
@@ -31,11 +36,9 @@ from collections.abc import Callable
 
 import torch
 
+from tunery.kernels.options import StepState
+
 log = logging.getLogger(__name__)
-
-CAPTURE_AFTER = 2  # eager runs of a shape before it is captured (compile, autotuning, host buffers)
-MAX_GRAPHS = 4  # graphs at most (a shape takes two when gradients accumulate); later ones run eagerly
-
 
 class _CudaGraph:
     """torch.cuda.CUDAGraph with the capture as a call: `capture(fn)` records fn, `replay()` runs it."""
@@ -51,12 +54,20 @@ class _CudaGraph:
         self.graph.replay()
 
 
-class StepGraphs:
-    """Runs `loss_fn(batch)` and its backward (scaled by `scale`), through a CUDA graph per batch shape."""
+Step = Callable[[dict, "float | torch.Tensor"], torch.Tensor]  # forward_backward(batch, scale) -> loss
 
-    def __init__(self, loss_fn: Callable[[dict], torch.Tensor], params: list[torch.nn.Parameter],
-                 enabled: bool = True, reason: str = "", graph_cls=None):
-        self.loss_fn, self.params = loss_fn, [p for p in params if p.requires_grad]
+
+class StepGraphs:
+    """Runs a micro-batch step `forward_backward(batch, scale)` eagerly, or as a CUDA graph per batch shape.
+
+    `state`: the fast path's StepState (its `capturing` is set while a capture records). `packed`: the batches
+    are packed rows (their position_ids restart per example). `capture_after`, `max_graphs`: FastPathOptions'."""
+
+    def __init__(self, params: list[torch.nn.Parameter], enabled: bool = True, reason: str = "", graph_cls=None,
+                 state: StepState | None = None, packed: bool = False, capture_after: int = 2, max_graphs: int = 4):
+        self.params = [p for p in params if p.requires_grad]
+        self.state, self.packed = state or StepState(), packed
+        self.capture_after, self.max_graphs = capture_after, max_graphs
         self.reason = reason if not enabled else ""
         self.enabled = enabled
         self._graph_cls = graph_cls or _CudaGraph
@@ -70,40 +81,33 @@ class StepGraphs:
         if not self.enabled:
             return f"no CUDA graphs ({self.reason})"
         return (f"forward+backward captured as a CUDA graph per batch shape, from a shape's micro-batch "
-                f"{CAPTURE_AFTER + 1} on ({len(self._graphs)} captured so far)")
+                f"{self.capture_after + 1} on ({len(self._graphs)} captured so far)")
 
-    def __call__(self, batch: dict, scale: float) -> torch.Tensor:
+    def __call__(self, forward_backward: Step, batch: dict, scale: float) -> torch.Tensor:
         tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
         if not self.enabled:
-            return self._eager(tensors, scale)
+            return forward_backward(tensors, scale)
         shape = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(tensors.items()))
         # a step's first micro-batch (no gradients yet) writes the gradients, a later one adds to them: two graphs
         key = (shape, all(p.grad is None for p in self.params))
         if key in self._graphs:
             return self._replay(key, tensors, scale)
         seen = self._seen[shape] = self._seen.get(shape, 0) + 1
-        if seen <= CAPTURE_AFTER or len(self._graphs) >= MAX_GRAPHS:
-            return self._eager(tensors, scale)
+        if seen <= self.capture_after or len(self._graphs) >= self.max_graphs:
+            return forward_backward(tensors, scale)
         try:
-            self._capture(key, tensors)
+            self._capture(forward_backward, key, tensors)
         except Exception as e:  # noqa: BLE001 - any failure leaves the eager step, which is always right
             self.enabled, self.reason = False, f"capture failed: {type(e).__name__}: {e}"
             log.warning("CUDA graphs off for this run (the steps run eagerly): %s", self.reason)
-            from tunery.kernels import offload
-
-            offload.reset()
+            self.state.reset()
             self._graphs.clear()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            return self._eager(tensors, scale)
+            return forward_backward(tensors, scale)
         return self._replay(key, tensors, scale)
 
-    def _eager(self, tensors: dict, scale: float) -> torch.Tensor:
-        loss = self.loss_fn(tensors)
-        (loss * scale).backward()
-        return loss.detach()
-
-    def _capture(self, key: tuple, tensors: dict) -> None:
+    def _capture(self, forward_backward: Step, key: tuple, tensors: dict) -> None:
         """Capture the step for `key`. Fresh (no gradients yet): backward allocates each gradient in the graphs'
         pool as it reaches it, as an eager step does, and those tensors become `p.grad` after each replay. Else it
         adds into static buffers that exist before it starts (as an eager step's earlier gradients do)."""
@@ -121,16 +125,10 @@ class StepGraphs:
         static = {k: v.clone() for k, v in tensors.items()}
         scale = torch.ones((), dtype=torch.float32, device=next(iter(tensors.values())).device)
         graph = self._graph_cls(self._pool)
-
-        def run() -> torch.Tensor:
-            loss = self.loss_fn(static)
-            (loss * scale).backward()
-            return loss.detach()
-
         _free_cublas_workspaces()
         try:
-            with capture_context(packed="position_ids" in tensors):
-                loss = graph.capture(run)
+            with capture_context(self.state, self.packed):
+                loss = graph.capture(lambda: forward_backward(static, scale))
             grads = [p.grad for p in self.params]
             if not fresh and any(g is not s for g, s in zip(grads, self._sums)):
                 raise RuntimeError("autograd replaced a gradient buffer instead of adding into it")
@@ -163,18 +161,8 @@ class StepGraphs:
         return loss.clone()
 
 
-_CAPTURING = False  # inside StepGraphs' capture (`capturing`)
-
-
-def capturing() -> bool:
-    """Whether the code running now is being captured into a CUDA graph, not run: what it queues runs at replays,
-    and nothing it computes exists yet. State kept between steps (kernels/lora_group.py's adapter slots) must not
-    be marked up to date here: a failed capture leaves it as it was, and a graph replays the whole refresh."""
-    return _CAPTURING or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
-
-
 @contextlib.contextmanager
-def capture_context(packed: bool = False):
+def capture_context(state: StepState, packed: bool = False):
     """What a capture runs under. Dynamo may not recompile (a recompile inside a capture would compile and
     autotune there, which a capture does not allow): it raises instead, and the step stays eager.
     transformers takes a stream capture for tracing, and its mask code then decides as it does for a traced
@@ -184,8 +172,7 @@ def capture_context(packed: bool = False):
     eager step's would (`_eager_skip`) and builds the mask everywhere else (padding, packing, a sliding window
     the sequence reaches); and a batch that is not `packed` (no position_ids of its own: the model numbers its
     positions 0, 1, ...) is not read as packed. Other builders (eager attention's) are left as they are: for
-    them no mask means no masking at all."""
-    global _CAPTURING
+    them no mask means no masking at all. `state.capturing` is on meanwhile."""
     from transformers import masking_utils
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as masks
     from transformers.masking_utils import sdpa_mask
@@ -196,12 +183,12 @@ def capture_context(packed: bool = False):
     find_packed = getattr(masking_utils, "find_packed_sequence_indices", None)
     if find_packed is not None and not packed:
         masking_utils.find_packed_sequence_indices = _not_packed
-    _CAPTURING = True
+    state.capturing = True
     try:
         with torch.compiler.set_stance("fail_on_recompile"):
             yield
     finally:
-        _CAPTURING = False
+        state.capturing = False
         if find_packed is not None:
             masking_utils.find_packed_sequence_indices = find_packed
         masks._local_mapping.clear()

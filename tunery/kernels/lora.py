@@ -4,7 +4,7 @@
 
 PEFT computes this as separate modules, casts `x` to the adapter's fp32 dtype, and lets autograd save
 what each piece needs. The fused op runs every matmul in the compute dtype (bf16), both matmuls of an
-output into one buffer (the rank-r product writes it, the base matmul adds into it: `FIRST`), keeps only `x`
+output into one buffer (the rank-r product writes it, the base matmul adds into it), keeps only `x`
 and the small `x A^T` for backward, and computes there exactly what a frozen base needs:
 
     dx = dy W + (s dy B) A        dA = (s dy B)^T x        dB = s dy^T (x A^T)
@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunery.kernels import offload
 from tunery.kernels.nf4 import dequantize as _dequantize_4bit
+from tunery.kernels.options import StepState
 
 
 def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
@@ -97,29 +97,21 @@ def dequantize_nf4(q: NF4, dtype: torch.dtype) -> torch.Tensor:
     return _nf4_dense(*_nf4_args(q), dtype)
 
 
-# Which matmul writes the shared output first. "adapter": the rank-r product writes it, and the base matmul
-# adds into it (beta=1: read in its epilogue while it computes). "base": the base matmul writes it, and the
-# rank-r product adds into it in a memory-bound pass that reads and writes the whole output again. On the H100,
-# "adapter" was 1.3% faster on Llama-3.2-1B and 0.5% on Qwen2.5-7B (docs/benchmarks.md, seventh session).
-FIRST = "adapter"
-
-
+# Both matmuls write one output buffer: the rank-r product writes it and the base matmul adds into it (beta=1:
+# read in its epilogue while it computes). The other order (base first, then a memory-bound pass that reads and
+# writes the whole output again to add the adapter) was 1.3% slower on Llama-3.2-1B and 0.5% on Qwen2.5-7B on an
+# H100 (docs/benchmarks-history.md).
 def _out(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, xa: torch.Tensor, b: torch.Tensor,
          scale: float) -> torch.Tensor:
-    """x2 W^T (+ bias) + scale (x A^T) B^T, both matmuls into one output buffer (see FIRST)."""
-    if FIRST == "adapter":
-        if bias is not None:
-            return torch.addmm(bias, xa, b.t(), alpha=scale).addmm_(x2, w.t())
-        return (xa @ b.t()).addmm_(x2, w.t(), beta=scale)
-    out = torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()
-    return out.addmm_(xa, b.t(), alpha=scale)
+    """x2 W^T (+ bias) + scale (x A^T) B^T, both matmuls into one output buffer (adapter first)."""
+    if bias is not None:
+        return torch.addmm(bias, xa, b.t(), alpha=scale).addmm_(x2, w.t())
+    return (xa @ b.t()).addmm_(x2, w.t(), beta=scale)
 
 
 def _dx(g: torch.Tensor, w: torch.Tensor, gb: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """dy W + (s dy B) A, both matmuls into one output buffer (see FIRST)."""
-    if FIRST == "adapter":
-        return (gb @ a).addmm_(g, w)
-    return (g @ w).addmm_(gb, a)
+    """dy W + (s dy B) A, both matmuls into one output buffer (adapter first)."""
+    return (gb @ a).addmm_(g, w)
 
 
 # Registered through the low-level library API rather than `torch.library.custom_op`: the latter adds a Python
@@ -243,7 +235,9 @@ def _fusable(module) -> str | None:
     return None
 
 
-def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A fused PEFT LoRA Linear's forward (bound by `fuse_lora`): the fused op, or PEFT's own path for what the
+    op does not do (merged or disabled adapters, several active adapters, extra arguments)."""
     active = self.active_adapters
     if self.disable_adapters or self.merged or len(active) != 1 or active[0] not in self.lora_A or args or kwargs:
         return type(self).forward(self, x, *args, **kwargs)  # PEFT's own path
@@ -252,16 +246,19 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     nf4 = self._tunery_nf4
     dropout = self.lora_dropout[name]
     x_lora = dropout(x) if isinstance(dropout, nn.Dropout) and dropout.p > 0 and self.training else None
-    skip = self._tunery_unread_in_recompute and offload.RECOMPUTING
+    skip = self._tunery_unread_in_recompute and self._tunery_state.recomputing
     return _LoRALinear.apply(x, x_lora, base.weight if nf4 is None else None, nf4, base.bias,
                              self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], skip)
 
 
-def fuse_lora(model: nn.Module, unread_in_recompute: tuple[str, ...] = ()) -> tuple[list[str], list]:
+def fuse_lora(model: nn.Module, unread_in_recompute: tuple[str, ...] = (),
+              state: StepState | None = None) -> tuple[list[str], list]:
     """Rebind each fusable PEFT LoRA Linear's forward to the fused op; returns (what was done, undo callables).
 
     `unread_in_recompute`: name suffixes of layers whose output only feeds the block's last residual add
-    (family data, kernels/apply.py); they skip their base matmul when the offloaded checkpoint recomputes."""
+    (the family's data, models/catalog.py); they skip their base matmul while `state.recomputing` (set by the
+    offloaded checkpoint, kernels/offload.py)."""
+    state = state or StepState()
     from peft.tuners.lora import LoraLayer
 
     fused, skipped, undo, unread = 0, {}, [], 0
@@ -274,9 +271,11 @@ def fuse_lora(model: nn.Module, unread_in_recompute: tuple[str, ...] = ()) -> tu
             continue
         module._tunery_nf4 = nf4_of(module.get_base_layer().weight)
         module._tunery_unread_in_recompute = module_name.endswith(unread_in_recompute)  # () matches nothing
+        module._tunery_state = state
         unread += module._tunery_unread_in_recompute
-        module.forward = types.MethodType(_fused_forward, module)
-        undo.append(lambda m=module: [delattr(m, a) for a in ("forward", "_tunery_nf4", "_tunery_unread_in_recompute")])
+        module.forward = types.MethodType(fused_forward, module)
+        undo.append(lambda m=module: [delattr(m, a) for a in ("forward", "_tunery_nf4", "_tunery_unread_in_recompute",
+                                                                "_tunery_state")])
         fused += 1
     done = [f"fused LoRA x{fused} (base + adapter in one op, hand-written backward)"] if fused else []
     if unread:

@@ -22,8 +22,9 @@ ones, in their own dtype, and get their gradients from this op's backward.
 
 Backward: dB_i = s_i dy_i^T (x A_i^T), dA_i = g_i^T x. For dx, widening dy into one buffer copies it; that pays
 for q/k/v (width about the input's) but not for gate/up (several times wider): there the group's rank-r
-products write dx and each base matmul adds into it (`KCAT_BACKWARD_MAX_WIDTH`). Measured per layout and shape
-in bench/lora_layouts.py (docs/benchmarks.md, eighth session).
+products write dx and each base matmul adds into it (`FastPathOptions.group_kcat_backward_max_width`). On the H100,
+q/k/v (1.3-1.5x its input's width) gained 12-36% with the widened buffer; gate/up (7-11x) lost up to 46% with it
+and gained 4-13% chained. Measured per layout and shape with bench/lora_layouts.py (docs/benchmarks-history.md).
 
 HF's modules call the members one by one (`q_proj(x)`, then `k_proj(x)`, ...). The first member computes the
 whole group and leaves the others' outputs on the group; a member called with that same `x` takes its output,
@@ -41,19 +42,7 @@ import torch
 from torch import nn
 
 from tunery.kernels import lora
-from tunery.kernels.graphs import capturing
-
-# dx widens dy into one buffer (one matmul, K = O + R) when the group's width O is at most this many times its
-# input's; wider groups chain their matmuls into dx instead. On the H100, q/k/v (1.3-1.5x) gained 12-36% with
-# the widened buffer; gate/up (7-11x) lost up to 46% with it and gained 4-13% chained (docs/benchmarks.md,
-# eighth session).
-KCAT_BACKWARD_MAX_WIDTH = 2.0
-# Groups whose input is wider than this stay apart. The buffer S costs (O + in + R) x R more than the base weights
-# (the adapters' slots, mostly zeros off the block diagonal), and the gain falls as the input widens (the add pass
-# that grouping saves is a smaller share of a wider matmul). On the H100: Llama-3.2-1B (2048) gained 5.8% for
-# 0.02 GiB of peak, Qwen2.5-0.5B (896) 10%; Llama-3.1-8B (4096) about 1% for 0.09 GiB, which put its peak above
-# Unsloth's (docs/benchmarks.md, eighth session).
-MAX_WIDTH = 2048
+from tunery.kernels.options import FastPathOptions, StepState
 
 
 def _out(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor) -> list[torch.Tensor]:
@@ -107,7 +96,9 @@ _OPS = torch.ops.tunery
 class _Group:
     """One group's members (in call order), the buffer S, and what is needed to keep its adapter slots fresh."""
 
-    def __init__(self, members: list, adapter: str, apart: list[bool]):
+    def __init__(self, members: list, adapter: str, apart: list[bool], kcat_backward_max_width: float = 2.0,
+                 state: StepState | None = None):
+        self.state = state or StepState()
         self.members, self.adapter, self.apart = members, adapter, apart
         bases = [m.get_base_layer() for m in members]
         self.width = bases[0].in_features
@@ -127,7 +118,7 @@ class _Group:
             b.weight.data = self.s[r0:r1, :self.width]  # the model's base weight now lives in S
             if self.bias is not None:
                 b.bias.data = self.bias[r0:r1]
-        self.kcat_backward = self.o <= KCAT_BACKWARD_MAX_WIDTH * self.width
+        self.kcat_backward = self.o <= kcat_backward_max_width * self.width
         self.dtypes = [(m.lora_A[adapter].weight.dtype, m.lora_B[adapter].weight.dtype) for m in members]
         self.versions = None
         self.pending = None  # (x, outputs) between the first member's call and the last's
@@ -144,7 +135,7 @@ class _Group:
         copies for real. `captured`: whether a capture is on, if the caller knows."""
         params = self._params()
         versions = [(id(p), p._version) for p in params]
-        captured = capturing() if captured is None else captured
+        captured = self.state.in_capture() if captured is None else captured
         if versions == self.versions and not captured:
             return
         o, width = self.o, self.width
@@ -233,15 +224,18 @@ def _grouped_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             if index == len(group.members) - 1:
                 group.pending = None
             return pending[1][index]
-    return lora._fused_forward(self, x, *args, **kwargs)  # alone: kernels/lora.py's op (or PEFT's path)
+    return lora.fused_forward(self, x, *args, **kwargs)  # alone: kernels/lora.py's op (or PEFT's path)
 
 
 def group_lora(model: nn.Module, groups: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...],
-               hook_on: nn.Module) -> tuple[list[str], list]:
+               hook_on: nn.Module, options: FastPathOptions | None = None,
+               state: StepState | None = None) -> tuple[list[str], list]:
     """Group the fused LoRA projections named in `groups` that share an input: (parent suffix, member names in
-    call order, members whose output gets its own memory; family data in kernels/apply.py). Returns (what was
-    done, undo callables). Run after `lora.fuse_lora`. `hook_on`: the module whose forward pre-hook refreshes the
-    adapter slots (the decoder)."""
+    call order, members whose output gets its own memory; the family's data, models/catalog.py). Returns (what
+    was done, undo callables). Run after `lora.fuse_lora`. `hook_on`: the module whose forward pre-hook refreshes the
+    adapter slots (the decoder). `options`: group_max_width and group_kcat_backward_max_width; `state`: tells a
+    CUDA graph capture apart from a run."""
+    options, state = options or FastPathOptions(), state or StepState()
     built: list[_Group] = []
     names = []
     for name, module in model.named_modules():
@@ -249,8 +243,9 @@ def group_lora(model: nn.Module, groups: tuple[tuple[str, tuple[str, ...], tuple
             if not name.endswith(parent):
                 continue
             layers = [getattr(module, m, None) for m in members]
-            if _groupable(layers):
-                built.append(_Group(layers, layers[0].active_adapters[0], [m in apart for m in members]))
+            if _groupable(layers, options.group_max_width):
+                built.append(_Group(layers, layers[0].active_adapters[0], [m in apart for m in members],
+                                    options.group_kcat_backward_max_width, state))
                 names.append("/".join(members))
     if not built:
         return [], []
@@ -258,14 +253,14 @@ def group_lora(model: nn.Module, groups: tuple[tuple[str, tuple[str, ...], tuple
         for i, m in enumerate(group.members):
             m._tunery_group = (group, i)
             m.forward = types.MethodType(_grouped_forward, m)
-    handle = hook_on.register_forward_pre_hook(lambda *_: _refresh(built))
+    handle = hook_on.register_forward_pre_hook(lambda *_: _refresh(built, state))
 
     def undo():
         handle.remove()
         for group in built:
             for m in group.members:
                 del m._tunery_group
-                m.forward = types.MethodType(lora._fused_forward, m)
+                m.forward = types.MethodType(lora.fused_forward, m)
             group.restore()
 
     kinds = sorted(set(names))
@@ -278,18 +273,20 @@ def _spans(sizes: list[int]) -> list[tuple[int, int]]:
     return [(stop - size, stop) for size, stop in zip(sizes, stops)]
 
 
-def _refresh(groups: list[_Group]) -> None:
+def _refresh(groups: list[_Group], state: StepState) -> None:
     """Before each forward of the model: fresh adapter slots, and no outputs left from a call that ended early."""
-    captured = capturing()  # once per forward, not per group
+    captured = state.in_capture()  # once per forward, not per group
     for group in groups:
         group.pending = None
         group.sync(captured)
 
 
-def _groupable(layers: list) -> bool:
-    """Fused (kernels/lora.py), dense, one active adapter, same input width (at most MAX_WIDTH), dtype and device,
-    bias alike."""
-    if any(m is None or getattr(m, "_tunery_nf4", 1) is not None or m.in_features > MAX_WIDTH for m in layers):
+def _groupable(layers: list, max_width: int) -> bool:
+    """Fused (kernels/lora.py), dense, one active adapter, same input width (at most `max_width`), dtype and
+    device, bias alike. Wider inputs gain little for the buffer's extra memory: on the H100, Llama-3.2-1B (2048)
+    gained 5.8% for 0.02 GiB of peak, Qwen2.5-0.5B (896) 10%, Llama-3.1-8B (4096) about 1% for 0.09 GiB, which
+    put its peak above Unsloth's (docs/benchmarks-history.md)."""
+    if any(m is None or getattr(m, "_tunery_nf4", 1) is not None or m.in_features > max_width for m in layers):
         return False
     if any(len(m.active_adapters) != 1 or m.active_adapters[0] != layers[0].active_adapters[0] for m in layers):
         return False

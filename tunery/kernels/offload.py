@@ -15,19 +15,19 @@ attention that is the q/k/v/o matmuls and the attention kernel: about a third of
 2048 tokens, more at long sequences. So each block's attention sublayer (`self_attn`: the projections with their
 LoRA, RoPE, attention, the output projection) runs its first forward with grad, under `saved_tensors_hooks` that
 copy every tensor its backward will read to pinned host memory on the side stream (storages copied once however many
-tensors view them; parameters, the block's other inputs and tensors under `KEEP_BYTES` stay on the GPU by reference;
-the sublayer's input is not copied: the recompute rebuilds it). Its autograd graph is kept until backward. The
+tensors view them; parameters, the block's other inputs and tensors under `offload_keep_bytes` stay on the GPU by
+reference; the sublayer's input is not copied: the recompute rebuilds it). Its autograd graph is kept until backward. The
 recompute does not run the sublayer again: it returns its output, fetched back, and backward replays the kept graph.
-The output is fetched one block ahead (`OUTPUT_FETCH`) and let go once the recompute has added it; the rest when the
+The output is fetched one block ahead (`output_fetch`) and let go once the recompute has added it; the rest when the
 block's backward starts, while its MLP recomputes. Blocks whose attention is a small share of their weights
-(`STASH_MIN_ATTENTION_SHARE`) gain less than the stash costs and keep the recompute. Sublayers with 4-bit weights are
+(`stash_min_attention_share`) gain less than the stash costs and keep the recompute. Sublayers with 4-bit weights are
 recomputed: on Llama-3.1-8B the stash made the QLoRA step 7% slower (docs/benchmarks.md, ninth session). The
 host link carries about four block inputs more per block (Llama-3.1-8B at 4096 tokens: 112 MiB forward and back); a
-block stashes only while the whole model's stash fits in `STASH_HOST_FRACTION` of the host's memory, otherwise it
+block stashes only while the whole model's stash fits in `stash_host_fraction` of the host's memory, otherwise it
 recomputes as before.
 
-The forward's last block keeps its input and stash on the GPU (`LAST_BLOCK_ON_GPU`) when its input holds at most
-`LAST_BLOCK_ON_GPU_MAX_TOKENS` tokens: its backward comes right after the loss, so they would cross the link twice
+The forward's last block keeps its input and stash on the GPU (`last_block_on_gpu`) when its input holds at most
+`last_block_on_gpu_max_tokens` tokens: its backward comes right after the loss, so they would cross the link twice
 only for backward to wait for them at its start (Llama-3.1-8B at 16k tokens: 14.5 ms of a 1.63 s step with the GPU
 idle). They stay allocated through the loss instead. At 4,096 tokens that left every measured peak unchanged; at
 16,384 it raised Llama-3.1-8B's by 0.06 GiB for a 0.4% faster step, and at 249,856 tokens (the longest-sequence
@@ -46,35 +46,16 @@ import weakref
 
 import torch
 
-# True while a block is being recomputed in backward: layers whose output backward never reads skip their
-# base matmul then (kernels/lora.py). A plain module global, so compiled code guards on it.
-RECOMPUTING = False
-# The attention stash of the block running now (its forward or its recompute), or None; read outside compiled code.
-_STASH: _AttentionStash | None = None
-KEEP_BYTES = 2**20  # saved tensors smaller than this stay on the GPU
-STASH_HOST_FRACTION = 0.25  # of the host's memory, at most, pinned for the attention stash of all blocks
-STASH_FACTOR = 4  # a block's stash is at most this many times its input (q, k and v, attention out, output)
-# When a kept output is fetched for the block before: as the block after starts its backward ("block"), or when
-# that block's backward reaches its attention ("attention": later, when less memory is in use, with less overlap)
-OUTPUT_FETCH = "attention"
-# Host-link bytes a stashed block may move per GFLOP of its forward's matmuls: the H100's pinned copies run at
-# ~50 GB/s beside ~600 TFLOP/s of GEMMs (docs/benchmarks.md), about 83 kB a GFLOP. Llama-3.1-8B moves 85 kB and
-# Qwen2.5-7B 66 kB; Llama-3.2-1B (152 kB) and Qwen2.5-0.5B (258 kB) would wait on the link, so they recompute.
-STASH_MAX_BYTES_PER_GFLOP = 100e3
-# The attention sublayer's share of the block's linear weights, at least: what the recompute saves must outweigh
-# the stash's fixed costs (the block's compiled region split in two, the hooks, the replay). Measured on the H100:
-# Llama-3.1-8B (19%) gained 4.2%, Qwen2.5-7B (13%) lost 1.8% (docs/benchmarks.md, sixth session).
-STASH_MIN_ATTENTION_SHARE = 0.15
-# The forward's last block keeps its input and attention stash in GPU memory when its input holds at most this many
-# tokens (batch x sequence; see the module doc).
-LAST_BLOCK_ON_GPU = True
-LAST_BLOCK_ON_GPU_MAX_TOKENS = 8192
+from tunery.kernels.options import FastPathOptions, StepState
 
 
 class _Offloader:
     """The host copies of the blocks' inputs in forward order, with the copy stream that moves them."""
 
-    def __init__(self, layers: int = 0, stash: bool = False, rng: bool = True):
+    def __init__(self, layers: int = 0, stash: bool = False, rng: bool = True,
+                 options: FastPathOptions | None = None, state: StepState | None = None):
+        self.options = options or FastPathOptions()  # the tuning constants (offload_keep_bytes, stash_*, ...)
+        self.state = state or StepState()  # shared with the fused LoRA layers (recomputing) and the attention
         self.pending: list[weakref.ref] = []  # slots awaiting backward; a graph that is dropped frees its own
         self._stream = None
         self._leaf: torch.Tensor | None = None
@@ -114,8 +95,8 @@ class _Offloader:
 
     def stash_fits(self, hidden: torch.Tensor) -> bool:
         """Whether every block's attention stash at this input size fits the host memory allowed for it."""
-        need = STASH_FACTOR * hidden.numel() * hidden.element_size() * self.layers
-        return self.stash and need <= STASH_HOST_FRACTION * _host_memory()
+        need = self.options.stash_factor * hidden.numel() * hidden.element_size() * self.layers
+        return self.stash and need <= self.options.stash_host_fraction * _host_memory()
 
     def stream(self, device: torch.device):
         if device.type != "cuda":
@@ -202,7 +183,7 @@ class _Slot:
         self.host, self.buffer = (None, None) if on_device else _to_host(hidden, owner)
 
     def prefetch(self) -> None:
-        if self.attention is not None and OUTPUT_FETCH == "block":
+        if self.attention is not None and self.owner.options.output_fetch == "block":
             self.attention.prefetch(self.attention.output_only)
         if self.fetched is None:
             self.fetched, self.ready = _to_device(self.host, self.device, self.owner.stream(self.device))
@@ -223,18 +204,18 @@ class _OffloadedBlock(torch.autograd.Function):
         # the recompute must draw the same dropout masks (reading the RNG state is not allowed in a CUDA graph
         # capture: kernels/graphs.py captures only models that draw none)
         ctx.rng = _rng_state(hidden.device) if offloader.rng else None
-        global _STASH
         offloader.pending = [r for r in offloader.pending if r() is not None]  # blocks awaiting backward
         tokens = hidden.numel() // max(hidden.shape[-1], 1)
-        last = (LAST_BLOCK_ON_GPU and tokens <= LAST_BLOCK_ON_GPU_MAX_TOKENS  # every other block awaits backward
+        opts, state = offloader.options, offloader.state
+        last = (opts.last_block_on_gpu and tokens <= opts.last_block_on_gpu_max_tokens  # the rest await backward
                 and len(offloader.pending) == offloader.layers - 1)
         stash = _AttentionStash(offloader, hidden.device, last) if offloader.stash_fits(hidden) else None
-        _STASH = stash
+        state.stash = stash
         try:
             with torch.no_grad():
                 out = run(hidden)
         finally:
-            _STASH = None
+            state.stash = None
         ctx.run, ctx.slot = run, _Slot(offloader, hidden, last)
         offloader.block_done(hidden.device)
         ctx.slot.attention = stash if stash is not None and stash.anchor is not None else None
@@ -258,16 +239,16 @@ class _OffloadedBlock(torch.autograd.Function):
         if stash is not None:  # what its backward reads, while the MLP recomputes and runs backward
             stash.prefetch(range(len(stash.host)))  # (the output, fetched ahead but for the last block, is skipped)
         cuda = [hidden.device] if hidden.device.type == "cuda" else []
-        global RECOMPUTING, _STASH
+        state = owner.state
         rng = torch.random.fork_rng(devices=cuda, device_type="cuda") if ctx.rng else contextlib.nullcontext()
         with rng, torch.enable_grad():
             if ctx.rng:
                 _set_rng_state(ctx.rng, hidden.device)
-            RECOMPUTING, _STASH = True, stash
+            state.recomputing, state.stash = True, stash
             try:
                 out = ctx.run(hidden)
             finally:
-                RECOMPUTING, _STASH = False, None
+                state.recomputing, state.stash = False, None
         torch.autograd.backward(out, grad)
         if not any(r() is not None for r in owner.pending):  # the first block: the step's last copies are done
             owner.join(hidden.device)
@@ -320,7 +301,7 @@ class _AttentionStash:
         address, view = storage.data_ptr(), (t.dtype, t.shape, t.stride(), t.storage_offset())
         if address == self._input[0]:
             return ("input", view)
-        if self.on_device or address in self._keep or storage.nbytes() < KEEP_BYTES:
+        if self.on_device or address in self._keep or storage.nbytes() < self.owner.options.offload_keep_bytes:
             return ("keep", t)
         seen = self._seen.get(address)
         if seen is None:  # the tensor is held until forward ends: its address cannot be reused meanwhile
@@ -438,7 +419,7 @@ class _Replay(torch.autograd.Function):
         stash = ctx.stash
         stash.input, stash.grad = ctx.saved_tensors[0].detach(), grad
         before = stash.before() if stash.before is not None else None
-        if before is not None and OUTPUT_FETCH == "attention":  # see OUTPUT_FETCH
+        if before is not None and stash.owner.options.output_fetch == "attention":
             before.prefetch(before.output_only)
         torch.autograd.backward(stash.anchor, torch.zeros_like(stash.anchor))
         dx = stash.dx
@@ -446,17 +427,18 @@ class _Replay(torch.autograd.Function):
         return dx, None
 
 
-def _run_attention(forward, hidden, *args, **kwargs):
+def run_attention(forward, hidden, *args, **kwargs):
     """An attention sublayer's forward (`forward` is the module's bound method); compiled by kernels/ops.py."""
     return forward(hidden, *args, **kwargs)
 
 
 @torch.compiler.disable  # the stash's hooks and kept graph live outside compiled code; the sublayer's run is compiled
 def _stashing_attention(self, hidden_states, *args, **kwargs):
-    stash = _STASH
+    state = self._tunery_state
+    stash = state.stash
     if stash is None:  # not inside an offloaded block, or the block keeps no stash
         return self._tunery_attention_run(functools.partial(type(self).forward, self), hidden_states, *args, **kwargs)
-    if RECOMPUTING:
+    if state.recomputing:
         return stash.replay(hidden_states)
     return stash.keep_graph(self, self._tunery_attention_run, hidden_states, args, kwargs)
 
@@ -494,13 +476,6 @@ def _attention_share(layer: torch.nn.Module) -> float:
     return _linear_weights(layer.self_attn) / max(_linear_weights(layer), 1)
 
 
-def reset() -> None:
-    """Leave no block marked as running or recomputing: after a step that raised part-way (a failed CUDA graph
-    capture, kernels/graphs.py), the next one starts clean."""
-    global RECOMPUTING, _STASH
-    RECOMPUTING, _STASH = False, None
-
-
 def _host_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
@@ -526,19 +501,19 @@ def _call_with(run, args, hidden):
     return run(hidden, *args)
 
 
-def _why_not_stash(layers: list, attentions: list) -> str | None:
+def _why_not_stash(layers: list, attentions: list, opts: FastPathOptions) -> str | None:
     """Why these blocks keep recomputing their attention, or None when the stash pays for them."""
     if len(attentions) != len(layers):
         return "blocks without a self_attn sublayer"
     if any(hasattr(p, "quant_state") for a in attentions for p in a.parameters()):
         return "4-bit weights: slower with the stash on Llama-3.1-8B (docs/benchmarks.md, ninth session)"
     link = _link_bytes_per_gflop(layers[0])
-    if link > STASH_MAX_BYTES_PER_GFLOP:
+    if link > opts.stash_max_bytes_per_gflop:
         return (f"blocks too small to hide the host copies: {link / 1e3:.0f} kB per GFLOP, "
-                f"more than {STASH_MAX_BYTES_PER_GFLOP / 1e3:.0f}")
+                f"more than {opts.stash_max_bytes_per_gflop / 1e3:.0f}")
     share = _attention_share(layers[0])
-    if share < STASH_MIN_ATTENTION_SHARE:
-        return f"attention is {share:.0%} of a block's weights, under {STASH_MIN_ATTENTION_SHARE:.0%}"
+    if share < opts.stash_min_attention_share:
+        return f"attention is {share:.0%} of a block's weights, under {opts.stash_min_attention_share:.0%}"
     return None
 
 
@@ -552,17 +527,19 @@ def draws_random(model: torch.nn.Module) -> bool:
                for k, v in vars(c).items() if k.endswith("dropout"))
 
 
-def enable_offload(model, stash_attention: bool = False) -> tuple[list[str], list]:
+def enable_offload(model, options: FastPathOptions, state: StepState) -> tuple[list[str], list]:
     """Switch the model's checkpointed layers to offloaded checkpointing; (what was done, undo callables).
-    `stash_attention`: keep each block's attention sublayer (`self_attn`) instead of recomputing it."""
+    `options.stash_attention`: keep each block's attention sublayer (`self_attn`) instead of recomputing it.
+    `state`: where the blocks say which one runs or recomputes (shared with kernels/lora.py's layers)."""
+    stash_attention = options.stash_attention
     layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)
               and hasattr(m, "_gradient_checkpointing_func") and type(m).__name__.endswith("DecoderLayer")]
     if not layers:
         return [], []
     attentions = [m.self_attn for m in layers if isinstance(getattr(m, "self_attn", None), torch.nn.Module)]
-    why_not = _why_not_stash(layers, attentions) if stash_attention else None
+    why_not = _why_not_stash(layers, attentions, options) if stash_attention else None
     stash = stash_attention and why_not is None
-    offloader = _Offloader(len(layers), stash, rng=draws_random(model))
+    offloader = _Offloader(len(layers), stash, rng=draws_random(model), options=options, state=state)
     undo = []
     for layer in layers:
         previous = layer._gradient_checkpointing_func
@@ -571,9 +548,11 @@ def enable_offload(model, stash_attention: bool = False) -> tuple[list[str], lis
     done = [f"checkpointing with block inputs offloaded to pinned CPU memory x{len(layers)}"]
     if stash:
         for attention in attentions:
-            attention._tunery_attention_run = _run_attention
+            attention._tunery_attention_run = run_attention
+            attention._tunery_state = state
             attention.forward = types.MethodType(_stashing_attention, attention)
-            undo.append(lambda m=attention: [delattr(m, a) for a in ("forward", "_tunery_attention_run")])
+            undo.append(lambda m=attention: [delattr(m, a) for a in ("forward", "_tunery_attention_run",
+                                                                     "_tunery_state")])
         done.append(f"attention kept for backward in pinned CPU memory, not recomputed x{len(layers)}")
     elif why_not:
         done.append(f"attention recomputed ({why_not})")

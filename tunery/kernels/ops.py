@@ -101,13 +101,13 @@ def compile_blocks(decoder: nn.Module, backend: str | Callable = "inductor") -> 
     if layers is None:
         return [], []
     compiled = torch.compile(_run_block, backend=backend)
-    attention = torch.compile(offload._run_attention, backend=backend)
+    attention = torch.compile(offload.run_attention, backend=backend)
     undo, hooked = [], 0
     for layer in layers:
         kept = getattr(layer, "self_attn", None)
         if hasattr(kept, "_tunery_attention_run"):  # a stashing sublayer breaks the block's graph: compile its run
             kept._tunery_attention_run = attention
-            undo.append(lambda m=kept: setattr(m, "_tunery_attention_run", offload._run_attention))
+            undo.append(lambda m=kept: setattr(m, "_tunery_attention_run", offload.run_attention))
         hook = getattr(layer, "_gradient_checkpointing_func", None)
         if getattr(layer, "gradient_checkpointing", False) and hook is not None:
             layer._gradient_checkpointing_func = functools.partial(_through, compiled, hook)

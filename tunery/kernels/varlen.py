@@ -11,7 +11,7 @@ flash attention over the examples, each causal, within a layer's sliding window 
 mask (padded evaluation, generation), or with a window the row reaches where torch's kernel takes no window
 (2.9-2.10), keep sdpa and transformers' mask, as do models this cannot serve (`varlen_problem`).
 
-Invariant: a packed row's forward carries its `doc_bounds` (eval/loss.summed_loss passes them to a model that
+Invariant: a packed row's forward carries its `doc_bounds` (train/loss.summed_loss passes them to a model that
 `reads_bounds`). A packed row without them would get causal attention over the whole row here.
 
 The reference is sdpa with the dense mask: tests/kernels/test_varlen.py compares the two on random inputs on

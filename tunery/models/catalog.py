@@ -1,27 +1,135 @@
-"""Model families and known models as data: LoRA targets per family, sizes, licences, instruct or base."""
+"""Model families and known models as data: everything the code knows about a family, in one record.
+
+    family = family_of(model.config.model_type)     # -> Family, or None for an architecture tunery does not know
+
+A `Family` holds what each part of tunery needs to know about a family: its transformers architectures
+(`config.model_type` values), LoRA targets, which fast-path pieces are exact for it and the data they read
+(kernels/, which imports nothing outside itself: the training loop hands the family in), its llama.cpp
+architecture for GGUF export (export/gguf.py), the settings of a tiny test model (models/tiny.py) and the real
+shapes the benchmark runs (bench/lora_bench.py). Adding a family is one entry here, plus a kernel module if its
+blocks need one; tests/models/test_catalog.py checks that family facts live nowhere else.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
+
+# The fast path's pieces (kernels/apply.py). "ops" (liger's RMSNorm and SwiGLU) computes Llama's norm and MLP:
+# Gemma's norms scale by 1 + weight and its MLP is GeGLU; LFM2's modules have other names (nothing to swap).
+ALL_PIECES = ("fused_linear_ce", "fused_lora", "offload", "attention", "ops", "compile")
+_NO_OPS = tuple(p for p in ALL_PIECES if p != "ops")
+
+# Projections grouped into one matmul with their adapters (kernels/lora_group.py): (parent module suffix, its
+# projections that read one input, in the order the parent calls them, those whose output backward keeps as it
+# is). v goes into attention unchanged and is saved there; as a view of the group's output it would keep all of
+# q/k/v.
+_QKV = ("self_attn", ("q_proj", "k_proj", "v_proj"), ("v_proj",))
+_GATE_UP = ("mlp", ("gate_proj", "up_proj"), ())
+
+
+@dataclass(frozen=True)
+class Gguf:
+    """How an architecture becomes a llama.cpp one (export/gguf.py); tensor names come from the gguf package's
+    map for `arch`."""
+
+    arch: str  # llama.cpp architecture name (a value of gguf.MODEL_ARCH_NAMES)
+    permute_qk: bool  # reorder q/k rows from HF's rotate-half RoPE to llama.cpp's adjacent-pair RoPE
+    sliding_window_caps_context: bool = False  # llama.cpp's arch has no sliding window: stay within it
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One transformers architecture of a family (a `config.model_type`)."""
+
+    model_type: str
+    config_class: str  # the transformers config class
+    # settings of a tiny test model beyond models/tiny.TinySpec's (None: derived from the spec there)
+    tiny: dict = field(default_factory=dict)
+    gguf: Gguf | None = None  # None: no GGUF export for it yet
+    # layers whose output only feeds the block's last residual add (no norm after the MLP): a recompute for
+    # backward need not compute them (kernels/lora.py). Not Gemma 2/3: a norm reads the MLP's output.
+    unread_in_recompute: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
-    model_types: tuple[str, ...]  # config.model_type values
+    architectures: tuple[Architecture, ...]
     lora_targets: tuple[str, ...]  # all linear layers of a decoder block
+    pieces: tuple[str, ...] = ALL_PIECES  # the fast path's pieces that are exact for it (kernels/apply.py)
+    lora_groups: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = ()  # see _QKV
+    # benchmark shapes: name -> (model_type, config.json values of the public model); RoPE scaling left out
+    bench: dict = field(default_factory=dict)
 
+    @property
+    def model_types(self) -> tuple[str, ...]:
+        return tuple(a.model_type for a in self.architectures)
+
+    def architecture(self, model_type: str) -> Architecture:
+        return next(a for a in self.architectures if a.model_type == model_type)
+
+    def unread_in_recompute(self, model_type: str) -> tuple[str, ...]:
+        return self.architecture(model_type).unread_in_recompute
+
+
+_DOWN = ("mlp.down_proj",)
+_LLAMA_3 = dict(max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5)
+_QWEN_2 = dict(max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6)
 
 FAMILIES: tuple[Family, ...] = (
-    Family("llama", ("llama",), _ATTN + _MLP),
-    Family("qwen", ("qwen2", "qwen3"), _ATTN + _MLP),
-    Family("mistral", ("mistral",), _ATTN + _MLP),
-    Family("gemma", ("gemma", "gemma2", "gemma3_text"), _ATTN + _MLP),
-    Family("phi", ("phi3",), ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
-    Family("lfm2", ("lfm2",), ("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3")),
+    Family("llama", (Architecture("llama", "LlamaConfig", {"tie_word_embeddings": False}, Gguf("llama", True),
+                                  _DOWN),),
+           _ATTN + _MLP, lora_groups=(_QKV, _GATE_UP), bench={
+               "llama-1b": ("llama", dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                                          num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                                          tie_word_embeddings=True, **_LLAMA_3)),
+               "llama-8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                          tie_word_embeddings=False, **_LLAMA_3))}),
+    Family("qwen", (Architecture("qwen2", "Qwen2Config", {"tie_word_embeddings": True}, Gguf("qwen2", False), _DOWN),
+                    Architecture("qwen3", "Qwen3Config", {"tie_word_embeddings": True}, Gguf("qwen3", False),
+                                 _DOWN)),
+           _ATTN + _MLP, lora_groups=(_QKV, _GATE_UP), bench={
+               "qwen-0.5b": ("qwen2", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                                           num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                                           tie_word_embeddings=True, **_QWEN_2)),
+               "qwen-7b": ("qwen2", dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                                         num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                                         tie_word_embeddings=False, **_QWEN_2))}),
+    Family("mistral", (Architecture("mistral", "MistralConfig", {"tie_word_embeddings": False},
+                                    Gguf("llama", True, sliding_window_caps_context=True), _DOWN),),
+           _ATTN + _MLP, lora_groups=(_QKV, _GATE_UP)),
+    # Gemma's head size would default to 256 in a tiny model: it follows the spec there instead
+    Family("gemma", (Architecture("gemma", "GemmaConfig", {"head_dim": None}, unread_in_recompute=_DOWN),
+                     Architecture("gemma2", "Gemma2Config", {"head_dim": None, "query_pre_attn_scalar": None}),
+                     Architecture("gemma3_text", "Gemma3TextConfig",
+                                  {"head_dim": None, "query_pre_attn_scalar": None})),
+           _ATTN + _MLP, pieces=_NO_OPS, lora_groups=(_QKV, _GATE_UP), bench={
+               "gemma3-1b": ("gemma3_text", dict(vocab_size=262144, hidden_size=1152, intermediate_size=6912,
+                                                 num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1,
+                                                 head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
+                                                 max_position_embeddings=32768, rope_theta=1000000.0,
+                                                 tie_word_embeddings=True, rms_norm_eps=1e-6))}),
+    # Phi-3's checkpoints already hold q/k/v and gate/up as one linear each (qkv_proj, gate_up_proj): no groups
+    Family("phi", (Architecture("phi3", "Phi3Config", {"tie_word_embeddings": False}, unread_in_recompute=_DOWN),),
+           ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), bench={
+               "phi3.5-mini": ("phi3", dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192,
+                                            num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                                            max_position_embeddings=131072, rope_theta=10000.0,
+                                            tie_word_embeddings=False, rms_norm_eps=1e-5))}),
+    # LFM2 alternates short-convolution and attention blocks (a tiny model alternates them too: models/tiny.py);
+    # a tiny one would round its MLP width up to a multiple of 256 and follows the spec instead
+    Family("lfm2", (Architecture("lfm2", "Lfm2Config", {"block_auto_adjust_ff_dim": False, "layer_types": None},
+                                 unread_in_recompute=("feed_forward.w2",)),),
+           ("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3"), pieces=_NO_OPS,
+           lora_groups=(_QKV, ("feed_forward", ("w1", "w3"), ())), bench={
+               "lfm2-1.2b": ("lfm2", dict(vocab_size=65536, hidden_size=2048, intermediate_size=12288,
+                                          num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                                          full_attn_idxs=[2, 5, 8, 10, 12, 14], max_position_embeddings=128000,
+                                          rope_theta=1000000.0, tie_word_embeddings=True, norm_eps=1e-5))}),
 )
 
 
@@ -52,6 +160,27 @@ KNOWN_MODELS: tuple[KnownModel, ...] = (
 
 def family_of(model_type: str) -> Family | None:
     return next((f for f in FAMILIES if model_type in f.model_types), None)
+
+
+def family_of_model(model) -> Family | None:
+    """The family of a transformers model (a PEFT-wrapped one too), by its config's model_type."""
+    config = getattr(model, "config", None)
+    return family_of(getattr(config, "model_type", ""))
+
+
+def architectures() -> tuple[Architecture, ...]:
+    """Every architecture of every family, in catalogue order."""
+    return tuple(a for f in FAMILIES for a in f.architectures)
+
+
+def architecture_of(model_type: str) -> Architecture | None:
+    return next((a for a in architectures() if a.model_type == model_type), None)
+
+
+def bench_shapes() -> dict[str, tuple[str, str, dict]]:
+    """Benchmark shape name -> (model_type, transformers config class, config values), over all families."""
+    return {name: (mt, architecture_of(mt).config_class, kw)
+            for f in FAMILIES for name, (mt, kw) in f.bench.items()}
 
 
 def known_model(hub_id: str) -> KnownModel | None:

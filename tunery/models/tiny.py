@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunery.data.templates import CHATML_TEMPLATE
+from tunery.models.catalog import architecture_of, architectures
 
 _SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -50,33 +51,21 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     return fast
 
 
-# family (config.model_type) -> (config class, settings beyond the spec's). Gemma's head size would default to 256
-# and LFM2 would round its MLP width up to a multiple of 256: both follow the spec instead. LFM2 alternates short
-# convolution and attention blocks, as its real configs mix them.
-_CONFIGS = {
-    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
-    "llama": ("LlamaConfig", {"tie_word_embeddings": False}),
-    "mistral": ("MistralConfig", {"tie_word_embeddings": False}),
-    "qwen3": ("Qwen3Config", {"tie_word_embeddings": True}),
-    "gemma": ("GemmaConfig", {"head_dim": None}),
-    "gemma2": ("Gemma2Config", {"head_dim": None, "query_pre_attn_scalar": None}),
-    "gemma3_text": ("Gemma3TextConfig", {"head_dim": None, "query_pre_attn_scalar": None}),
-    "phi3": ("Phi3Config", {"tie_word_embeddings": False}),
-    "lfm2": ("Lfm2Config", {"block_auto_adjust_ff_dim": False, "layer_types": None}),
-}
-FAMILIES = tuple(_CONFIGS)
+# the architectures a tiny model can be built for: every one in the catalogue (its `tiny` settings)
+FAMILIES = tuple(a.model_type for a in architectures())
 
 
 def make_config(spec: TinySpec, tokenizer):
     """A `transformers` config of the spec's family sized to the tokenizer."""
     import transformers
 
-    if spec.family not in _CONFIGS:
-        raise ValueError(f"tiny models exist for {sorted(_CONFIGS)}, not {spec.family!r}")
-    cls_name, extra = _CONFIGS[spec.family]
+    arch = architecture_of(spec.family)
+    if arch is None:
+        raise ValueError(f"tiny models exist for {sorted(FAMILIES)}, not {spec.family!r}")
+    cls_name, extra = arch.config_class, arch.tiny
     head_dim = spec.hidden_size // spec.num_heads
     extra = {**extra, **{k: head_dim for k in ("head_dim", "query_pre_attn_scalar") if k in extra}}
-    if "layer_types" in extra:
+    if "layer_types" in extra:  # LFM2: short-convolution and attention blocks alternate, as real configs mix them
         extra["layer_types"] = ["conv" if i % 2 == 0 else "full_attention" for i in range(spec.num_layers)]
     return getattr(transformers, cls_name)(
         vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,

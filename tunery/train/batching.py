@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 from tunery.data.tokenize import IGNORE, Tokenized
+from tunery.kernels.varlen import BOUNDS as DOC_BOUNDS  # a packed row's example bounds: the batch key varlen reads
 
 
 def step_examples(n: int, step: int, per_step: int, seed: int) -> list[int]:
@@ -86,7 +87,7 @@ def pack_batch(batch: list[Tokenized], device: str, multiple: int = 1) -> dict:
            "position_ids": positions + list(range(tail))}
     ends = list(itertools.accumulate(len(t.input_ids) for t in batch)) + ([total + tail] if tail else [])
     return {**{k: torch.tensor([v], dtype=torch.long, device=device) for k, v in row.items()},
-            "doc_bounds": torch.tensor([0, *ends], dtype=torch.int32, device=device), "real_tokens": total}
+            DOC_BOUNDS: torch.tensor([0, *ends], dtype=torch.int32, device=device), "real_tokens": total}
 
 
 def packing_problem(model) -> str | None:

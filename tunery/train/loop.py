@@ -1,4 +1,6 @@
-"""The SFT loop: setup -> step -> eval -> checkpoint, as plain code.
+"""The SFT loop as plain code, read top to bottom: `train` (a run folder) -> `run_loop` (the steps, evaluation,
+checkpoints) -> `train_step` (one optimizer step; its micro-batch forward and backward written out in it) ->
+`setup` (tokenizer, data, model, optimizer, the fast path).
 
     tunery train --model Qwen/Qwen2.5-0.5B-Instruct --data my.jsonl
 """
@@ -16,15 +18,17 @@ from tunery.config import ConfigError, RunConfig
 from tunery.data.dataset import PreparedData, prepare_data
 from tunery.data.templates import ensure_chat_template
 from tunery.errors import RunError
-from tunery.eval.loss import held_out_loss, summed_loss
 from tunery.kernels.apply import FastPath, fast_path_for
 from tunery.kernels.graphs import StepGraphs, graphs_reason
+from tunery.models.catalog import family_of_model
 from tunery.models.load import load_model, load_tokenizer, model_fingerprint, pick_device, pick_dtype
 from tunery.models.lora import apply_lora
 from tunery.progress import console
-from tunery.train import checkpoint, distributed, rundir
+from tunery.run import manifest, new_run_dir, open_run, write_json_atomic
+from tunery.train import checkpoint, distributed
 from tunery.train.batching import collate, micro_batches, pack_batch, packing_problem, step_examples, trained_tokens
 from tunery.train.distributed import Dist
+from tunery.train.loss import held_out_loss, summed_loss
 from tunery.train.metrics import MetricsFile, TrainDisplay
 from tunery.train.reporters import Reporters
 from tunery.train.schedule import lr_multiplier
@@ -46,131 +50,83 @@ class Trainer:
     dist: Dist = Dist()
     forward_model: object = None  # the DDP wrapper when distributed, else `model`
     fast: FastPath | None = None  # fused kernels in use, or the reason there are none
-    steps: StepGraphs | None = None  # runs each micro-batch's forward and backward, captured per batch shape
+    graphs: StepGraphs | None = None  # runs train_step's micro-batch step eagerly or as a replayed CUDA graph
 
     def __post_init__(self):
         self.forward_model = self.forward_model or self.model
-        if self.steps is None:
-            self.steps = step_graphs(self.model, self.forward_model, self.fast, self.device, self.dist)
+        if self.graphs is None:
+            self.graphs = step_graphs(self.model, self.fast, self.device, self.dist, packed=self.cfg.packing)
 
 
-def step_graphs(model, forward_model, fast: FastPath | None, device: str, dist: Dist = Dist(),
-                off: str = "") -> StepGraphs:
-    """The micro-batch runner of a run: CUDA graphs where kernels/graphs.py can capture the step, else eager.
-    `off`: a reason to keep graphs off anyway (the bench's --no-graphs)."""
-    reason = off or ("multi-process training" if dist.enabled else graphs_reason(model, device, fast))
-    params = [p for p in model.parameters() if p.requires_grad]
-    return StepGraphs(lambda batch: summed_loss(forward_model, batch, fast), params, enabled=not reason,
-                      reason=reason)
-
-
-def total_steps(cfg: RunConfig, n_train: int) -> int:
-    if cfg.max_steps:
-        return cfg.max_steps
-    return max(1, math.ceil(cfg.epochs * n_train / (cfg.batch_size * cfg.grad_accum)))
-
-
-def _attach_log(run: Path) -> logging.Handler:
-    handler = logging.FileHandler(run / "train.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("tunery").addHandler(handler)
-    logging.getLogger("tunery").setLevel(logging.INFO)
-    return handler
-
-
-def make_trainable(model, cfg: RunConfig):
-    """Adapters (or every weight) set to train, checkpointing as configured, train mode: what a run trains."""
-    if cfg.method == "full":
-        model.requires_grad_(True)
+def train(cfg: RunConfig, resume: str | Path | None = None) -> Path:
+    """Train a new run (or continue `resume`) and return its folder; `gpus` > 1 launches torchrun."""
+    dist = distributed.current()
+    if resume:
+        run, cfg = open_run(resume)
     else:
-        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.method != "full":
-            model.enable_input_require_grads()
-    model.train()
-    return model
+        cfg.require("model", "data")
+        run = new_run_dir(cfg)
+        cfg.to_yaml(run / "config.yaml")
+    if cfg.gpus > 1 and not dist.enabled:
+        # every rank continues the prepared folder (a fresh start when it holds only config.yaml)
+        code = distributed.launch(cfg.gpus, ["train", "--resume", str(run)])
+        if code:
+            raise RunError(f"distributed training exited with status {code}; see {run / 'train.log'}")
+        return run
+    handler = _attach_log(run) if dist.main else None
+    try:
+        out = _train_in(cfg, run, resume is not None, dist)
+        distributed.barrier(dist)  # no rank tears the process group down while another still uses it
+        return out
+    finally:
+        distributed.shutdown(dist)
+        if handler:
+            logging.getLogger("tunery").removeHandler(handler)
+            handler.close()
 
 
-def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
-    """Load tokenizer, data and model; build optimizer and schedule (seeded, so resume rebuilds the same)."""
-    import torch
-
-    device = distributed.init(dist, pick_device(cfg.device))
-    tokenizer = load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
-    if ensure_chat_template(tokenizer):
-        log.info("tokenizer has no chat template: using tunery's default (ChatML text + eos)")
-    data = prepare_data(cfg, tokenizer)
-    torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.revision, cfg.trust_remote_code,
-                       four_bit=cfg.method == "qlora")
-    model = make_trainable(model, cfg)
-    why = packing_problem(model) if cfg.packing else None
-    if why:
-        raise ConfigError(f"packing cannot train {cfg.model}: {why}; train it without --packing")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = total_steps(cfg, len(data.train))
-    warmup = int(cfg.warmup_ratio * steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_multiplier(s, steps, warmup, cfg.scheduler))
-    forward = model
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [dist.local_rank] if device.startswith("cuda") else None
-        forward = DistributedDataParallel(model, device_ids=ids)
-    fast = fast_path_for(model, device, cfg.fast, dist.enabled, packing=cfg.packing)
-    log.info(fast.describe())
-    trainer = Trainer(cfg, run, model, tokenizer, data, optimizer, scheduler, device, steps, dist, forward, fast)
-    log.info(trainer.steps.describe())
-    return trainer
-
-
-def train_step(t: Trainer, step: int) -> dict:
-    """One optimizer step over grad_accum micro-batches; loss is the mean over all trained tokens."""
-    import torch
-
-    cfg, dist = t.cfg, t.dist
-    per_step = cfg.batch_size * cfg.grad_accum * dist.world
-    picked = [t.data.train[i] for i in step_examples(len(t.data.train), step, per_step, cfg.seed)]
-    # padded micro-batches take the step's examples grouped by length; a packed row has no padding to save
-    micro = micro_batches(picked, cfg.batch_size, dist.rank, dist.world, by_length=not cfg.packing)
-    multiple = 64 if t.fast and t.fast.compiled else 1
-    # the fast path's families are causal: right-padded rows need no mask, so attention runs sdpa's causal kernel
-    # (no mask built, none read back), and a padded batch is captured like an unpadded one (kernels/graphs.py)
-    mask = not (t.fast and t.fast.applied)
-    if cfg.packing:
-        batches = [pack_batch(examples, t.device, multiple) for examples in micro]
-    else:
-        batches = [collate(examples, t.tokenizer.pad_token_id, t.device, multiple, mask) for examples in micro]
-    n_tokens = max(1.0, distributed.all_sum(sum(trained_tokens(b) for b in batches), dist))
-    total = 0.0
-    for i, batch in enumerate(batches):
-        sync = i == len(batches) - 1 or not dist.enabled
-        with contextlib.nullcontext() if sync else t.forward_model.no_sync():
-            # DDP averages gradients over ranks; scaling by world makes that the sum over all tokens
-            loss = t.steps(batch, dist.world / n_tokens)
-        total += float(loss) / n_tokens
-    total = distributed.all_sum(total, dist)
-    params = [p for p in t.model.parameters() if p.requires_grad]
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-    lr = t.optimizer.param_groups[0]["lr"]
-    t.optimizer.step()
-    t.scheduler.step()
-    t.optimizer.zero_grad(set_to_none=True)
-    tokens = distributed.all_sum(sum(b["real_tokens"] for b in batches), dist)
-    return {"loss": total, "lr": lr, "grad_norm": float(norm), "tokens": int(tokens)}
-
-
-def _save_final(t: Trainer) -> None:
-    kind = "model" if t.cfg.method == "full" else "adapter"
-    t.model.save_pretrained(t.run / kind)
-    t.tokenizer.save_pretrained(t.run / kind)
-
-
-def _eval(t: Trainer) -> dict:
-    return held_out_loss(t.model, t.data.eval, t.tokenizer.pad_token_id, t.device, t.cfg.batch_size)
+def _train_in(cfg: RunConfig, run: Path, resuming: bool, dist: Dist) -> Path:
+    t = setup(cfg, run, dist)
+    start = 0
+    saved = checkpoint.list_checkpoints(run / "checkpoints") if resuming else []
+    if saved:
+        start = checkpoint.load_checkpoint(saved[-1], t.model, t.optimizer, t.scheduler)
+    if not dist.main:
+        run_loop(t, start, None)
+        return run
+    report = t.data.report()
+    console.print(f"[bold]{run}[/]: {report['train_examples']} train / {report['eval_examples']} eval "
+                  f"examples, {t.total_steps} steps on {t.device}; {t.fast.describe()}; "
+                  f"{t.graphs.describe()}")
+    for f in report["files"]:
+        if f["rejected"] or f["truncated"] or f["no_trainable_tokens"]:
+            console.print(f"[yellow]{f['path']}[/]: {f['rejected']} rows rejected {f['rejected_reasons']}, "
+                          f"{f['truncated']} truncated, {f['no_trainable_tokens']} with nothing to train on")
+    if saved:
+        console.print(f"resuming from {saved[-1].name} (step {start} of {t.total_steps})")
+    elif (run / "metrics.jsonl").exists():
+        console.print("no checkpoint yet: starting the run over")
+    if not resuming or not (run / "manifest.json").exists():
+        data_hashes = {f.path: f.data_hash for f in t.data.files}
+        write_json_atomic(run / "manifest.json", {
+            **manifest(cfg, data_hashes, model_fingerprint(cfg.model, cfg.revision)),
+            "data_report": report})
+    reporters = Reporters(cfg.report_to, run, "tunery", cfg.to_dict()) if cfg.report_to else None
+    metrics = MetricsFile(run / "metrics.jsonl", keep_through_step=start, reporters=reporters)
+    try:
+        last = run_loop(t, start, metrics)
+    finally:
+        metrics.close()
+    _save_final(t)
+    result = {"steps": t.total_steps, "final_loss": last.get("loss"), "eval_loss": last.get("eval_loss"),
+              # what the steps ran on, as the run ended (a CUDA graph capture that failed mid-run shows here)
+              "engine": {"fast_path": t.fast.describe(), "steps": t.graphs.describe(),
+                         "fast_path_options": t.fast.options.to_dict()}}
+    write_json_atomic(run / "result.json", result)
+    console.print(f"done: loss {result['final_loss']:.4f}"
+                  + (f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"] is not None else "")
+                  + f"; weights in {run / ('model' if cfg.method == 'full' else 'adapter')}")
+    return run
 
 
 def run_loop(t: Trainer, start: int, metrics: MetricsFile | None) -> dict:
@@ -205,71 +161,132 @@ def run_loop(t: Trainer, start: int, metrics: MetricsFile | None) -> dict:
     return last
 
 
-def train(cfg: RunConfig, resume: str | Path | None = None) -> Path:
-    """Train a new run (or continue `resume`) and return its folder; `gpus` > 1 launches torchrun."""
-    dist = distributed.current()
-    if resume:
-        run, cfg = rundir.open_run(resume)
+def _eval(t: Trainer) -> dict:
+    return held_out_loss(t.model, t.data.eval, t.tokenizer.pad_token_id, t.device, t.cfg.batch_size)
+
+
+def _save_final(t: Trainer) -> None:
+    kind = "model" if t.cfg.method == "full" else "adapter"
+    t.model.save_pretrained(t.run / kind)
+    t.tokenizer.save_pretrained(t.run / kind)
+
+
+def train_step(t: Trainer, step: int) -> dict:
+    """One optimizer step over grad_accum micro-batches; loss is the mean over all trained tokens."""
+    import torch
+
+    cfg, dist = t.cfg, t.dist
+    per_step = cfg.batch_size * cfg.grad_accum * dist.world
+    picked = [t.data.train[i] for i in step_examples(len(t.data.train), step, per_step, cfg.seed)]
+    # padded micro-batches take the step's examples grouped by length; a packed row has no padding to save
+    micro = micro_batches(picked, cfg.batch_size, dist.rank, dist.world, by_length=not cfg.packing)
+    multiple = 64 if t.fast and t.fast.compiled else 1
+    # the fast path's families are causal: right-padded rows need no mask, so attention runs sdpa's causal kernel
+    # (no mask built, none read back), and a padded batch is captured like an unpadded one (kernels/graphs.py)
+    mask = not (t.fast and t.fast.applied)
+    if cfg.packing:
+        batches = [pack_batch(examples, t.device, multiple) for examples in micro]
     else:
-        cfg.require("model", "data")
-        run = rundir.new_run_dir(cfg)
-        cfg.to_yaml(run / "config.yaml")
-    if cfg.gpus > 1 and not dist.enabled:
-        # every rank continues the prepared folder (a fresh start when it holds only config.yaml)
-        code = distributed.launch(cfg.gpus, ["train", "--resume", str(run)])
-        if code:
-            raise RunError(f"distributed training exited with status {code}; see {run / 'train.log'}")
-        return run
-    handler = _attach_log(run) if dist.main else None
-    try:
-        out = _train_in(cfg, run, resume is not None, dist)
-        distributed.barrier(dist)  # no rank tears the process group down while another still uses it
-        return out
-    finally:
-        distributed.shutdown(dist)
-        if handler:
-            logging.getLogger("tunery").removeHandler(handler)
-            handler.close()
+        batches = [collate(examples, t.tokenizer.pad_token_id, t.device, multiple, mask) for examples in micro]
+    n_tokens = max(1.0, distributed.all_sum(sum(trained_tokens(b) for b in batches), dist))
+
+    def forward_backward(batch: dict, scale) -> object:
+        """One micro-batch: the loss summed over its label tokens, and its gradients (scaled by `scale`) added
+        into p.grad. t.graphs runs exactly this, eagerly or as the replay of its CUDA-graph capture."""
+        loss = summed_loss(t.forward_model, batch, t.fast)
+        (loss * scale).backward()
+        return loss.detach()
+
+    total = 0.0
+    for i, batch in enumerate(batches):
+        sync = i == len(batches) - 1 or not dist.enabled
+        with contextlib.nullcontext() if sync else t.forward_model.no_sync():
+            # DDP averages gradients over ranks; scaling by world makes that the sum over all tokens
+            loss = t.graphs(forward_backward, batch, dist.world / n_tokens)
+        total += float(loss) / n_tokens
+    total = distributed.all_sum(total, dist)
+    params = [p for p in t.model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    lr = t.optimizer.param_groups[0]["lr"]
+    t.optimizer.step()
+    t.scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    tokens = distributed.all_sum(sum(b["real_tokens"] for b in batches), dist)
+    return {"loss": total, "lr": lr, "grad_norm": float(norm), "tokens": int(tokens)}
 
 
-def _train_in(cfg: RunConfig, run: Path, resuming: bool, dist: Dist) -> Path:
-    t = setup(cfg, run, dist)
-    start = 0
-    saved = checkpoint.list_checkpoints(run / "checkpoints") if resuming else []
-    if saved:
-        start = checkpoint.load_checkpoint(saved[-1], t.model, t.optimizer, t.scheduler)
-    if not dist.main:
-        run_loop(t, start, None)
-        return run
-    report = t.data.report()
-    console.print(f"[bold]{run}[/]: {report['train_examples']} train / {report['eval_examples']} eval "
-                  f"examples, {t.total_steps} steps on {t.device}; {t.fast.describe()}; "
-                  f"{t.steps.describe()}")
-    for f in report["files"]:
-        if f["rejected"] or f["truncated"] or f["no_trainable_tokens"]:
-            console.print(f"[yellow]{f['path']}[/]: {f['rejected']} rows rejected {f['rejected_reasons']}, "
-                          f"{f['truncated']} truncated, {f['no_trainable_tokens']} with nothing to train on")
-    if saved:
-        console.print(f"resuming from {saved[-1].name} (step {start} of {t.total_steps})")
-    elif (run / "metrics.jsonl").exists():
-        console.print("no checkpoint yet: starting the run over")
-    if not resuming or not (run / "manifest.json").exists():
-        data_hashes = {f.path: f.data_hash for f in t.data.files}
-        rundir.write_json_atomic(run / "manifest.json", {
-            **rundir.manifest(cfg, data_hashes, model_fingerprint(cfg.model, cfg.revision)),
-            "data_report": report})
-    reporters = Reporters(cfg.report_to, run, "tunery", cfg.to_dict()) if cfg.report_to else None
-    metrics = MetricsFile(run / "metrics.jsonl", keep_through_step=start, reporters=reporters)
-    try:
-        last = run_loop(t, start, metrics)
-    finally:
-        metrics.close()
-    _save_final(t)
-    result = {"steps": t.total_steps, "final_loss": last.get("loss"), "eval_loss": last.get("eval_loss"),
-              # what the steps ran on, as the run ended (a CUDA graph capture that failed mid-run shows here)
-              "engine": {"fast_path": t.fast.describe(), "steps": t.steps.describe()}}
-    rundir.write_json_atomic(run / "result.json", result)
-    console.print(f"done: loss {result['final_loss']:.4f}"
-                  + (f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"] is not None else "")
-                  + f"; weights in {run / ('model' if cfg.method == 'full' else 'adapter')}")
-    return run
+def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
+    """Load tokenizer, data and model; build optimizer and schedule (seeded, so resume rebuilds the same)."""
+    import torch
+
+    device = distributed.init(dist, pick_device(cfg.device))
+    tokenizer = load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
+    if ensure_chat_template(tokenizer):
+        log.info("tokenizer has no chat template: using tunery's default (ChatML text + eos)")
+    data = prepare_data(cfg, tokenizer)
+    torch.manual_seed(cfg.seed)
+    model = load_model(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.revision, cfg.trust_remote_code,
+                       four_bit=cfg.method == "qlora")
+    model = make_trainable(model, cfg)
+    why = packing_problem(model) if cfg.packing else None
+    if why:
+        raise ConfigError(f"packing cannot train {cfg.model}: {why}; train it without --packing")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = total_steps(cfg, len(data.train))
+    warmup = int(cfg.warmup_ratio * steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(s, steps, warmup, cfg.scheduler))
+    forward = model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [dist.local_rank] if device.startswith("cuda") else None
+        forward = DistributedDataParallel(model, device_ids=ids)
+    fast = fast_path_for(model, device, family_of_model(model), cfg.fast_path, enabled=cfg.fast,
+                         distributed=dist.enabled, packing=cfg.packing, checkpointing=cfg.gradient_checkpointing)
+    log.info(fast.describe())
+    trainer = Trainer(cfg, run, model, tokenizer, data, optimizer, scheduler, device, steps, dist, forward, fast)
+    log.info(trainer.graphs.describe())
+    return trainer
+
+
+def make_trainable(model, cfg: RunConfig):
+    """Adapters (or every weight) set to train, checkpointing as configured, train mode: what a run trains."""
+    if cfg.method == "full":
+        model.requires_grad_(True)
+    else:
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.method != "full":
+            model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+def step_graphs(model, fast: FastPath | None, device: str, dist: Dist = Dist(), packed: bool = False) -> StepGraphs:
+    """The micro-batch runner of a run: CUDA graphs where kernels/graphs.py can capture the step, else eager."""
+    opts = fast.options if fast is not None else None
+    reason = "multi-process training" if dist.enabled else graphs_reason(model, device, fast)
+    if not reason and opts is not None and not opts.cuda_graphs:
+        reason = "switched off (--no-fast-cuda-graphs)"
+    params = [p for p in model.parameters() if p.requires_grad]
+    if opts is None:
+        return StepGraphs(params, enabled=not reason, reason=reason)
+    return StepGraphs(params, enabled=not reason, reason=reason, state=fast.state, packed=packed,
+                      capture_after=opts.capture_after, max_graphs=opts.max_graphs)
+
+
+def total_steps(cfg: RunConfig, n_train: int) -> int:
+    if cfg.max_steps:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * n_train / (cfg.batch_size * cfg.grad_accum)))
+
+
+def _attach_log(run: Path) -> logging.Handler:
+    handler = logging.FileHandler(run / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("tunery").addHandler(handler)
+    logging.getLogger("tunery").setLevel(logging.INFO)
+    return handler

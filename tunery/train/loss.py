@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from tunery.data.tokenize import IGNORE, Tokenized
+from tunery.train.batching import DOC_BOUNDS, collate, trained_tokens
 
 
 def summed_loss(model, batch: dict, fast=None):
@@ -21,8 +22,8 @@ def summed_loss(model, batch: dict, fast=None):
     # no KV cache: a loss never reuses one, and with a cache transformers ignores the document boundaries
     # that position_ids mark in a packed batch (it builds a plain causal mask)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    if "doc_bounds" in batch and reads_bounds(model):  # a packed row's example bounds, for varlen attention
-        inputs["doc_bounds"] = batch["doc_bounds"]
+    if DOC_BOUNDS in batch and reads_bounds(model):  # a packed row's example bounds, for varlen attention
+        inputs[DOC_BOUNDS] = batch[DOC_BOUNDS]
     if fast is not None and fast.applied:
         from tunery.kernels.linear_ce import linear_cross_entropy
 
@@ -38,8 +39,6 @@ def summed_loss(model, batch: dict, fast=None):
 def held_out_loss(model, sequences: list[Tokenized], pad_id: int, device: str, batch_size: int = 8) -> dict:
     """Mean loss per label token and its perplexity over `sequences` (model put in eval mode)."""
     import torch
-
-    from tunery.train.batching import collate, trained_tokens
 
     if not sequences:
         return {"loss": float("nan"), "perplexity": float("nan"), "tokens": 0}

@@ -1,4 +1,12 @@
-"""The run folder: config.yaml, manifest.json, metrics.jsonl, train.log, checkpoints/, adapter/ or model/."""
+"""The run folder, the one thing every verb shares: create it, open it, describe it, load what it trained.
+
+    run, cfg = open_run("runs/my-run")            # the folder and its RunConfig (config.yaml)
+    base, tuned, tokenizer = load_trained(run, "cpu")
+
+A run folder holds config.yaml, manifest.json, metrics.jsonl, train.log, checkpoints/, result.json and adapter/
+(LoRA, PEFT format) or model/ (full fine-tuning). `train` writes it; eval, export, chat and the job layer read
+it through this module.
+"""
 
 from __future__ import annotations
 
@@ -44,6 +52,23 @@ def trained_weights(run: Path) -> tuple[str, Path]:
             return kind, run / kind
     raise RunError(f"{run} has no trained weights yet (no adapter/ or model/); finish it with "
                    f"`tunery train --resume {run}`")
+
+
+def load_trained(run: Path, device: str):
+    """(base model, tuned model, tokenizer) of a finished run; for LoRA both share the base weights."""
+    from transformers import AutoTokenizer
+
+    from tunery.models.load import load_model, pick_dtype
+    from tunery.models.lora import load_adapter
+
+    _, cfg = open_run(run)
+    kind, weights = trained_weights(run)
+    dtype = pick_dtype(cfg.dtype, device)
+    tokenizer = AutoTokenizer.from_pretrained(weights)
+    base = load_model(cfg.model, device, dtype, cfg.revision, cfg.trust_remote_code)
+    if kind == "adapter":
+        return base, load_adapter(base, weights), tokenizer
+    return base, load_model(str(weights), device, dtype), tokenizer
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
