@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A device session's GPU work as one queue that outlives the device tool's 10-minute calls. On the GPU machine,
+# The GPU work of one device lease as one queue that outlives the device tool's 10-minute calls. On the GPU machine,
 # from the repo root (`.whl` carried, see bench/gpu_env.sh):
 #
 #     bash bench/device_queue.sh [SECONDS]

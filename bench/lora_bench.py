@@ -4,7 +4,7 @@ Random-init models from public architecture configs (speed and memory do not dep
 LoRA r=16 (alpha 32, dropout 0) on every linear layer of the blocks (`targets`), random token batches, labels on every
 token, activation checkpointing on, AdamW. Each run is its own process (peak memory is per process, and
 Unsloth patches transformers when imported). On the GPU machine, with the reference stacks unpacked on
-PYTHONPATH (../shared/tools/reference-stacks-bundle.sh):
+PYTHONPATH (bench/reference-stacks-bundle.sh builds them; bench/gpu_env.sh unpacks them):
 
     python bench/lora_bench.py --rows llama-1b qwen-0.5b llama-8b   # rows by name (ROWS), 3 stacks each
     python bench/lora_bench.py --rows qwen-7b llama-8b-4bit llama-8b-16k
@@ -17,7 +17,7 @@ PYTHONPATH (../shared/tools/reference-stacks-bundle.sh):
 
 Prints one JSON line per run, then a table per row: tokens/s, useful TFLOP/s, peak GiB, ratio to each
 reference. Useful FLOPs per token are 4 x (matmul params) + attention (forward 2*L*seq*hidden, x3); the
-recompute of checkpointing is not counted, as in ../shared/tools/reference_lora_bench.py.
+recompute of checkpointing is not counted.
 """
 
 from __future__ import annotations

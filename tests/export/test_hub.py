@@ -1,7 +1,7 @@
 """Hub push: the plan and model card built from a run folder, the upload through a stand-in HfApi, offline and
 unreachable-Hub failures, and a token that appears nowhere but in the HfApi call.
 
-    .venv/bin/python -m pytest tests/export_ollama/test_hub.py -q
+    .venv/bin/python -m pytest tests/export/test_hub.py -q
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The Ollama Modelfile: its TEMPLATE, run by Go's text/template as Ollama runs it, renders every conversation
 exactly as the tokenizer's Jinja chat template (the one training used) does.
 
-Needs Go (`apt-get install -y golang-go`): tests/export_ollama/go/render.go is built once per session.
+Needs Go (`apt-get install -y golang-go`): tests/export/go/render.go is built once per session.
 
-    .venv/bin/python -m pytest tests/export_ollama/test_ollama.py -q
+    .venv/bin/python -m pytest tests/export/test_ollama.py -q
 """
 
 from __future__ import annotations

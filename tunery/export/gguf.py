@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunery.errors import ExportError
-from tunery.models.catalog import Gguf, architectures
+from tunery.models.catalog import Gguf, architecture_of, architectures
 
 _INSTALL_HINT = "pip install 'tunery[gguf]' (installs gguf and llama-cpp-python)"
 
@@ -73,10 +73,12 @@ def _gguf():
 
 def family_for(model_type: str) -> Gguf:
     """The GGUF recipe of a Hugging Face `model_type`; ExportError naming the supported ones otherwise."""
-    if model_type not in FAMILIES:
+    arch = architecture_of(model_type)
+    if arch is None or arch.gguf is None:
+        supported = sorted(a.model_type for a in architectures() if a.gguf is not None)
         raise ExportError(f"GGUF export does not support model_type {model_type!r} yet; supported: "
-                          f"{', '.join(sorted(FAMILIES))}. Export the merged folder or the adapter instead.")
-    return FAMILIES[model_type]
+                          f"{', '.join(supported)}. Export the merged folder or the adapter instead.")
+    return arch.gguf
 
 
 def write_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", progress: bool = True) -> Path:

@@ -11,7 +11,7 @@ import yaml
 
 from tunery.errors import TuneryError
 
-# Measured anchor: LoRA SFT tokens/s on one H100 (docs: ../shared/DESIGN.md, HF+PEFT rows, seq 2048), by
+# Measured anchor: LoRA SFT tokens/s on one H100 (docs/architecture.md, performance targets: HF+PEFT rows, seq 2048), by
 # model size in billions of parameters. Other GPUs scale by their bf16 TFLOP/s; CPU by a flat rate.
 _H100_TOKENS_PER_S = ((0.5, 33_400), (1.2, 23_700), (8.0, 5_800))
 _CPU_TOKENS_PER_S_PER_B = 300.0  # ~1.5k tok/s for a 0.2B model on 16 cores: a rough floor

@@ -2,8 +2,8 @@
 
     tunery worker            # runs until Ctrl-C; `tunery submit` starts one when none is running
 
-One worker per TUNERY_HOME (a lock file); one job per free GPU, one at a time on CPU. A job's process is
-started in its own session so timeouts and cancels stop the whole process tree. A worker that dies
+One worker per TUNERY_HOME (a lock file); one job per free GPU, one at a time on CPU. A job's process
+leads its own process group (setsid), so timeouts and cancels stop the whole process tree. A worker that dies
 (even by SIGKILL) leaves its jobs 'running' with a dead owner: the next worker stops any leftover
 training process, puts the job back in the queue, and resumes it from its last checkpoint.
 """

@@ -2,7 +2,7 @@
 
 On one GPU the engine's 7-8B step is bound by the host, not the GPU: Python dispatch of the compiled blocks,
 the LoRA ops and autograd takes about 335 ms to queue a Llama-3.1-8B step whose kernels keep the GPU busy
-for about 290 (docs/benchmarks.md, tenth session). A replayed graph queues the whole step in one launch.
+for about 290 (docs/benchmarks-history.md). A replayed graph queues the whole step in one launch.
 
     graphs = StepGraphs(params, enabled=True)
     loss = graphs(forward_backward, batch, scale)   # forward_backward(batch, scale), run or replayed
@@ -217,7 +217,7 @@ def _eager_skip(build: Callable) -> Callable:
 def _free_cublas_workspaces() -> None:
     """Let go of cuBLAS's workspaces (32 MiB or so per stream on Hopper). The capture runs on its own stream and
     makes its own, so the eager steps' one would otherwise stay allocated beside it: about 60 MiB of peak memory
-    over the eager step's, measured on Llama-3.1-8B (docs/benchmarks.md, tenth session)."""
+    over the eager step's, measured on Llama-3.1-8B (docs/benchmarks-history.md)."""
     clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
     if clear is not None and torch.cuda.is_available():
         torch.cuda.synchronize()

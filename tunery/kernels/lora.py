@@ -17,7 +17,7 @@ reads it dequantizes it into a temporary and lets it go (`tunery::lora_out_nf4`,
 compile): forward and backward each dequantize, and no dense copy outlives its matmul. With the dense weight as
 a value of the compiled graph instead, inductor's partitioner kept it from a block's recompute to its backward
 or, once told to recompute it, held each one from the MLP's deferred forward matmul to its dx in backward:
-Llama-3.1-8B's QLoRA step peaked at 7.28 and 7.20 GiB, against 6.98 now (docs/benchmarks.md, ninth session).
+Llama-3.1-8B's QLoRA step peaked at 7.28 and 7.20 GiB, against 6.98 now (docs/benchmarks-history.md).
 
 The output of a projection that only feeds the block's last residual add (the MLP's down projection in
 Llama-like blocks) is never read in backward. When the offloaded checkpoint recomputes a block to build its
@@ -116,7 +116,7 @@ def _dx(g: torch.Tensor, w: torch.Tensor, gb: torch.Tensor, a: torch.Tensor) -> 
 
 # Registered through the low-level library API rather than `torch.library.custom_op`: the latter adds a Python
 # autograd kernel to every call. Profiled, each call cost 50 µs of host time with it and 22 µs without, and a
-# Qwen2.5-0.5B step makes 480 of them; that step had waited on the host (docs/benchmarks.md, seventh session).
+# Qwen2.5-0.5B step makes 480 of them; that step had waited on the host (docs/benchmarks-history.md).
 # These ops run only inside compiled graphs, where autograd is already handled: the dispatcher's C++ fallback
 # is enough.
 _LIB = torch.library.Library("tunery", "FRAGMENT")

@@ -2,8 +2,8 @@
 
 bitsandbytes dequantizes a nested NF4 weight in two ops: its 8-bit scales first (`dequantize_blockwise`, then the
 offset added back), then the 4-bit codes (`dequantize_4bit`). Each op costs about 40 µs of host time, and a
-Llama-3.1-8B QLoRA step makes 640 of each: on a slow host that dispatch bounds the step (docs/benchmarks.md,
-ninth session). This kernel computes the same values in one launch:
+Llama-3.1-8B QLoRA step makes 640 of each: on a slow host that dispatch bounds the step
+(docs/benchmarks-history.md). This kernel computes the same values in one launch:
 
     scale[b] = code2[absmax[b]] * absmax2[b // blocksize2] + offset      (nested; else scale = absmax, fp32)
     w[2i], w[2i + 1] = nf4[packed[i] >> 4] * scale, nf4[packed[i] & 15] * scale      (b = 2i // blocksize)

@@ -16,12 +16,12 @@ attention that is the q/k/v/o matmuls and the attention kernel: about a third of
 LoRA, RoPE, attention, the output projection) runs its first forward with grad, under `saved_tensors_hooks` that
 copy every tensor its backward will read to pinned host memory on the side stream (storages copied once however many
 tensors view them; parameters, the block's other inputs and tensors under `offload_keep_bytes` stay on the GPU by
-reference; the sublayer's input is not copied: the recompute rebuilds it). Its autograd graph is kept until backward. The
-recompute does not run the sublayer again: it returns its output, fetched back, and backward replays the kept graph.
+reference; the sublayer's input is not copied: the recompute rebuilds it). Its autograd graph is kept until backward.
+The recompute does not run the sublayer again: it returns its output, fetched back, and backward replays the kept graph.
 The output is fetched one block ahead (`output_fetch`) and let go once the recompute has added it; the rest when the
 block's backward starts, while its MLP recomputes. Blocks whose attention is a small share of their weights
 (`stash_min_attention_share`) gain less than the stash costs and keep the recompute. Sublayers with 4-bit weights are
-recomputed: on Llama-3.1-8B the stash made the QLoRA step 7% slower (docs/benchmarks.md, ninth session). The
+recomputed: on Llama-3.1-8B the stash made the QLoRA step 7% slower (docs/benchmarks-history.md). The
 host link carries about four block inputs more per block (Llama-3.1-8B at 4096 tokens: 112 MiB forward and back); a
 block stashes only while the whole model's stash fits in `stash_host_fraction` of the host's memory, otherwise it
 recomputes as before.
@@ -33,7 +33,7 @@ idle). They stay allocated through the loss instead. At 4,096 tokens that left e
 16,384 it raised Llama-3.1-8B's by 0.06 GiB for a 0.4% faster step, and at 249,856 tokens (the longest-sequence
 row) by about 1 GiB, so longer inputs go to the host as before. Running that block as plain autograd (no recompute)
 was faster still on the small models but held its whole activations through the loss: +0.31 GiB at 16k tokens
-(docs/benchmarks.md, eleventh session).
+(docs/benchmarks-history.md).
 """
 
 from __future__ import annotations
@@ -506,7 +506,7 @@ def _why_not_stash(layers: list, attentions: list, opts: FastPathOptions) -> str
     if len(attentions) != len(layers):
         return "blocks without a self_attn sublayer"
     if any(hasattr(p, "quant_state") for a in attentions for p in a.parameters()):
-        return "4-bit weights: slower with the stash on Llama-3.1-8B (docs/benchmarks.md, ninth session)"
+        return "4-bit weights: slower with the stash on Llama-3.1-8B (docs/benchmarks-history.md)"
     link = _link_bytes_per_gflop(layers[0])
     if link > opts.stash_max_bytes_per_gflop:
         return (f"blocks too small to hide the host copies: {link / 1e3:.0f} kB per GFLOP, "

@@ -7,7 +7,7 @@
 // joined into .System; the template is parsed with missingkey=zero and Ollama's "json" function, and executed on
 // {System, Messages, Tools, Response: ""}.
 //
-// Build and run: cd tests/export_ollama/go && go build -o /tmp/render . && /tmp/render < cases.json
+// Build and run: cd tests/export/go && go build -o /tmp/render . && /tmp/render < cases.json
 package main
 
 import (
