@@ -102,3 +102,39 @@ def test_missing_or_non_mapping_yaml_is_a_config_error(tmp_path):
     path.write_text("- lr\n- 0.1\n")
     with pytest.raises(ConfigError, match="mapping"):
         RunConfig.from_yaml(path)
+
+
+def test_fast_path_options_round_trip_through_yaml_and_name_bad_keys(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\nfast_path:\n  compile: false\n  capture_after: '3'\n  output_fetch: block\n")
+    cfg = RunConfig.from_yaml(path)
+    assert (cfg.fast_path.compile, cfg.fast_path.capture_after, cfg.fast_path.output_fetch) == (False, 3, "block")
+    assert cfg.fast_path.offload  # the rest keep their defaults
+    cfg.to_yaml(tmp_path / "again.yaml")
+    assert RunConfig.from_yaml(tmp_path / "again.yaml") == cfg
+    assert cfg.fast_path.changed() == {"compile": False, "capture_after": 3, "output_fetch": "block"}
+    with pytest.raises(ConfigError, match="unknown option.*compiel.*known:.*compile"):
+        RunConfig.from_dict({"fast_path": {"compiel": False}})
+    with pytest.raises(ConfigError, match="fast_path.output_fetch must be one of"):
+        RunConfig.from_dict({"fast_path": {"output_fetch": "never"}})
+    with pytest.raises(ConfigError, match="fast_path.max_graphs must be 0 or more"):
+        RunConfig.from_dict({"fast_path": {"max_graphs": -1}})
+
+
+def test_replace_changes_only_the_fast_path_options_given():
+    cfg = RunConfig.from_dict({"fast_path": {"compile": False}})
+    merged = cfg.replace(fast_path={"cuda_graphs": False})
+    assert not merged.fast_path.compile and not merged.fast_path.cuda_graphs and merged.fast_path.offload
+
+
+def test_every_fast_path_option_is_a_train_flag():
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    from tunery.cli.app import app
+    from tunery.kernels.options import FastPathOptions
+
+    help_text = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "400"}).output
+    for f in dataclasses.fields(FastPathOptions):
+        assert "--fast-" + f.name.replace("_", "-") in help_text, f.name

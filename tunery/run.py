@@ -116,4 +116,4 @@ def versions() -> dict:
 def manifest(cfg: RunConfig, data_hashes: dict, model_info: dict) -> dict:
     return {"created": dt.datetime.now(dt.timezone.utc).isoformat(), "versions": versions(),
             "data_sha256": data_hashes, "model": model_info, "seed": cfg.seed, "hardware": hardware(),
-            "git_sha": _git_sha()}
+            "fast_path": cfg.fast_path.to_dict(), "git_sha": _git_sha()}

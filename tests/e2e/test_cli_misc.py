@@ -26,9 +26,16 @@ def test_yaml_config_with_flag_override_is_written_into_the_run(workspace, tmp_p
     cfg.write_text(yaml.safe_dump({"model": str(workspace["model"]), "data": str(workspace["data"]),
                                    "output_dir": str(tmp_path / "runs"), "name": "yaml", "max_steps": 3,
                                    "lr": 1e-3, "max_seq_len": 64, "batch_size": 4}))
-    run_cli("train", "--config", str(cfg), "--lr", "5e-4", "--lora-r", "4", home=workspace["home"])
-    written = yaml.safe_load((tmp_path / "runs" / "yaml" / "config.yaml").read_text())
+    run_cli("train", "--config", str(cfg), "--lr", "5e-4", "--lora-r", "4", "--no-fast-compile",
+            "--fast-capture-after", "3", home=workspace["home"])
+    run = tmp_path / "runs" / "yaml"
+    written = yaml.safe_load((run / "config.yaml").read_text())
     assert written["lr"] == 5e-4 and written["lora_r"] == 4 and written["max_steps"] == 3
+    # the fast path's options: given ones changed, the rest at their defaults, recorded where the run says so
+    assert written["fast_path"]["compile"] is False and written["fast_path"]["capture_after"] == 3
+    assert written["fast_path"]["offload"] is True
+    assert json.loads((run / "manifest.json").read_text())["fast_path"] == written["fast_path"]
+    assert json.loads((run / "result.json").read_text())["engine"]["fast_path_options"] == written["fast_path"]
     assert [m["step"] for m in metrics(tmp_path / "runs" / "yaml")] == [1, 2, 3]
 
     cfg.write_text(yaml.safe_dump({"model": "x", "data": "y", "learning_rate": 1e-3}))
