@@ -9,7 +9,7 @@ from __future__ import annotations
 
 def fast_path(model, device: str, *, enabled: bool = True, distributed: bool = False, packing: bool = False,
               **options):
-    from tests.fastpath import fast_path
+    from tunery.kernels.apply import fast_path_for
     from tunery.kernels.options import FastPathOptions
     from tunery.models.catalog import family_of_model
 

@@ -49,7 +49,7 @@ def test_merged_export_reproduces_adapter_greedy_output(trained, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunery.eval.evaluate import load_trained
+    from tunery.run import load_trained
 
     out = tmp_path / "merged"
     run_cli("export", str(trained["run"]), "--merged", str(out), home=trained["home"])

@@ -37,7 +37,7 @@ def tiny_lora(tiny_tokenizer):
 @pytest.fixture
 def loss_and_grads():
     """loss_and_grads(model, batch, fast) -> (summed loss, {trainable name: grad}) of one forward + backward."""
-    from tunery.eval.loss import summed_loss
+    from tunery.train.loss import summed_loss
 
     def run(model, batch, fast=None):
         model.zero_grad(set_to_none=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.fastpath import fast_path
 from tunery.data.tokenize import IGNORE
-from tunery.kernels.apply import fast_path_for
 from tunery.models.lora import apply_lora
 from tunery.models.tiny import TinySpec, make_config, train_tokenizer
 
@@ -29,7 +29,7 @@ def test_fused_loss_equals_reference_loss_and_lora_grads(tokenizer, family, loss
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
     ref_loss, ref_grads = loss_and_grads(model, batch)
-    fast = fast_path_for(model, "cpu", allow_cpu=True, compile=False)
+    fast = fast_path(model, "cpu", allow_cpu=True, compile=False)
     assert "fused linear+cross-entropy" in fast.describe() and "fused LoRA x14" in fast.describe()
     got_loss, got_grads = loss_and_grads(model, batch, fast)
     assert torch.allclose(got_loss, ref_loss, rtol=1e-5)
@@ -44,11 +44,11 @@ def test_fast_path_reasons(tokenizer):
 
     model = AutoModelForCausalLM.from_config(make_config(TinySpec(hidden_size=32, intermediate_size=64,
                                                                   num_layers=1), tokenizer))
-    assert "CPU" in fast_path_for(model, "cpu").describe()
-    assert "--no-fast" in fast_path_for(model, "cuda", enabled=False).describe()
-    assert "DDP" in fast_path_for(model, "cuda", distributed=True).describe()
-    fast = fast_path_for(model, "cuda")
+    assert "CPU" in fast_path(model, "cpu").describe()
+    assert "--no-fast" in fast_path(model, "cuda", enabled=False).describe()
+    assert "DDP" in fast_path(model, "cuda", distributed=True).describe()
+    fast = fast_path(model, "cuda")
     assert fast.applied and fast.compiled
     fast.remove()
     assert not fast.compiled and fast.applied == ["fused linear+cross-entropy (chunked; no full-vocabulary logits)"]
-    assert not fast_path_for(model, "cpu", allow_cpu=True, compile=False).compiled
+    assert not fast_path(model, "cpu", allow_cpu=True, compile=False).compiled

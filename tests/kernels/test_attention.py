@@ -74,9 +74,9 @@ def test_training_step_runs_cudnn_attention_not_flash():
     recompute), attention must run cuDNN's kernels: the speed in docs/benchmarks.md rests on it."""
     import transformers
 
-    from tunery.eval.loss import summed_loss
-    from tunery.kernels.apply import fast_path_for
+    from tests.fastpath import fast_path
     from tunery.models.lora import apply_lora
+    from tunery.train.loss import summed_loss
 
     cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
                                    num_attention_heads=8, num_key_value_heads=2)
@@ -86,7 +86,7 @@ def test_training_step_runs_cudnn_attention_not_flash():
     model = apply_lora(model, 8, 16, 0.0)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    fast = fast_path_for(model, "cuda")
+    fast = fast_path(model, "cuda")
     assert "cuDNN" in fast.describe()
     ids = torch.randint(0, 1000, (2, 1024), device="cuda")
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}

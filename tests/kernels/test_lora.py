@@ -217,8 +217,8 @@ def test_compiled_op_adds_the_adapter_in_place_without_copying_the_base_output(b
 def test_recompute_skips_the_unread_down_projection(tiny_lora, tiny_tokenizer, loss_and_grads, monkeypatch):
     """Fused LoRA + offloaded checkpointing: the same loss and gradients as PEFT with no checkpointing, and
     the down projection's base matmul runs in forward and backward but not in the recompute."""
+    from tests.fastpath import fast_path
     from tunery.kernels import lora as klora
-    from tunery.kernels.apply import fast_path_for
 
     model = tiny_lora("llama", num_layers=2)
     ids = torch.randint(0, len(tiny_tokenizer), (2, 11))
@@ -226,7 +226,7 @@ def test_recompute_skips_the_unread_down_projection(tiny_lora, tiny_tokenizer, l
     ref_loss, ref_grads = loss_and_grads(model, batch)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    fast = fast_path_for(model, "cpu", allow_cpu=True, compile=False)
+    fast = fast_path(model, "cpu", allow_cpu=True, compile=False)
     assert "mlp.down_proj base matmul skipped in recompute x2" in fast.describe()
     down_shape = model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight.shape
     calls = []

@@ -8,10 +8,10 @@ import copy
 import pytest
 import torch
 
-from tunery.kernels import lora_group
-from tunery.kernels.apply import LORA_GROUPS
 from tunery.kernels.lora import fuse_lora
 from tunery.kernels.lora_group import group_lora
+from tunery.kernels.options import FastPathOptions, StepState
+from tunery.models.catalog import family_of
 
 MEMBERS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
 
@@ -38,9 +38,13 @@ def _run(members, x, grad_outs, order=None):
     return [o.detach() for o in outs], x.grad, [p.grad.clone() for p in params]
 
 
-def _grouped(model, family="llama"):
-    fuse_lora(model)
-    return group_lora(model, LORA_GROUPS[family], model.get_base_model().model)
+def _grouped(model, family="llama", **options):
+    """Fused then grouped as fast_path_for does it (the family's groups, one StepState), with these
+    FastPathOptions."""
+    state = StepState()
+    fuse_lora(model, state=state)
+    return group_lora(model, family_of(family).lora_groups, model.get_base_model().model,
+                      FastPathOptions(**options), state)
 
 
 def _check(got, ref, tol):
@@ -53,8 +57,7 @@ def _check(got, ref, tol):
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2's q/k/v carry a bias
 @pytest.mark.parametrize("kcat", [True, False])  # dx through one widened matmul, or the chained matmuls
 @pytest.mark.parametrize("parent", ["self_attn", "mlp"])
-def test_group_matches_peft_fp32(tiny_lora, monkeypatch, family, kcat, parent):
-    monkeypatch.setattr(lora_group, "KCAT_BACKWARD_MAX_WIDTH", float("inf") if kcat else 0.0)
+def test_group_matches_peft_fp32(tiny_lora, family, kcat, parent):
     model = tiny_lora(family)
     module = getattr(model.get_base_model().model.layers[0], parent)
     members = [getattr(module, n) for n in MEMBERS[parent]]
@@ -64,7 +67,7 @@ def test_group_matches_peft_fp32(tiny_lora, monkeypatch, family, kcat, parent):
     ref = _run(members, x, grad_outs)
     weights = [m.get_base_layer().weight.detach().clone() for m in members]
 
-    done, undo = _grouped(model, family)
+    done, undo = _grouped(model, family, group_kcat_backward_max_width=float("inf") if kcat else 0.0)
     assert done and done[0].endswith("x4"), done  # q/k/v and gate/up in each of the two layers
     group = members[0]._tunery_group[0]
     assert group.kcat_backward is kcat
@@ -88,13 +91,13 @@ def test_group_matches_peft_fp32(tiny_lora, monkeypatch, family, kcat, parent):
 def test_group_follows_adapter_updates(tiny_lora, tiny_tokenizer, loss_and_grads):
     """The adapter slots are refreshed when the adapters change in place (an optimizer step): the model's loss and
     gradients stay PEFT's, before and after; removing the fast path puts PEFT's layers back."""
-    from tunery.kernels.apply import fast_path_for
+    from tests.fastpath import fast_path
 
     model = tiny_lora("llama")
     reference = copy.deepcopy(model)
     ids = torch.randint(0, len(tiny_tokenizer), (2, 9))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    fast = fast_path_for(model, "cpu", allow_cpu=True, compile=False)
+    fast = fast_path(model, "cpu", allow_cpu=True, compile=False)
     assert "LoRA groups with the adapters inside one matmul (gate_proj/up_proj, q_proj/k_proj/v_proj) x4" \
         in fast.describe(), fast.describe()
     for step in range(2):
@@ -185,12 +188,12 @@ def test_group_matches_peft_bf16_gpu(parent, shape):
             assert _rel(o_, e_) <= max(2 * _rel(r_, e_), 1e-2), (name, _rel(o_, e_), _rel(r_, e_))
 
 
-def test_wide_models_keep_projections_apart(tiny_lora, monkeypatch):
-    """Past MAX_WIDTH the buffer's extra memory outweighs the gain: nothing is grouped, weights stay as they were."""
-    monkeypatch.setattr(lora_group, "MAX_WIDTH", 31)  # the tiny model is 32 wide
+def test_wide_models_keep_projections_apart(tiny_lora):
+    """Past group_max_width the buffer's extra memory outweighs the gain: nothing is grouped, weights stay as they
+    were."""
     model = tiny_lora("llama")
     weight = model.get_base_model().model.layers[0].self_attn.q_proj.get_base_layer().weight
     pointer = weight.data_ptr()
-    assert _grouped(model) == ([], [])
+    assert _grouped(model, group_max_width=31) == ([], [])  # the tiny model is 32 wide
     assert weight.data_ptr() == pointer and not hasattr(model.get_base_model().model.layers[0].mlp.up_proj,
                                                         "_tunery_group")

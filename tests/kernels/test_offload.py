@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tunery.kernels.offload import enable_offload
+from tunery.kernels.options import FastPathOptions, StepState
 
 
 def _grads(model, ids):
@@ -16,16 +17,21 @@ def _grads(model, ids):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _offload(model, **options):
+    """enable_offload with these FastPathOptions (the attention stash off unless told) and a fresh StepState."""
+    return enable_offload(model, FastPathOptions(**{"stash_attention": False, **options}), StepState())
+
+
 def test_offloaded_checkpointing_matches_plain_and_undoes(tiny_lora, tiny_tokenizer):
     model = tiny_lora("qwen2", num_layers=3, dropout=0.3)
     model.train()
     ids = torch.randint(0, len(tiny_tokenizer), (2, 13))
     ref_loss, ref = _grads(model, ids)
-    assert enable_offload(model) == ([], [])  # nothing checkpointed: nothing to offload
+    assert _offload(model) == ([], [])  # nothing checkpointed: nothing to offload
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     _, plain = _grads(model, ids)
-    done, undo = enable_offload(model)
+    done, undo = _offload(model)
     assert done == ["checkpointing with block inputs offloaded to pinned CPU memory x3"]
     for _ in range(2):  # twice: the offloader's bookkeeping is clean after each backward
         loss, got = _grads(model, ids)
@@ -48,11 +54,12 @@ def test_stashed_attention_matches_plain_runs_once_and_falls_back(tiny_lora, tin
     and when the stash would not fit the host's memory, the recompute as before with the same gradients."""
     from tunery.kernels import offload
 
-    monkeypatch.setattr(offload, "KEEP_BYTES", 0)  # tiny tensors too go through the host copies
-    monkeypatch.setattr(offload, "STASH_MAX_BYTES_PER_GFLOP", float("inf"))  # tiny blocks are all link
-    monkeypatch.setattr(offload, "OUTPUT_FETCH", output_fetch)
-    monkeypatch.setattr(offload, "LAST_BLOCK_ON_GPU", False)  # every block copies out (the last one: below)
-    model, ids, ref_loss, ref, (done, undo) = _three_offloaded_blocks(tiny_lora, tiny_tokenizer, stash=True)
+    options = FastPathOptions(stash_attention=True,
+                              offload_keep_bytes=0,  # tiny tensors too go through the host copies
+                              stash_max_bytes_per_gflop=float("inf"),  # tiny blocks are all link
+                              output_fetch=output_fetch,
+                              last_block_on_gpu=False)  # every block copies out (the last one: below)
+    model, ids, ref_loss, ref, (done, undo) = _three_offloaded_blocks(tiny_lora, tiny_tokenizer, options)
     assert done[1] == "attention kept for backward in pinned CPU memory, not recomputed x3"
     attentions = [layer.self_attn for layer in model.base_model.model.model.layers]
     calls, copies = [], []
@@ -60,8 +67,8 @@ def test_stashed_attention_matches_plain_runs_once_and_falls_back(tiny_lora, tin
     keep = offload._AttentionStash.keep_graph
     monkeypatch.setattr(offload._AttentionStash, "keep_graph",
                         lambda self, *a: keep(self, *a) + (copies.append(len(self.host)) or ()))
-    for fraction, runs in ((offload.STASH_HOST_FRACTION, 3), (0.0, 6)):  # kept; then too big: recomputed
-        monkeypatch.setattr(offload, "STASH_HOST_FRACTION", fraction)
+    for fraction, runs in ((options.stash_host_fraction, 3), (0.0, 6)):  # kept; then too big: recomputed
+        options.stash_host_fraction = fraction  # the offloader reads its options at each block
         for _ in range(2):  # twice: nothing of one step's stash leaks into the next
             calls.clear()
             loss, got = _grads(model, ids)
@@ -83,12 +90,11 @@ def test_last_block_keeps_its_input_and_stash_on_the_device(tiny_lora, tiny_toke
     blocks before it copy theirs out. No checkpointing's gradients (dropout included), each step."""
     from tunery.kernels import offload
 
-    monkeypatch.setattr(offload, "LAST_BLOCK_ON_GPU_MAX_TOKENS", max_tokens)
     on_device = max_tokens >= 2 * 13
-
-    monkeypatch.setattr(offload, "STASH_MAX_BYTES_PER_GFLOP", float("inf"))
-    monkeypatch.setattr(offload, "KEEP_BYTES", 0)  # tiny tensors too go through the host copies
-    model, ids, ref_loss, ref, _ = _three_offloaded_blocks(tiny_lora, tiny_tokenizer, stash)
+    options = FastPathOptions(stash_attention=stash, last_block_on_gpu_max_tokens=max_tokens,
+                              stash_max_bytes_per_gflop=float("inf"),
+                              offload_keep_bytes=0)  # tiny tensors too go through the host copies
+    model, ids, ref_loss, ref, _ = _three_offloaded_blocks(tiny_lora, tiny_tokenizer, options)
     inputs, slots = [], []
     for layer in model.base_model.model.model.layers:
         layer.register_forward_pre_hook(lambda m, args, kwargs: inputs.append(kwargs.get("hidden_states", args[0] if
@@ -117,16 +123,16 @@ def test_last_block_keeps_its_input_and_stash_on_the_device(tiny_lora, tiny_toke
         assert not stash or stashes[0] >= 4
 
 
-def _three_offloaded_blocks(tiny_lora, tiny_tokenizer, stash: bool):
+def _three_offloaded_blocks(tiny_lora, tiny_tokenizer, options: FastPathOptions):
     """A 3-block Llama with dropout, its loss and gradients without checkpointing, then offloaded checkpointing
-    on: (model, ids, loss, grads, what enable_offload returned)."""
+    on with `options`: (model, ids, loss, grads, what enable_offload returned)."""
     model = tiny_lora("llama", num_layers=3, dropout=0.3)
     model.train()
     ids = torch.randint(0, len(tiny_tokenizer), (2, 13))
     ref_loss, ref = _grads(model, ids)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    return model, ids, ref_loss, ref, enable_offload(model, stash_attention=stash)
+    return model, ids, ref_loss, ref, enable_offload(model, options, StepState())
 
 
 def _counting(forward, calls):
@@ -138,17 +144,14 @@ def _counting(forward, calls):
 
 def test_attention_with_four_bit_weights_is_recomputed(tiny_lora, monkeypatch):
     """A sublayer with 4-bit weights keeps the recompute (the stash measured slower with them)."""
-    from tunery.kernels import offload
-
-    monkeypatch.setattr(offload, "STASH_MAX_BYTES_PER_GFLOP", float("inf"))
     model = tiny_lora("llama", num_layers=2)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert len(enable_offload(model, stash_attention=True)[0]) == 2
+    assert len(_offload(model, stash_attention=True, stash_max_bytes_per_gflop=float("inf"))[0]) == 2
     weight = model.base_model.model.model.layers[1].self_attn.v_proj.base_layer.weight
     monkeypatch.setattr(weight, "quant_state", object(), raising=False)  # what bitsandbytes' Params4bit carries
-    done, _ = enable_offload(model, stash_attention=True)
+    done, _ = _offload(model, stash_attention=True, stash_max_bytes_per_gflop=float("inf"))
     assert done[1:] == ["attention recomputed (4-bit weights: slower with the stash on Llama-3.1-8B "
-                        "(docs/benchmarks.md, ninth session))"]
+                        "(docs/benchmarks-history.md))"]
 
 
 def test_four_bit_weights_count_by_their_dense_shape():
@@ -186,7 +189,7 @@ def test_stash_only_where_the_host_link_keeps_up_and_attention_weighs(arch, kb, 
     assert abs(offload._link_bytes_per_gflop(layer) / 1e3 - kb) < 0.1
     assert abs(offload._attention_share(layer) - share) < 1e-3
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    done, _ = enable_offload(model, stash_attention=True)
+    done, _ = _offload(model, stash_attention=True)
     assert any("attention kept" in d for d in done) == stashed
     if not stashed:  # the run says why
         assert done[1].startswith("attention recomputed (") and ("kB per GFLOP" in done[1]) == (kb > 100)

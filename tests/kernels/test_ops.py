@@ -8,7 +8,7 @@ import functools
 import pytest
 import torch
 
-from tunery.kernels.apply import fast_path_for
+from tests.fastpath import fast_path
 
 from .conftest import GraphLog
 
@@ -32,7 +32,7 @@ def _model(family: str, num_layers: int = 2):
 
 
 def _loss_and_grads(model, fast, batch):
-    from tunery.eval.loss import summed_loss
+    from tunery.train.loss import summed_loss
 
     model.zero_grad(set_to_none=True)
     loss = summed_loss(model, batch, fast)
@@ -49,7 +49,7 @@ def test_swapped_ops_match_the_reference_modules(family):
     ids = torch.randint(0, 1000, (2, 128), device="cuda")
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     ref_loss, ref_grads = _loss_and_grads(model, None, batch)
-    fast = fast_path_for(model, "cuda", ops=True, compile=False)
+    fast = fast_path(model, "cuda", liger_ops=True, compile=False)
     assert any("RMSNorm" in a for a in fast.applied) and any("SwiGLU" in a for a in fast.applied), fast.applied
     got_loss, got_grads = _loss_and_grads(model, fast, batch)
     assert abs(got_loss - ref_loss) / abs(ref_loss) < 1e-2
@@ -78,9 +78,10 @@ def _hook_on_call(model) -> None:
         layer.__class__ = CallHookDecoderLayer
 
 
-def _compiled_step(tiny_lora, ids, loss_and_grads, num_layers, offload, dropout=0.0, hook_on_call=False, stash=True):
-    """PEFT's loss and grads without checkpointing, then the compiled, checkpointed fast path's: (model, batch,
-    reference, got, fast, backend log)."""
+def _compiled_step(tiny_lora, ids, loss_and_grads, num_layers, offload, dropout=0.0, hook_on_call=False, stash=True,
+                   **options):
+    """PEFT's loss and grads without checkpointing, then the compiled, checkpointed fast path's (with these further
+    FastPathOptions): (model, batch, reference, got, fast, backend log)."""
     model = tiny_lora("llama", num_layers=num_layers, dropout=dropout)
     if hook_on_call:
         _hook_on_call(model)
@@ -91,7 +92,8 @@ def _compiled_step(tiny_lora, ids, loss_and_grads, num_layers, offload, dropout=
     model.enable_input_require_grads()
     log = GraphLog()
     torch._dynamo.reset()
-    fast = fast_path_for(model, "cpu", allow_cpu=True, offload=offload, stash_attention=stash, compile_backend=log)
+    fast = fast_path(model, "cpu", allow_cpu=True, offload=offload, stash_attention=stash, compile_backend=log,
+                     **options)
     torch.manual_seed(1)
     return model, batch, ref, loss_and_grads(model, batch, fast), fast, log
 
@@ -130,7 +132,7 @@ def test_offloaded_blocks_compile_whole_once_per_mode(tiny_lora, tiny_tokenizer,
     alone, groups = (2, 2) if dropout == 0 else (7, 0)
     assert len(forward) == alone and forward.count(down) == 1
     assert log.count("inference", group_out) == log.count("forward", group_out) == groups
-    assert len(recompute) == alone - 1 and down not in recompute  # RECOMPUTING: the down projection's output is unread
+    assert len(recompute) == alone - 1 and down not in recompute  # recomputing: the down projection's output is unread
     assert log.weights("backward", ops.lora_dx.default, torch.ops.aten.mm.default).count(down) == 1
     assert log.count("backward", ops.lora_group_dx.default) == log.count("backward", ops.lora_group_dx_chain.default) \
         == groups // 2  # q/k/v widen dy into one matmul; gate/up (four times wider here) chain theirs
@@ -145,19 +147,18 @@ def test_offloaded_blocks_compile_whole_once_per_mode(tiny_lora, tiny_tokenizer,
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_stashed_attention_compiles_apart_and_is_not_recomputed(tiny_lora, tiny_tokenizer, loss_and_grads,
-                                                                fresh_dynamo, monkeypatch, dropout):
+                                                                fresh_dynamo, dropout):
     """With the attention stash (the default) the sublayer is its own compiled region, run once with grad in
     forward and never in the recompute: PEFT's loss and gradients (dropout masks included), five compilations
     whatever the depth (the block before and after the sublayer, without and with grad, and the sublayer), and
     only gate and up projections recomputed."""
-    from tunery.kernels import offload
-
-    monkeypatch.setattr(offload, "KEEP_BYTES", 0)  # tiny tensors too go through the host copies
-    monkeypatch.setattr(offload, "STASH_MAX_BYTES_PER_GFLOP", float("inf"))  # tiny blocks are all link
+    options = dict(offload_keep_bytes=0,  # tiny tensors too go through the host copies
+                   stash_max_bytes_per_gflop=float("inf"))  # tiny blocks are all link
     ids = torch.randint(0, len(tiny_tokenizer), (2, 11))
     counts = {}
     for layers in (2, 4):
-        model, batch, ref, got, fast, log = _compiled_step(tiny_lora, ids, loss_and_grads, layers, True, dropout)
+        model, batch, ref, got, fast, log = _compiled_step(tiny_lora, ids, loss_and_grads, layers, True, dropout,
+                                                           **options)
         _assert_close(got, ref)
         counts[layers] = len(log.dynamo)
     assert counts == {2: 5, 4: 5}
@@ -181,15 +182,12 @@ def test_stashed_attention_compiles_apart_and_is_not_recomputed(tiny_lora, tiny_
     _assert_close(loss_and_grads(model, batch), ref)
 
 
-def test_compiled_blocks_when_the_hook_wraps_module_call(tiny_lora, tiny_tokenizer, loss_and_grads, fresh_dynamo,
-                                                         monkeypatch):
+def test_compiled_blocks_when_the_hook_wraps_module_call(tiny_lora, tiny_tokenizer, loss_and_grads, fresh_dynamo):
     """Older transformers releases checkpoint `__call__`, not `forward`: the same results and compilations (five:
     the attention stash splits the block)."""
-    from tunery.kernels import offload
-
-    monkeypatch.setattr(offload, "STASH_MAX_BYTES_PER_GFLOP", float("inf"))
     ids = torch.randint(0, len(tiny_tokenizer), (2, 11))
-    _, _, ref, got, fast, log = _compiled_step(tiny_lora, ids, loss_and_grads, 3, True, hook_on_call=True)
+    _, _, ref, got, fast, log = _compiled_step(tiny_lora, ids, loss_and_grads, 3, True, hook_on_call=True,
+                                               stash_max_bytes_per_gflop=float("inf"))
     _assert_close(got, ref)
     assert len(log.dynamo) == 5 and "offloaded" in fast.describe() and "one region x3" in fast.describe()
 
@@ -205,15 +203,11 @@ def test_plain_checkpointed_blocks_compile_whole_once(tiny_lora, tiny_tokenizer,
 
 
 @pytest.mark.gpu
-def test_offloaded_blocks_compile_whole_with_inductor_gpu(fresh_dynamo, monkeypatch):
+def test_offloaded_blocks_compile_whole_with_inductor_gpu(fresh_dynamo):
     """As on the CPU, with inductor in bf16 and the attention stash through pinned memory and the side stream:
     PEFT's loss and gradients (bf16 tolerances), five compilations."""
     from torch._inductor.compile_fx import compile_fx
 
-    from tunery.kernels import offload
-
-    monkeypatch.setattr(offload, "KEEP_BYTES", 0)  # every saved tensor makes the round trip to host memory
-    monkeypatch.setattr(offload, "STASH_MAX_BYTES_PER_GFLOP", float("inf"))  # a small model: stash it anyway
     if not torch.cuda.is_available():
         pytest.fail("needs a CUDA GPU: run on the device")
     model = _model("llama", num_layers=4)
@@ -223,7 +217,9 @@ def test_offloaded_blocks_compile_whole_with_inductor_gpu(fresh_dynamo, monkeypa
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     log = GraphLog(then=compile_fx)
-    fast = fast_path_for(model, "cuda", compile_backend=log)
+    fast = fast_path(model, "cuda", compile_backend=log,
+                     offload_keep_bytes=0,  # every saved tensor makes the round trip to host memory
+                     stash_max_bytes_per_gflop=float("inf"))  # a small model: stash it anyway
     assert "offloaded" in fast.describe() and "one region x4" in fast.describe(), fast.describe()
     assert "attention kept" in fast.describe()
     for _ in range(2):

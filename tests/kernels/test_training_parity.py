@@ -22,13 +22,13 @@ def test_fast_and_reference_loss_curves_agree_over_50_steps(tmp_path, monkeypatc
         pytest.fail("needs a CUDA GPU: run on the device")
     from tunery.config import RunConfig
     from tunery.data.load import load_rows
-    from tunery.kernels import offload
+    from tunery.kernels.options import FastPathOptions
     from tunery.models.tiny import TinySpec, build_tiny_model, corpus_of
     from tunery.train.loop import train
 
     monkeypatch.setenv("TUNERY_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(offload, "STASH_MAX_BYTES_PER_GFLOP", float("inf"))  # the tiny model would not stash
-    monkeypatch.setattr(offload, "KEEP_BYTES", 0)  # and its tensors would all stay on the GPU
+    options = dict(stash_max_bytes_per_gflop=float("inf"),  # the tiny model would not stash
+                   offload_keep_bytes=0)  # and its tensors would all stay on the GPU
     model = build_tiny_model(tmp_path / "m", corpus_of(load_rows(DATA)),
                              TinySpec(family="llama", hidden_size=256, intermediate_size=768, num_layers=4))
     curves = {}
@@ -36,7 +36,7 @@ def test_fast_and_reference_loss_curves_agree_over_50_steps(tmp_path, monkeypatc
         cfg = RunConfig(model=str(model), data=str(DATA), output_dir=str(tmp_path / "runs"), name=f"fast-{fast}",
                         max_steps=50, batch_size=16, lr=1e-3, lora_dropout=0.0, max_seq_len=64, save_every=0,
                         dtype="bf16", device="cuda", fast=fast, method=method,
-                        gradient_checkpointing=checkpointing)
+                        gradient_checkpointing=checkpointing, fast_path=FastPathOptions(**options))
         run = train(cfg)
         curves[fast] = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     ref, got = curves[False], curves[True]

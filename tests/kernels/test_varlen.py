@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.fastpath import fast_path
 from tunery.data.tokenize import IGNORE, Tokenized
 from tunery.kernels import varlen
-from tunery.kernels.apply import fast_path_for
 from tunery.models.tiny import FAMILIES
 from tunery.train.batching import collate, pack_batch
 
@@ -61,7 +61,7 @@ def _examples(vocab: int, lengths=(9, 3, 14, 6)) -> list[Tokenized]:
 
 
 def _loss_and_grads(model, batches, fast=None):
-    from tunery.eval.loss import summed_loss
+    from tunery.train.loss import summed_loss
 
     model.zero_grad(set_to_none=True)
     loss = sum(summed_loss(model, b, fast) for b in batches)
@@ -94,7 +94,7 @@ def test_a_packed_row_through_varlen_attention_equals_each_example_alone(family,
     model = tiny_lora(family, num_layers=2)
     examples = _examples(model.config.vocab_size)
     alone = _loss_and_grads(model, [collate([t], 0, "cpu") for t in examples])
-    fast = fast_path_for(model, "cpu", allow_cpu=True, compile=False, packing=True)
+    fast = fast_path(model, "cpu", allow_cpu=True, compile=False, packing=True)
     assert "packed rows through varlen flash attention" in fast.describe(), fast.describe()
     _assert_close(_loss_and_grads(model, [pack_batch(examples, "cpu", multiple=24)], fast), alone)
     # each layer's forward took the kernel once, over the examples and the tail, with the row's length
@@ -121,7 +121,7 @@ def test_a_sliding_window_the_row_reaches(family, new, tiny_lora, monkeypatch):
             m.sliding_window = 5
     examples = _examples(model.config.vocab_size)
     alone = _loss_and_grads(model, [collate([t], 0, "cpu") for t in examples])
-    fast = fast_path_for(model, "cpu", allow_cpu=True, compile=False, packing=True)
+    fast = fast_path(model, "cpu", allow_cpu=True, compile=False, packing=True)
     assert "varlen" in fast.describe()
     _assert_close(_loss_and_grads(model, [pack_batch(examples, "cpu", multiple=16)], fast), alone)
     assert [c["left"] for c in stand_in.calls] == ([4, 4] if new else [])
@@ -130,10 +130,6 @@ def test_a_sliding_window_the_row_reaches(family, new, tiny_lora, monkeypatch):
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_the_whole_fast_path_on_a_packed_row(family, tiny_lora, monkeypatch, fresh_dynamo):
     """Checkpointed, offloaded, attention stashed, compiled (aot_eager), as `tunery train --packing` runs it."""
-    from tunery.kernels import offload
-
-    monkeypatch.setattr(offload, "KEEP_BYTES", 0)  # tiny tensors too go through the host copies
-    monkeypatch.setattr(offload, "STASH_MAX_BYTES_PER_GFLOP", float("inf"))  # tiny blocks are all link
     stand_in = StandIn()
     _with(monkeypatch, stand_in)
     model = tiny_lora(family, num_layers=2)
@@ -141,7 +137,9 @@ def test_the_whole_fast_path_on_a_packed_row(family, tiny_lora, monkeypatch, fre
     alone = _loss_and_grads(model, [collate([t], 0, "cpu") for t in examples])
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    fast = fast_path_for(model, "cpu", allow_cpu=True, compile_backend="aot_eager", packing=True)
+    fast = fast_path(model, "cpu", allow_cpu=True, compile_backend="aot_eager", packing=True,
+                     offload_keep_bytes=0,  # tiny tensors too go through the host copies
+                     stash_max_bytes_per_gflop=float("inf"))  # tiny blocks are all link
     text = fast.describe()
     assert "varlen" in text and "attention kept for backward" in text and "one region" in text, text
     _assert_close(_loss_and_grads(model, [pack_batch(examples, "cpu", multiple=24)], fast), alone, grad_rtol=1e-4)
@@ -155,7 +153,7 @@ def test_rows_with_a_mask_keep_sdpa(tiny_lora, monkeypatch):
     examples = _examples(model.config.vocab_size)
     padded = collate(examples, 0, "cpu")  # the held-out loss's batches: padded rows with their mask
     ref = _loss_and_grads(model, [padded])
-    fast = fast_path_for(model, "cpu", allow_cpu=True, compile=False, packing=True)
+    fast = fast_path(model, "cpu", allow_cpu=True, compile=False, packing=True)
     assert "varlen" in fast.describe()
     _assert_close(_loss_and_grads(model, [padded]), ref)
     assert stand_in.calls == []
@@ -182,10 +180,10 @@ def test_the_old_kernel_gets_repeated_heads_and_refuses_a_scale_it_cannot_take()
 def test_what_keeps_a_model_off_varlen(tiny_lora, monkeypatch):
     model = tiny_lora("llama", num_layers=1)
     assert varlen.varlen_problem(model) == "varlen attention runs on CUDA only"  # torch's own kernel, on the CPU
-    assert "varlen" not in fast_path_for(model, "cpu", allow_cpu=True, compile=False, packing=True).describe()
+    assert "varlen" not in fast_path(model, "cpu", allow_cpu=True, compile=False, packing=True).describe()
     _with(monkeypatch, StandIn())
     assert varlen.varlen_problem(model) is None
-    assert "varlen" not in fast_path_for(model, "cpu", allow_cpu=True, compile=False).describe()  # not packing
+    assert "varlen" not in fast_path(model, "cpu", allow_cpu=True, compile=False).describe()  # not packing
     model.config.attention_dropout = 0.1
     assert varlen.varlen_problem(model) == "attention dropout is on"
     model.config.attention_dropout = 0.0
@@ -214,7 +212,7 @@ def test_varlen_attention_matches_the_dense_mask_bf16_gpu(family, tiny_lora, fre
                 if getattr(m, "sliding_window", None):
                     m.sliding_window = 128
         examples = _examples(model.config.vocab_size, lengths=(300, 45, 700, 130))
-        fast = fast_path_for(model, "cuda", packing=True, varlen_attention=use)
+        fast = fast_path(model, "cuda", packing=True, varlen_attention=use)
         assert ("varlen" in fast.describe()) == use, fast.describe()
         results.append(_loss_and_grads(model, [pack_batch(examples, "cuda", multiple=64)], fast))
     _assert_close(results[1], results[0], rtol=1e-2, grad_rtol=5e-2)
@@ -223,7 +221,7 @@ def test_varlen_attention_matches_the_dense_mask_bf16_gpu(family, tiny_lora, fre
 def test_only_a_model_on_varlen_attention_gets_the_bounds():
     """A model's own forward may take no `doc_bounds` keyword (remote code): the loss passes them only to a model
     that runs varlen attention, whose packed rows need them."""
-    from tunery.eval.loss import summed_loss
+    from tunery.train.loss import summed_loss
 
     class Plain(torch.nn.Module):  # a forward with no **kwargs
         def __init__(self):
@@ -247,8 +245,8 @@ def test_only_a_model_on_varlen_attention_gets_the_bounds():
 def test_captured_steps_read_each_rows_bounds(tiny_lora, monkeypatch):
     """A captured step replays with the bounds of the row it is given (a static input, like the tokens), not
     those it was captured with: rows of one shape whose examples differ, through the CPU stand-in of a graph."""
-    from tunery.eval.loss import summed_loss
     from tunery.kernels.graphs import StepGraphs
+    from tunery.kernels.options import StepState
 
     from .test_graphs import StandIn as GraphStandIn
     from .test_graphs import _train
@@ -257,9 +255,10 @@ def test_captured_steps_read_each_rows_bounds(tiny_lora, monkeypatch):
     a, b = tiny_lora("llama", 2), tiny_lora("llama", 2)
     for model in (a, b):
         assert varlen.use_varlen_attention(model)[0]
-    eager = StepGraphs(lambda x: summed_loss(a, x), list(a.parameters()), enabled=False, reason="reference")
-    params = [p for p in b.parameters() if p.requires_grad]
-    captured = StepGraphs(lambda x: summed_loss(b, x), params, graph_cls=lambda pool: GraphStandIn(pool, params))
+    eager = StepGraphs(list(a.parameters()), enabled=False, reason="reference")
+    params, state = [p for p in b.parameters() if p.requires_grad], StepState()
+    captured = StepGraphs(params, graph_cls=lambda pool: GraphStandIn(pool, params, state), state=state,
+                          packed=True)  # packed rows, as the loop tells it with --packing
     vocab = a.config.vocab_size
     rows = [pack_batch(_examples(vocab, lengths), "cpu", multiple=32) for lengths in [(9, 3, 14), (4, 12, 10)] * 3]
     assert {r["input_ids"].shape for r in rows} == {(1, 32)} and rows[0]["doc_bounds"].tolist() == [0, 9, 12, 26, 32]

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from tunery.data.tokenize import IGNORE, Tokenized
-from tunery.eval.loss import summed_loss
 from tunery.models.lora import apply_lora
 from tunery.models.tiny import FAMILIES, TinySpec, make_config, train_tokenizer
 from tunery.train.batching import collate, pack_batch, packing_problem, trained_tokens
+from tunery.train.loss import summed_loss
 
 ATTENTION_ONLY = [f for f in FAMILIES if f != "lfm2"]  # LFM2's convolution blocks cannot pack: see the last tests
 
@@ -84,14 +84,14 @@ def test_packed_loss_and_lora_grads_equal_each_example_alone(tokenizer, family, 
 
 @pytest.mark.parametrize("family", ATTENTION_ONLY)
 def test_packed_batch_through_the_fused_fast_path_equals_each_example_alone(tokenizer, family):
-    from tunery.kernels.apply import fast_path_for
+    from tests.fastpath import fast_path
 
     model = _model(tokenizer, family, "eager" if family == "gemma2" else "sdpa")
     if hasattr(model.config, "sliding_window"):  # a window the longest example reaches
         model.config.sliding_window = 5
     examples = _examples(len(tokenizer))
     alone = _loss_and_grads(model, [collate([t], tokenizer.pad_token_id, "cpu") for t in examples])
-    fast = fast_path_for(model, "cpu", allow_cpu=True, compile=False)
+    fast = fast_path(model, "cpu", allow_cpu=True, compile=False)
     assert fast.applied
     _assert_same(_loss_and_grads(model, [pack_batch(examples, "cpu", multiple=16)], fast), alone)
 

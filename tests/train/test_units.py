@@ -98,16 +98,23 @@ def test_packed_step_equals_padded_step(tiny, monkeypatch):
 def test_the_fast_path_steps_padded_batches_without_a_mask_to_the_same_update(tiny, monkeypatch):
     """The fast path's models are causal and pad on the right, so the loop leaves the mask out (sdpa's causal
     kernel, nothing read back): the step is the reference's, padded rows and all."""
-    from tunery.kernels.apply import fast_path_for
+    from tests.fastpath import fast_path
+    from tunery.train import loop
     from tunery.train.loop import step_graphs
 
     reference = _trainer(tiny, monkeypatch, batch_size=4, grad_accum=2)
     fast = _trainer(tiny, monkeypatch, batch_size=4, grad_accum=2)
-    fast.fast = fast_path_for(fast.model, "cpu", allow_cpu=True, compile=False)
-    fast.steps = step_graphs(fast.model, fast.model, fast.fast, "cpu")
-    seen = []
-    loss_fn = fast.steps.loss_fn
-    fast.steps.loss_fn = lambda batch: seen.append(sorted(batch)) or loss_fn(batch)
+    fast.fast = fast_path(fast.model, "cpu", allow_cpu=True, compile=False)
+    fast.graphs = step_graphs(fast.model, fast.fast, "cpu")
+    seen = []  # the keys of each batch the fast trainer's micro-batch steps compute the loss of
+    summed_loss = loop.summed_loss
+
+    def spy(model, batch, path=None):
+        if model is fast.forward_model:
+            seen.append(sorted(batch))
+        return summed_loss(model, batch, path)
+
+    monkeypatch.setattr(loop, "summed_loss", spy)
     a, b = train_step(reference, 0), train_step(fast, 0)
     assert seen == [["input_ids", "labels"]] * 2
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["tokens"] == a["tokens"]
@@ -119,7 +126,7 @@ def test_the_fast_path_steps_padded_batches_without_a_mask_to_the_same_update(ti
 
 def test_a_run_folder_is_reused_only_until_it_has_trained(tmp_path):
     from tunery.errors import RunError
-    from tunery.train.rundir import new_run_dir
+    from tunery.run import new_run_dir
 
     cfg = RunConfig(model="m", data="d", output_dir=str(tmp_path), name="r")
     run = new_run_dir(cfg)

@@ -9,8 +9,9 @@ for about 290 (docs/benchmarks-history.md). A replayed graph queues the whole st
 
 `forward_backward(batch, scale)` is the training loop's micro-batch step (train/loop.py's `train_step`): it
 computes the loss, calls `(loss * scale).backward()` so gradients accumulate into `p.grad`, and returns the loss.
-StepGraphs runs it as it is, or replays its capture: it adds nothing to the step, and must be handed the same
-function every time (a replay runs what was captured).
+StepGraphs runs it as it is, or replays its capture: it adds nothing to the step. The function handed in must do
+the same thing at every call (train_step builds it afresh each step, from the same parts): a replay runs what was
+captured, not the function it is handed.
 
 The first `capture_after` runs of a shape run eagerly (they compile, autotune and fill the offload's host
 buffers); the next one is captured into a graph, which then replays for every batch of that shape. What a
