@@ -19,6 +19,7 @@ import yaml
 from tunery.config import RunConfig
 from tunery.errors import ExportError
 from tunery.export.hub import format_plan, model_card, plan_upload, push, train_command
+from tunery.kernels.options import FastPathOptions
 
 TOKEN = "hf_PlantedSecretToken0123456789abcdef"
 DATA_HASH = "5f" * 32
@@ -31,7 +32,7 @@ def run(tmp_path: Path) -> Path:
     data.write_text('{"prompt": "June 3, 1985", "completion": "1985-06-03"}\n')
     cfg = RunConfig(model="Qwen/Qwen2.5-0.5B-Instruct", data=str(data), name="dates", output_dir=str(tmp_path),
                     lora_r=8, lora_targets=["q_proj", "v_proj"], lora_dropout=0.05, max_steps=20, lr=1e-4,
-                    gradient_checkpointing=True,
+                    gradient_checkpointing=True, fast_path=FastPathOptions(liger_ops=True, capture_after=3),
                     system_prompt="Answer with a date only.", train_on="all")
     folder = tmp_path / "dates"
     (folder / "adapter").mkdir(parents=True)
@@ -90,7 +91,7 @@ def test_train_command_reproduces_the_config(run: Path, monkeypatch: pytest.Monk
     args = shlex.split(command)
     assert args[:2] == ["tunery", "train"] and "--no-" not in command
     seen = {}
-    monkeypatch.setattr("tunery.train.loop.train", lambda c: seen.setdefault("cfg", c))
+    monkeypatch.setattr("tunery.train.train", lambda c: seen.setdefault("cfg", c))
     app = typer.Typer()
     app.command("train")(train_cli.train_command())
     app.command("other")(lambda: None)  # two commands, so the first argument names the command

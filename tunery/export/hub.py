@@ -48,16 +48,20 @@ def train_command(cfg: RunConfig) -> str:
     parts = ["tunery", "train"]
     for f in dataclasses.fields(RunConfig):
         value = getattr(cfg, f.name)
-        if value is None or (value == getattr(defaults, f.name) and f.name not in ("model", "data")):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            parts.append(flag if value else f"--no-{flag[2:]}")
-        elif isinstance(value, list):
-            parts += [flag, ",".join(value)]
-        else:
-            parts += [flag, str(value)]
+        if f.name == "fast_path":  # its options are flags of their own: --fast-<option>
+            parts += [a for k, v in value.changed().items() for a in _flag(f"fast_{k}", v)]
+        elif value is not None and (value != getattr(defaults, f.name) or f.name in ("model", "data")):
+            parts += _flag(f.name, value)
     return shlex.join(parts)
+
+
+def _flag(name: str, value) -> list[str]:
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return [flag if value else f"--no-{flag[2:]}"]
+    if isinstance(value, list):
+        return [flag, ",".join(value)]
+    return [flag, str(value)]
 
 
 def plan_upload(run_dir: Path, repo_id: str, what: list[str], files: dict[str, Path], private: bool = True) -> dict:
