@@ -11,9 +11,11 @@ it through this module.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import platform
+import secrets
 import subprocess
 from pathlib import Path
 
@@ -24,16 +26,73 @@ from tunery.errors import RunError
 _STARTED = ("manifest.json", "metrics.jsonl", "checkpoints", "adapter", "model", "result.json")
 
 
+LOCK = ".train.lock"  # held (flock) by the process training in a run folder, for as long as it trains
+
+
+def auto_name(model: str) -> str:
+    """A run name from the model, the time and a random tag: two runs started in the same second differ."""
+    return f"{Path(model.rstrip('/')).name}-{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def create_run_dir(output_dir: str | Path, name: str | None, model: str) -> Path:
+    """A new, empty run folder, created atomically (mkdir fails if it exists): a given `name` that exists is
+    refused, a generated one is tried again under another tag. Two processes never get the same folder."""
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    for _ in range(20):
+        path = Path(output_dir) / (name or auto_name(model))
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            if name:
+                raise RunError(f"run folder {path} already exists; pick another --name, or continue it with "
+                               f"`tunery train --resume {path}`") from None
+    raise RunError(f"could not create a new run folder under {output_dir}; pass --name")
+
+
+def started(run: Path) -> bool:
+    """Whether training has begun in `run` (it holds more than a prepared config and a job log)."""
+    return any((Path(run) / p).exists() for p in _STARTED)
+
+
 def new_run_dir(cfg: RunConfig) -> Path:
-    name = cfg.name or f"{Path(cfg.model.rstrip('/')).name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    path = Path(cfg.output_dir) / name
-    # a folder prepared by `tunery submit` (its config and job log), or left by a run that stopped before training
-    # (a wrong setting, a missing model: its config and an empty log), holds nothing to lose: a fresh start
-    if path.exists() and any((path / p).exists() for p in _STARTED):
-        raise RunError(f"run folder {path} already exists; pick another --name, or continue it with "
-                       f"`tunery train --resume {path}`")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """The folder `tunery train` starts in: a new one, or the one `tunery submit` prepared for this config."""
+    if cfg.name:
+        path = Path(cfg.output_dir) / cfg.name
+        # a folder prepared by `tunery submit` (its config and job log), or left by a run that stopped before
+        # training (a wrong setting, a missing model: its config and an empty log), holds nothing to lose
+        if path.is_dir() and not started(path):
+            return path
+    return create_run_dir(cfg.output_dir, cfg.name, cfg.model or "run")
+
+
+class RunLock:
+    """An exclusive lock on a run folder while one process trains in it: a second `train` (or `--resume`) of the
+    same folder is refused instead of writing into it too. The OS lets go when the process dies."""
+
+    def __init__(self, run: Path):
+        self.path = Path(run) / LOCK
+        self._fh = None
+
+    def __enter__(self) -> RunLock:
+        self._fh = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.seek(0)
+            holder = self._fh.read().strip() or "another process"
+            self._fh.close()
+            raise RunError(f"{self.path.parent} is being trained by {holder}; wait for it, or stop it "
+                           "(`tunery cancel JOB` for a job)") from None
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(f"pid {os.getpid()}\n")
+        self._fh.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self._fh, fcntl.LOCK_UN)
+        self._fh.close()
 
 
 def open_run(run: str | Path) -> tuple[Path, RunConfig]:

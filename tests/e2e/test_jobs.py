@@ -29,8 +29,8 @@ def _config(ws: dict, folder: Path, steps: int, **extra) -> Path:
     return path
 
 
-def _submit(ws, home: Path, config: Path, name: str, *extra: str) -> str:
-    proc = run_cli("submit", "--config", str(config), "--name", name, "--no-worker", *extra, home=home)
+def _submit(ws, home: Path, config: Path, name: str, *extra: str, env: dict | None = None) -> str:
+    proc = run_cli("submit", "--config", str(config), "--name", name, "--no-worker", *extra, home=home, env=env)
     return proc.stdout.strip().splitlines()[-1]
 
 
@@ -66,7 +66,8 @@ def _wait(pred, timeout: float = 180, what: str = "condition") -> None:
 def test_three_jobs_run_one_at_a_time_and_succeed_with_secrets_kept_out(workspace, tmp_path, monkeypatch):
     home = tmp_path / "home"
     cfg = _config(workspace, tmp_path, 15)
-    ids = [_submit(workspace, home, cfg, f"job{i}", "--secret", "HF_TOKEN") for i in range(3)]
+    ids = [_submit(workspace, home, cfg, f"job{i}", "--secret", "HF_TOKEN", env={"HF_TOKEN": TOKEN})
+           for i in range(3)]
     worker = _worker(home)
     store = _store(home)
     _wait(lambda: all(store.get(i).state in ("succeeded", "failed") for i in ids), what="three jobs")
@@ -124,7 +125,7 @@ def test_worker_sigkill_mid_job_then_restart_finishes_on_the_same_loss(workspace
     _worker(home).wait(timeout=300)
     job = store.get(job_id)
     assert job.state == "succeeded", (store.transitions(job_id), _worker_logs(home))
-    assert job.attempts == 2 and any("died" in t["reason"] for t in store.transitions(job_id))
+    assert job.attempts == 2 and any("is gone" in t["reason"] for t in store.transitions(job_id))
     final = json.loads((run / "result.json").read_text())
     assert final["final_loss"] == pytest.approx(straight["final_loss"], rel=1e-4)
     assert [m["step"] for m in metrics(run)] == list(range(1, 151))

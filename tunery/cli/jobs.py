@@ -51,7 +51,7 @@ def submit_command(
     """Queue a training job; prints its id and the estimated time and cost first."""
     from tunery.config import RunConfig
     from tunery.jobs import submit
-    from tunery.jobs.flavors import parse_duration, parse_money
+    from tunery.jobs.flavors import money, parse_duration, parse_money
 
     cfg = RunConfig.from_yaml(config)
     if name:
@@ -61,25 +61,45 @@ def submit_command(
     budget_usd = parse_money(budget) if budget is not None else None
     console.print(est.describe())
     if budget_usd is not None and est.usd > budget_usd and not yes:
-        console.print(f"[red]refused:[/] the estimate ${est.usd:.2f} exceeds the budget ${budget_usd:.2f}; "
+        console.print(f"[red]refused:[/] the estimate {money(est.usd)} exceeds the budget {money(budget_usd)}; "
                       "raise --budget, pick a cheaper --flavor, or pass --yes to start anyway")
         raise typer.Exit(3)
     job = submit.queue(cfg, run_dir, est, flavor=flavor, backend=backend, timeout_s=timeout_s,
                        budget_usd=budget_usd, secrets=list(secret))
     if backend != "local":
-        from tunery.errors import TuneryError
-        from tunery.jobs.backends import get_backend
-        from tunery.jobs.store import JobStore
-
-        try:
-            get_backend(backend, address=address, output_repo=output_repo).submit(job)
-        except TuneryError as e:
-            JobStore().set_state(job.id, "failed", f"submission to {backend} failed: {e}", expect=("queued",))
-            raise
+        _submit_remote(job, address=address, output_repo=output_repo)
     elif not no_worker and submit.ensure_worker():
         console.print("started a background worker (log: TUNERY_HOME/worker.log)")
     out.print(job.id)
-    console.print(f"queued job {job.id} ({run_dir}); follow it with `tunery logs {job.id} -f`")
+    console.print(f"queued job {job.id} ({job.run_dir}); follow it with `tunery logs {job.id} -f`")
+
+
+def _store():
+    """The job store, reconciled first: a local job left 'running' by a worker that is gone is settled (queued
+    again, or succeeded if its training had finished), and a worker is started to resume what was queued."""
+    from tunery.jobs import submit
+    from tunery.jobs.store import JobStore
+    from tunery.jobs.worker import reconcile
+
+    store = JobStore()
+    if reconcile(store) and any(j.state == "queued" and j.backend == "local" for j in store.list(limit=1000)):
+        submit.ensure_worker()
+    return store
+
+
+def _submit_remote(job, address: str | None = None, output_repo: str | None = None) -> None:
+    """Hand a queued job to its remote backend; any failure (a network error too) marks it failed, with why."""
+    from tunery.errors import TuneryError
+    from tunery.jobs.backends import get_backend
+    from tunery.jobs.store import JobStore
+
+    try:
+        get_backend(job.backend, address=address, output_repo=output_repo).submit(job)
+    except Exception as e:  # noqa: BLE001 - httpx, requests and Ray raise their own types: none may leave it queued
+        why = str(e) if isinstance(e, TuneryError) else f"{type(e).__name__}: {e}"
+        JobStore().set_state(job.id, "failed", f"submission to {job.backend} failed: {why}", expect=("queued",))
+        raise TuneryError(f"submission to {job.backend} failed: {why}; the job is marked failed (`tunery retry "
+                          f"{job.id}` tries again)") from None
 
 
 @app.callback()
@@ -87,25 +107,25 @@ def list_jobs(ctx: typer.Context, limit: int = typer.Option(30, "--limit", help=
     """List recent jobs."""
     if ctx.invoked_subcommand:
         return
-    from tunery.jobs.store import JobStore
+    from tunery.jobs.flavors import money
 
     table = Table()
     for col in ("id", "name", "model", "backend", "state", "progress", "loss", "elapsed", "cost"):
         table.add_column(col, no_wrap=col in ("id", "state", "progress"), overflow="fold")
-    for job in map(_refreshed, JobStore().list(limit)):
+    for job in map(_refreshed, _store().list(limit)):
         progress = f"{job.step}/{job.total_steps}" if job.total_steps else "-"
         table.add_row(job.id, job.name, Path(job.model).name, job.backend, job.state, progress,
                       f"{job.last_loss:.4f}" if job.last_loss is not None else "-", _duration(job.elapsed),
-                      f"${job.cost_so_far:.2f}")
+                      money(job.cost_so_far))
     out.print(table)
 
 
 @app.command("show")
 def show_job(job_id: str = typer.Argument(..., help="Job id (a unique prefix is enough).")) -> None:
-    """One job in full: settings, state history, loss sparkline."""
-    from tunery.jobs.store import JobStore
+    """One job in full: settings, state history, loss sparkline, and a failed job's last log lines."""
+    from tunery.jobs.flavors import money
 
-    store = JobStore()
+    store = _store()
     job = _refreshed(store.get(job_id))
     table = Table(show_header=False, title=f"job {job.id}")
     for key in ("name", "model", "backend", "flavor", "state", "run_dir", "estimate", "timeout_s", "budget_usd",
@@ -113,29 +133,51 @@ def show_job(job_id: str = typer.Argument(..., help="Job id (a unique prefix is 
         table.add_row(key, str(getattr(job, key)))
     table.add_row("secrets", ", ".join(job.secret_names) or "-")
     table.add_row("progress", f"{job.step}/{job.total_steps or '?'}")
-    table.add_row("elapsed / cost", f"{_duration(job.elapsed)} / ${job.cost_so_far:.2f}")
+    table.add_row("elapsed / cost", f"{_duration(job.elapsed)} / {money(job.cost_so_far)}")
     out.print(table)
     for t in store.transitions(job.id):
         out.print(f"  {time.strftime('%H:%M:%S', time.localtime(t['at']))}  {t['state']:<10} {t['reason']}")
     losses = [m["loss"] for m in store.metrics(job.id) if m["loss"] is not None]
     if losses:
         out.print(f"loss {losses[0]:.4f} {sparkline(losses)} {losses[-1]:.4f}  ({len(losses)} steps)")
+    log = Path(job.run_dir) / "job.log"
+    if job.state == "failed" and log.is_file():  # the cause is in the training's own words
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        out.print(f"last lines of {log}:\n" + "\n".join(f"  {line}" for line in tail))
 
 
 @app.command("retry")
-def retry_job(job_id: str = typer.Argument(...)) -> None:
-    """Queue a finished (failed, cancelled, timed-out) job again; it resumes from its last checkpoint."""
+def retry_job(
+    job_id: str = typer.Argument(...),
+    timeout: str | None = typer.Option(None, "--timeout", help="A new timeout for this and later attempts."),
+    budget: str | None = typer.Option(None, "--budget", help="A new budget for this and later attempts."),
+) -> None:
+    """Queue a finished (failed, cancelled, timed-out) job again; it resumes from its last checkpoint, with a
+    fresh allowance: its timeout and budget count from the new attempt."""
     from tunery.errors import TuneryError
     from tunery.jobs import submit
+    from tunery.jobs.flavors import parse_duration, parse_money
+    from tunery.jobs.secrets import store_secrets
     from tunery.jobs.store import FINAL, JobStore
 
     store = JobStore()
     job = store.get(job_id)
-    if not store.set_state(job.id, "queued", "retried by user", expect=tuple(s for s in FINAL if s != "succeeded"),
-                           cancel_requested=0, finished=None):
+    retryable = tuple(s for s in FINAL if s != "succeeded")
+    if job.state not in retryable:
         raise TuneryError(f"job {job.id} is {job.state}; only failed, cancelled or timed-out jobs can be retried")
+    if job.backend == "local":  # the secrets as this shell has them now: a rotated token takes effect
+        store_secrets(job.id, job.secret_names)
+    # a fresh allowance: the timeout and the budget count from this attempt (`--timeout`/`--budget` of submit)
+    limits = {**({"timeout_s": parse_duration(timeout)} if timeout else {}),
+              **({"budget_usd": parse_money(budget)} if budget is not None else {})}
+    if not store.set_state(job.id, "queued", "retried by user", expect=retryable, cancel_requested=0,
+                           finished=None, used_s=0.0, returncode=None, **limits):
+        raise TuneryError(f"job {job.id} changed state meanwhile ({store.get(job.id).state}); look again")
     if job.backend == "local":
         submit.ensure_worker()
+    else:  # nothing polls a remote backend's queue: the job goes to the backend again now
+        address = (job.external_id or "").rsplit("#", 1)[0] if job.backend == "ray" and job.external_id else None
+        _submit_remote(store.get(job.id), address=address or None)
     console.print(f"job {job.id} queued again")
 
 
@@ -146,16 +188,19 @@ def logs_command(
     """Print a job's log (the output of its `tunery train`)."""
     import sys
 
-    from tunery.jobs.store import FINAL, JobStore
+    from tunery.jobs.store import FINAL
 
-    store = JobStore()
+    store = _store()
     job = store.get(job_id)
     if job.backend != "local":
         _remote_logs(job, follow)
         return
     path = Path(job.run_dir) / "job.log"
-    offset = 0
+    offset, polls = 0, 0
     while True:
+        polls += 1
+        if follow and polls % 10 == 0:  # every 5 s: a worker that vanished must not leave this waiting forever
+            _store()
         if path.exists():
             with open(path, "rb") as fh:
                 fh.seek(offset)
@@ -205,16 +250,17 @@ def _remote_logs(job, follow: bool) -> None:
 def cancel_command(job_id: str = typer.Argument(..., help="Job id (a unique prefix is enough).")) -> None:
     """Cancel a queued job at once, or ask the worker to stop a running one (within seconds)."""
     from tunery.errors import TuneryError
-    from tunery.jobs.store import JobStore
+    from tunery.jobs.secrets import drop_secrets
 
-    store = JobStore()
+    store = _store()
     job = store.get(job_id)
-    if store.set_state(job.id, "cancelled", "cancelled by user before it started", expect=("queued",)):
+    outcome = store.cancel(job.id)
+    if outcome == "cancelled":
+        drop_secrets(job.id)
         console.print(f"job {job.id} cancelled")
         return
-    if job.state != "running":
-        raise TuneryError(f"job {job.id} is already {job.state}")
-    store.update(job.id, cancel_requested=1)
+    if outcome != "requested":
+        raise TuneryError(f"job {job.id} has already ended ({outcome}); nothing to cancel")
     if job.backend != "local":
         from tunery.jobs.backends import get_backend
 

@@ -8,6 +8,7 @@ remote state back into the store, so `tunery jobs`, `logs` and `cancel` work the
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Protocol
 
@@ -59,9 +60,13 @@ class RayBackend:
         if missing:
             raise TuneryError(f"secret(s) {', '.join(missing)} are not set in this environment")
         env.update({n: os.environ[n] for n in job.secret_names})
-        config = Path(job.run_dir) / "config.yaml"
-        submission = self._client().submit_job(entrypoint=f"tunery train --config {config}",
-                                               runtime_env={"env_vars": env}, submission_id=f"tunery-{job.id}")
+        from tunery.jobs.worker import train_command
+
+        # a retry continues the run folder from its last checkpoint, under a submission id of its own
+        entrypoint = shlex.join(["tunery", *train_command(Path(job.run_dir))[3:]])
+        submission = self._client().submit_job(entrypoint=entrypoint, runtime_env={"env_vars": env},
+                                               submission_id=f"tunery-{job.id}-{job.attempts + 1}")
+        self.store.update(job.id, attempts=job.attempts + 1)
         external = f"{self.address}#{submission}"
         self.store.update(job.id, external_id=external)
         self.store.set_state(job.id, "running", f"submitted to Ray at {self.address} as {submission}",

@@ -45,7 +45,17 @@ def parse_duration(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(text).lower())
     if not match:
         raise TuneryError(f"cannot read duration {text!r}: use e.g. 90s, 30m, 4h")
-    return int(float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]])
+    seconds = int(float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]])
+    if seconds < 1:  # 0 would read as "no timeout" further on: say so instead of doing it
+        raise TuneryError(f"a timeout of {text!r} is under one second; leave --timeout out for none")
+    return seconds
+
+
+def money(usd: float) -> str:
+    """Dollars as a person reads them: cents, but never "$0.00" for an amount that is not zero."""
+    if usd == 0 or abs(usd) >= 0.01:
+        return f"${usd:,.2f}"
+    return f"${usd:.2g}"
 
 
 def parse_money(text: str) -> float:
@@ -89,7 +99,7 @@ class Estimate:
         hours = self.seconds / 3600
         span = f"{self.seconds / 60:.0f} min" if hours < 1 else f"{hours:.1f} h"
         return (f"estimate (rough, from a throughput table): {self.tokens:,} tokens on {self.flavor} at "
-                f"~{self.tokens_per_s:,.0f} tok/s for a {self.params_b:.2g}B model -> ~{span}, ~${self.usd:.2f}")
+                f"~{self.tokens_per_s:,.0f} tok/s for a {self.params_b:.2g}B model -> ~{span}, ~{money(self.usd)}")
 
 
 def estimate(tokens: int, params_b: float, flavor: Flavor) -> Estimate:

@@ -6,6 +6,7 @@ two workers never run the same job.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -34,6 +35,10 @@ CREATE TABLE IF NOT EXISTS metrics (job_id TEXT, step INTEGER, loss REAL, lr REA
   PRIMARY KEY (job_id, step));
 CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, pid INTEGER, host TEXT, heartbeat REAL);
 """
+# columns added after the first release: (name, SQL type and default); added to older stores when opened
+_ADDED = (("pid_start", "TEXT"),  # the job process's start time (/proc/<pid>/stat): proves a PID is still ours
+          ("attempt_started", "REAL"),  # when the current attempt began running
+          ("used_s", "REAL DEFAULT 0"))  # running time of earlier attempts within the current allowance
 
 
 @dataclass
@@ -63,12 +68,16 @@ class Job:
     external_id: str | None
     attempts: int
     returncode: int | None
+    pid_start: str | None = None
+    attempt_started: float | None = None
+    used_s: float = 0.0
 
     @property
     def elapsed(self) -> float:
-        if not self.started:
-            return 0.0
-        return (self.finished or time.time()) - self.started
+        """Running time within the current allowance: earlier attempts (not the gaps between them) plus the one
+        running now. What a timeout and a budget are held to; `tunery retry` starts a fresh allowance."""
+        running = time.time() - self.attempt_started if self.state == "running" and self.attempt_started else 0.0
+        return (self.used_s or 0.0) + max(running, 0.0)
 
     @property
     def cost_so_far(self) -> float:
@@ -78,13 +87,36 @@ class Job:
 class JobStore:
     def __init__(self, path: Path | None = None):
         self.path = path or tunery_home() / "jobs.sqlite"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._db() as db:
-            db.executescript(_SCHEMA)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # one process at a time creates or upgrades the store: another one opening it meanwhile would see a
+            # file with no header yet, which is also what a store emptied by accident looks like
+            with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if self.path.exists() and self.path.stat().st_size == 0:  # SQLite would read it as a new store
+                    raise sqlite3.DatabaseError("the file is empty")
+                with self._db() as db:
+                    _check_integrity(db)
+                    db.executescript(_SCHEMA)
+                    have = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
+                    for name, kind in _ADDED:
+                        if name not in have:
+                            db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+        except sqlite3.DatabaseError as e:
+            raise TuneryError(f"the job store {self.path} cannot be read ({e}): it is damaged or not a tunery "
+                              "store. Move it aside (its run folders are untouched) and run the command again; "
+                              "a new, empty store is made") from None
+        except OSError as e:  # not a folder, not writable, a full disk
+            raise TuneryError(f"cannot write the job store under {self.path.parent} ({e.strerror or e}); set "
+                              "TUNERY_HOME to a folder you can write") from None
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        except sqlite3.OperationalError as e:  # a folder it cannot create or open the file in
+            raise TuneryError(f"cannot open the job store {self.path} ({e}); set TUNERY_HOME to a folder you can "
+                              "write") from None
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA busy_timeout=30000")
@@ -154,10 +186,30 @@ class JobStore:
                 db.execute("COMMIT")
                 return None
             db.execute("UPDATE jobs SET state = 'running', worker = ?, started = COALESCE(started, ?), "
-                       "attempts = attempts + 1 WHERE id = ?", (worker, now, row["id"]))
+                       "attempt_started = ?, attempts = attempts + 1 WHERE id = ?", (worker, now, now, row["id"]))
             db.execute("INSERT INTO transitions VALUES (?,?,?,?)", (row["id"], "running", now, f"claimed by {worker}"))
             db.execute("COMMIT")
         return self.get(row["id"])
+
+    def cancel(self, job_id: str) -> str:
+        """Cancel in one transaction, whatever the job's state is by then: a queued job is cancelled at once
+        ("cancelled"), a running one is asked to stop ("requested": its worker or backend stops it), a finished
+        one is left as it is (its state). A worker claiming the job meanwhile cannot slip between the two."""
+        now = time.time()
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            state = row["state"] if row else "missing"
+            if state == "queued":
+                db.execute("UPDATE jobs SET state = 'cancelled', finished = ? WHERE id = ?", (now, job_id))
+                db.execute("INSERT INTO transitions VALUES (?,?,?,?)",
+                           (job_id, "cancelled", now, "cancelled by user before it started"))
+                state = "cancelled"
+            elif state == "running":
+                db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+                state = "requested"
+            db.execute("COMMIT")
+        return state
 
     def update(self, job_id: str, **fields) -> None:
         sets = ", ".join(f"{k} = ?" for k in fields)
@@ -219,6 +271,14 @@ class JobStore:
     def remove_worker(self, worker: str) -> None:
         with self._db() as db:
             db.execute("DELETE FROM workers WHERE id = ?", (worker,))
+
+
+def _check_integrity(db: sqlite3.Connection) -> None:
+    """SQLite's quick check: a truncated file, or one that is not SQLite at all, fails here, loudly, instead of
+    reading as a store with no jobs."""
+    result = db.execute("PRAGMA quick_check").fetchone()[0]
+    if result != "ok":
+        raise sqlite3.DatabaseError(f"integrity check: {result}")
 
 
 def _job(row: sqlite3.Row) -> Job:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +13,11 @@ from pathlib import Path
 from tunery.config import RunConfig
 from tunery.errors import TuneryError
 from tunery.jobs.flavors import Estimate, estimate, get_flavor
+from tunery.jobs.secrets import check_names, store_secrets
 from tunery.jobs.store import Job, JobStore
 from tunery.jobs.worker import worker_running
 from tunery.paths import tunery_home
+from tunery.run import auto_name, create_run_dir
 
 BACKENDS = ("local", "ray", "hf-jobs")
 
@@ -69,10 +71,8 @@ def prepare(cfg: RunConfig, flavor: str, backend: str, base: Path | None = None)
         raise TuneryError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     cfg.require("model", "data")
     cfg = _absolute(cfg, base or Path.cwd())
-    if not cfg.name:
-        cfg = cfg.replace(name=f"{Path(cfg.model.rstrip('/')).name}-{dt.datetime.now():%Y%m%d-%H%M%S}")
-    run_dir = Path(cfg.output_dir) / cfg.name
-    if run_dir.exists() and any(run_dir.iterdir()):
+    run_dir = Path(cfg.output_dir) / (cfg.name or auto_name(cfg.model))
+    if cfg.name and run_dir.exists():  # early word; `queue` creates the folder atomically
         raise TuneryError(f"run folder {run_dir} already exists; pick another --name")
     est = estimate(training_tokens(cfg), model_size_b(cfg.model), get_flavor(flavor))
     return cfg, run_dir, est
@@ -80,16 +80,23 @@ def prepare(cfg: RunConfig, flavor: str, backend: str, base: Path | None = None)
 
 def queue(cfg: RunConfig, run_dir: Path, est: Estimate, *, flavor: str, backend: str, timeout_s: int | None,
           budget_usd: float | None, secrets: list[str], store: JobStore | None = None) -> Job:
-    for name in secrets:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise TuneryError(f"--secret takes an environment variable NAME (its value is read from the "
-                              f"environment and never stored), not {name!r}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.to_yaml(run_dir / "config.yaml")
+    check_names(secrets)  # before anything is written: a value given as a name is refused, unechoed
     store = store or JobStore()
-    return store.add(name=cfg.name, model=cfg.model, backend=backend, flavor=flavor, run_dir=str(run_dir),
-                     timeout_s=timeout_s, budget_usd=budget_usd, usd_per_hour=get_flavor(flavor).usd_per_hour,
-                     estimate=est.describe(), secret_names=secrets)
+    # the folder is made here, atomically: a name given twice is refused, a generated one is unique (its tag
+    # may differ from the one `prepare` showed when two submits drew the same second)
+    run_dir = create_run_dir(run_dir.parent, cfg.name, cfg.model)
+    try:
+        cfg = cfg.replace(name=run_dir.name)
+        cfg.to_yaml(run_dir / "config.yaml")
+        job = store.add(name=cfg.name, model=cfg.model, backend=backend, flavor=flavor, run_dir=str(run_dir),
+                        timeout_s=timeout_s, budget_usd=budget_usd, usd_per_hour=get_flavor(flavor).usd_per_hour,
+                        estimate=est.describe(), secret_names=secrets)
+        if backend == "local":  # remote backends hand secrets to their own service at submit
+            store_secrets(job.id, secrets)
+        return job
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a submit that failed leaves no folder to block the name
+        raise
 
 
 def ensure_worker(idle_exit_s: int = 60) -> bool:

@@ -3,9 +3,16 @@
     tunery worker            # runs until Ctrl-C; `tunery submit` starts one when none is running
 
 One worker per TUNERY_HOME (a lock file); one job per free GPU, one at a time on CPU. A job's process
-leads its own process group (setsid), so timeouts and cancels stop the whole process tree. A worker that dies
-(even by SIGKILL) leaves its jobs 'running' with a dead owner: the next worker stops any leftover
-training process, puts the job back in the queue, and resumes it from its last checkpoint.
+leads its own process group (setsid), so timeouts and cancels stop the whole process tree; it starts from a
+minimal environment plus the secrets the job named (jobs/secrets.py). The worker records each process's
+start time beside its PID and signals a PID only while that start time still matches: a PID the OS has
+since given to another process is never touched.
+
+SIGTERM and SIGHUP (systemd, `timeout`, a closed terminal) stop a worker as Ctrl-C does: its trainings are
+stopped and their jobs queued again, to resume from their last checkpoint. A worker that dies without
+that (SIGKILL) leaves its jobs 'running' with a dead owner: `reconcile`, which the next worker and every
+command that reads the store run, stops any leftover training it can prove is the job's, and queues the job
+again (or marks it succeeded when the leftover training had finished).
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunery.errors import TuneryError
+from tunery.jobs.flavors import money
+from tunery.jobs.secrets import drop_secrets, job_environment, load_secrets
 from tunery.jobs.store import Job, JobStore
 from tunery.paths import tunery_home
 
@@ -43,7 +52,8 @@ class _Running:
 def train_command(run_dir: Path) -> list[str]:
     """Fresh start from the prepared config, or resume once the run has written anything else."""
     base = [sys.executable, "-m", "tunery.cli.app", "train"]
-    started = [p.name for p in run_dir.iterdir() if p.name not in ("config.yaml", "job.log")]
+    started = [p.name for p in run_dir.iterdir() if p.name not in ("config.yaml", "job.log")
+               and not p.name.startswith(".")]
     return base + (["--resume", str(run_dir)] if started else ["--config", str(run_dir / "config.yaml")])
 
 
@@ -99,12 +109,57 @@ def _kill_tree(pid: int, grace: float = 10.0, proc: subprocess.Popen | None = No
             time.sleep(0.05)
 
 
-def _is_training_process(pid: int | None) -> bool:
+def process_start(pid: int | None) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat field 22), or None if there is no
+    such process. With the PID, it names one process: a PID reused later has another start time."""
+    if not pid:
+        return None
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return _alive(pid)
-    return b"tunery" in cmdline
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # fields after the command name start at field 3
+
+
+def _ours(job: Job) -> bool:
+    """Whether the job's recorded process is alive and provably the one the worker started."""
+    return bool(job.pid and job.pid_start and process_start(job.pid) == job.pid_start)
+
+
+def reconcile(store: JobStore, keep: set[str] = frozenset()) -> list[str]:
+    """Settle local jobs left 'running' by a worker that is gone (workers in `keep` count as alive): a leftover
+    training the job provably started is stopped, and the job is queued again to resume from its checkpoint, or
+    marked succeeded when its training had finished (result.json written). Returns the ids it changed."""
+    host = socket.gethostname()
+    live = set(keep) | {w["id"] for w in store.workers()
+                        if time.time() - w["heartbeat"] < HEARTBEAT_STALE_S and (w["host"] != host or _alive(w["pid"]))}
+    changed = []
+    for job in store.list(limit=1000):
+        if job.state != "running" or job.backend != "local" or job.worker in live:
+            continue
+        if _ours(job):
+            _kill_tree(job.pid)
+        used = (job.used_s or 0.0) + _ran_until_gone(job, store)
+        if (Path(job.run_dir) / "result.json").exists():
+            done = store.set_state(job.id, "succeeded", f"training finished after worker {job.worker} stopped",
+                                   expect=("running",), pid=None, returncode=0, used_s=used)
+            if done:
+                drop_secrets(job.id)
+        else:
+            done = store.set_state(job.id, "queued", f"worker {job.worker} is gone; will resume from the last "
+                                   "checkpoint", expect=("running",), pid=None, worker=None, used_s=used)
+        if done:
+            changed.append(job.id)
+    return changed
+
+
+def _ran_until_gone(job: Job, store: JobStore) -> float:
+    """How long an attempt whose worker vanished ran: until that worker's last heartbeat, as far as is known."""
+    if not job.attempt_started:
+        return 0.0
+    beats = [w["heartbeat"] for w in store.workers() if w["id"] == job.worker]
+    end = max(beats) if beats else time.time()
+    return max(0.0, end - job.attempt_started)
 
 
 class WorkerLock:
@@ -151,22 +206,14 @@ class LocalWorker:
 
     def recover(self) -> None:
         """Requeue 'running' local jobs whose worker is gone, stopping their leftover processes first."""
-        live = {w["id"] for w in self.store.workers()
-                if w["id"] == self.id or (time.time() - w["heartbeat"] < HEARTBEAT_STALE_S
-                                          and (w["host"] != self.host or _alive(w["pid"])))}
-        for job in self.store.list(limit=1000):
-            if job.state != "running" or job.backend != "local" or job.worker in live:
-                continue
-            if job.pid and _is_training_process(job.pid):
-                _kill_tree(job.pid)
-            self.store.set_state(job.id, "queued", f"worker {job.worker} died; resuming from last checkpoint",
-                                 expect=("running",), pid=None, worker=None)
+        reconcile(self.store, keep={self.id})
 
     def run(self, exit_when_idle: float | None = None) -> None:
         lock = WorkerLock(self.store.path.parent)
         if not lock.acquire():
             raise TuneryError(f"a worker is already running for {self.store.path.parent} (lock {lock.path})")
         idle_since = time.time()
+        previous = _stop_on_signals()
         try:
             self.recover()
             while True:
@@ -179,11 +226,18 @@ class LocalWorker:
                 elif exit_when_idle is not None and time.time() - idle_since > exit_when_idle:
                     return
                 time.sleep(self.poll_s)
+        except _Stopped as e:
+            print(f"worker {self.id}: {e}; stopping its jobs, which will resume", file=sys.stderr, flush=True)
         finally:
+            _restore_signals(previous)
             for r in list(self.running.values()):
                 _kill_tree(r.proc.pid, proc=r.proc)
-                self.store.set_state(r.job.id, "queued", "worker stopped; will resume", expect=("running",),
-                                     pid=None, worker=None)
+                self._stream_metrics(r)
+                job = self.store.get(r.job.id)
+                self.store.set_state(r.job.id, "queued", "worker stopped; will resume from the last checkpoint",
+                                     expect=("running",), pid=None, worker=None, used_s=job.elapsed)
+                r.log.close()
+            self.running.clear()
             self.store.remove_worker(self.id)
             lock.release()
 
@@ -197,12 +251,13 @@ class LocalWorker:
 
     def _start(self, job: Job, slot: int) -> None:
         run_dir = Path(job.run_dir)
-        missing = [name for name in job.secret_names if name not in os.environ]
-        if missing:
-            self.store.set_state(job.id, "failed", f"secret(s) {', '.join(missing)} not set in the worker's "
-                                 "environment; export them and restart `tunery worker`", expect=("running",))
+        try:
+            secrets = load_secrets(job.id, job.secret_names)
+        except TuneryError as e:
+            self.store.set_state(job.id, "failed", str(e), expect=("running",))
             return
-        env = {**os.environ, "TUNERY_JOB_ID": job.id, "PYTHONUNBUFFERED": "1"}
+        # a minimal environment and the job's own secrets: not the worker's (whoever started it) whole one
+        env = {**job_environment(), **secrets, "TUNERY_JOB_ID": job.id, "PYTHONUNBUFFERED": "1"}
         if self.slots > 1 or os.environ.get("CUDA_VISIBLE_DEVICES") is None and gpu_slots() > 1:
             env["CUDA_VISIBLE_DEVICES"] = str(slot)
         log = open(run_dir / "job.log", "a", encoding="utf-8")
@@ -210,7 +265,7 @@ class LocalWorker:
         log.flush()
         proc = subprocess.Popen(train_command(run_dir), stdout=log, stderr=subprocess.STDOUT, env=env,
                                 cwd=run_dir, start_new_session=True)
-        self.store.update(job.id, pid=proc.pid)
+        self.store.update(job.id, pid=proc.pid, pid_start=process_start(proc.pid))
         self.running[job.id] = _Running(job, proc, slot, log)
 
     def _check_running(self) -> None:
@@ -221,10 +276,10 @@ class LocalWorker:
             if code is None:
                 if job.cancel_requested:
                     r.final_state, r.reason = "cancelled", "cancelled by user"
-                elif job.timeout_s and time.time() - job.started > job.timeout_s:
+                elif job.timeout_s and job.elapsed > job.timeout_s:
                     r.final_state, r.reason = "timed-out", f"ran past its {job.timeout_s}s timeout"
                 elif job.budget_usd is not None and job.cost_so_far > job.budget_usd:
-                    r.final_state, r.reason = "cancelled", f"budget ${job.budget_usd:.2f} used up"
+                    r.final_state, r.reason = "cancelled", f"budget {money(job.budget_usd)} used up"
                 else:
                     continue
                 _kill_tree(r.proc.pid, grace=5.0, proc=r.proc)
@@ -241,8 +296,34 @@ class LocalWorker:
         elif code == 0:
             state, reason = "succeeded", "training finished"
         else:
-            state, reason = "failed", f"tunery train exited with status {code}; see {r.job.run_dir}/job.log"
-        self.store.set_state(r.job.id, state, reason, expect=("running",), returncode=code, pid=None)
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+            state, reason = "failed", f"tunery train {how}; see {r.job.run_dir}/job.log (`tunery jobs show`)"
+        job = self.store.get(r.job.id)
+        if self.store.set_state(r.job.id, state, reason, expect=("running",), returncode=code, pid=None,
+                                used_s=job.elapsed):
+            drop_secrets(r.job.id)
 
     def _stream_metrics(self, r: _Running) -> None:
         r.metrics_cursor = self.store.ingest_metrics(r.job, r.metrics_cursor)
+
+
+class _Stopped(Exception):
+    """SIGTERM or SIGHUP reached the worker."""
+
+
+def _stop_on_signals() -> dict:
+    """SIGTERM and SIGHUP stop the worker as Ctrl-C does (its jobs are queued again); returns the old handlers."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum, _frame):
+        raise _Stopped(f"received {signal.Signals(signum).name}")
+
+    return {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+
+def _restore_signals(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)

@@ -24,7 +24,7 @@ from tunery.models.catalog import family_of_model
 from tunery.models.load import load_model, load_tokenizer, model_fingerprint, pick_device, pick_dtype
 from tunery.models.lora import apply_lora
 from tunery.progress import console
-from tunery.run import manifest, new_run_dir, open_run, write_json_atomic
+from tunery.run import RunLock, manifest, new_run_dir, open_run, started, write_json_atomic
 from tunery.train import checkpoint, distributed
 from tunery.train.batching import collate, micro_batches, pack_batch, packing_problem, step_examples, trained_tokens
 from tunery.train.distributed import Dist
@@ -59,23 +59,33 @@ class Trainer:
 
 
 def train(cfg: RunConfig, resume: str | Path | None = None) -> Path:
-    """Train a new run (or continue `resume`) and return its folder; `gpus` > 1 launches torchrun."""
+    """Train a new run (or continue `resume`) and return its folder; `gpus` > 1 launches torchrun. The folder
+    is locked while this process trains in it (the ranks of a distributed run train under their launcher's)."""
     dist = distributed.current()
     if resume:
         run, cfg = open_run(resume)
     else:
         cfg.require("model", "data")
         run = new_run_dir(cfg)
-        cfg.to_yaml(run / "config.yaml")
-    if cfg.gpus > 1 and not dist.enabled:
-        # every rank continues the prepared folder (a fresh start when it holds only config.yaml)
-        code = distributed.launch(cfg.gpus, ["train", "--resume", str(run)])
-        if code:
-            raise RunError(f"distributed training exited with status {code}; see {run / 'train.log'}")
-        return run
+    with contextlib.nullcontext() if dist.enabled else RunLock(run):
+        if not resume:
+            if started(run):  # another process claimed the prepared folder first and trained in it
+                raise RunError(f"run folder {run} already holds a run; continue it with `tunery train --resume "
+                               f"{run}`, or pick another --name")
+            cfg.to_yaml(run / "config.yaml")
+        if cfg.gpus > 1 and not dist.enabled:
+            # every rank continues the prepared folder (a fresh start when it holds only config.yaml)
+            code = distributed.launch(cfg.gpus, ["train", "--resume", str(run)])
+            if code:
+                raise RunError(f"distributed training exited with status {code}; see {run / 'train.log'}")
+            return run
+        return _train_logged(cfg, run, resume is not None, dist)
+
+
+def _train_logged(cfg: RunConfig, run: Path, resuming: bool, dist: Dist) -> Path:
     handler = _attach_log(run) if dist.main else None
     try:
-        out = _train_in(cfg, run, resume is not None, dist)
+        out = _train_in(cfg, run, resuming, dist)
         distributed.barrier(dist)  # no rank tears the process group down while another still uses it
         return out
     finally:
