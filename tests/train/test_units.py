@@ -124,20 +124,6 @@ def test_the_fast_path_steps_padded_batches_without_a_mask_to_the_same_update(ti
             assert nb == na and (pa - pb).abs().max() < 1e-5, na
 
 
-def test_a_run_folder_is_reused_only_until_it_has_trained(tmp_path):
-    from tunery.errors import RunError
-    from tunery.run import new_run_dir
-
-    cfg = RunConfig(model="m", data="d", output_dir=str(tmp_path), name="r")
-    run = new_run_dir(cfg)
-    (run / "config.yaml").write_text("model: m\n")
-    (run / "train.log").write_text("")  # a run that stopped before training (a wrong setting)
-    assert new_run_dir(cfg) == run
-    (run / "manifest.json").write_text("{}")  # written right before the first step
-    with pytest.raises(RunError, match="already exists.*--resume"):
-        new_run_dir(cfg)
-
-
 def test_only_lora_weights_train_and_full_method_trains_everything(tiny, monkeypatch):
     lora = _trainer(tiny, monkeypatch)
     names = [n for n, p in lora.model.named_parameters() if p.requires_grad]
