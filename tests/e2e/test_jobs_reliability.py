@@ -161,8 +161,11 @@ def test_a_stale_pid_of_a_foreign_process_is_never_signalled(tmp_path, monkeypat
             p.kill()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
-def test_sigterm_or_sighup_to_the_worker_leaves_the_job_resumable(workspace, tmp_path, sig):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGHUP])
+def test_a_worker_stopped_mid_job_resumes_it_on_the_same_loss(workspace, tmp_path, sig):
+    """SIGTERM and SIGHUP stop the worker as Ctrl-C does (the job is queued again at once); after SIGKILL the job
+    stays 'running' with nobody left to say otherwise, until the next worker reconciles it. Either way the
+    next worker resumes it from its checkpoint to the loss of a run that was never stopped."""
     home = tmp_path / "home"
     cfg = _config(workspace, tmp_path, 60)
     run_cli("train", "--config", str(cfg), "--name", "straight", home=home)
@@ -175,11 +178,16 @@ def test_sigterm_or_sighup_to_the_worker_leaves_the_job_resumable(workspace, tmp
     worker.send_signal(sig)
     worker.wait(timeout=60)
     job = store.get(job_id)
-    assert job.state == "queued" and job.pid is None, (store.transitions(job_id), _worker_logs(home))
+    if sig == signal.SIGKILL:
+        assert job.state == "running"
+    else:
+        assert job.state == "queued" and job.pid is None, (store.transitions(job_id), _worker_logs(home))
     assert not (run / "result.json").exists()
     _worker(home).wait(timeout=300)
     job = store.get(job_id)
     assert job.state == "succeeded" and job.attempts == 2, (store.transitions(job_id), _worker_logs(home))
+    reasons = " | ".join(t["reason"] for t in store.transitions(job_id))
+    assert ("is gone" if sig == signal.SIGKILL else "worker stopped") in reasons, reasons
     final = json.loads((run / "result.json").read_text())
     assert final["final_loss"] == pytest.approx(straight["final_loss"], rel=1e-4)
     assert [m["step"] for m in metrics(run)] == list(range(1, 61))
