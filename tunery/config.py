@@ -9,6 +9,7 @@ tuning are one nested field, `fast_path` (kernels/options.FastPathOptions): `fas
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,6 +39,9 @@ class RunConfig:
     model: str | None = _f(None, "Hub id (Qwen/Qwen2.5-0.5B-Instruct) or local model folder.")
     data: str | None = _f(None, "Training data: .json/.jsonl/.csv/.xlsx/.parquet or a saved datasets folder.")
     eval_data: str | None = _f(None, "Separate held-out file; when unset, eval_split of data is held out.")
+    sheet: str | None = _f(None, "Excel sheet to read (required when a workbook has several).")
+    json_values: bool = _f(False, "Train cells that are not text (numbers, true/false, lists, objects) as their JSON "
+                                  "text; by default such a row is rejected and named.")
     eval_split: float = _f(0.1, "Fraction of data held out for evaluation when eval_data is unset (0 = none).")
     output_dir: str = _f("runs", "Folder that holds run folders.")
     name: str | None = _f(None, "Run folder name; default: <model name>-<date>-<time>.")
@@ -146,6 +150,9 @@ class RunConfig:
                   "group_max_width", "stash_host_fraction", "stash_factor", "stash_max_bytes_per_gflop",
                   "stash_min_attention_share", "group_kcat_backward_max_width"):
             _check(getattr(self.fast_path, f) >= 0, f"fast_path.{f}", "must be 0 or more")
+        for f in dataclasses.fields(self):  # `inf` and `nan` read as numbers, and train NaN
+            value = getattr(self, f.name)
+            _check(not isinstance(value, float) or math.isfinite(value), f.name, "must be a finite number")
         _check(0 <= self.eval_split < 1, "eval_split", "must be in [0, 1)")
         for name in ("lora_r", "lora_alpha", "max_seq_len", "batch_size", "grad_accum", "log_every", "gpus",
                      "max_new_tokens"):
@@ -155,6 +162,7 @@ class RunConfig:
         _check(self.max_steps is None or self.max_steps > 0, "max_steps", "must be positive")
         _check(self.epochs > 0, "epochs", "must be positive")
         _check(self.lr > 0, "lr", "must be positive")
+
         _check(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
         _check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
 

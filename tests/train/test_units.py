@@ -212,3 +212,25 @@ def test_a_step_groups_its_padded_micro_batches_by_length():
     assert sorted(len(t.input_ids) for r in ranks for b in r for t in b) == sorted(lengths)
     assert [[len(t.input_ids) for t in b] for b in ranks[0]] == [[3, 4], [25, 28]]
     assert [[len(t.input_ids) for t in b] for b in ranks[1]] == [[5, 6], [30, 31]]
+
+
+def test_a_non_finite_loss_stops_training_before_anything_is_saved(tiny, monkeypatch):
+    from tunery.errors import RunError
+    from tunery.train import loop
+
+    t = _trainer(tiny, monkeypatch, save_every=1)
+    real = loop.train_step
+    monkeypatch.setattr(loop, "train_step", lambda t, step: {**real(t, step), "loss": float("nan")} if step == 1
+                        else real(t, step))
+    with pytest.raises(RunError, match=r"loss became nan at step 2.*Lower --lr"):
+        loop.run_loop(t, 0, None)
+    checkpoints = t.run / "checkpoints"
+    assert not checkpoints.exists() or not list(checkpoints.iterdir())  # main rank only saves; none got there
+
+
+def test_a_learning_rate_that_is_not_finite_is_refused():
+    from tunery.config import ConfigError
+
+    for bad in ("inf", "nan"):
+        with pytest.raises(ConfigError, match="lr must be a finite number"):
+            RunConfig.from_dict({"lr": bad})

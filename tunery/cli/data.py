@@ -27,6 +27,9 @@ def inspect_command(
     max_seq_len: int = typer.Option(2048, "--max-seq-len", help="Rows longer than this are reported."),
     train_on: TrainOn = typer.Option(TrainOn.assistant, "--train-on", help="Which tokens carry loss."),
     eval_data: Path | None = typer.Option(None, "--eval-data", help="Held-out file to check overlap with."),
+    sheet: str | None = typer.Option(None, "--sheet", help="Excel sheet to read (when a workbook has several)."),
+    json_values: bool = typer.Option(False, "--json-values", help="Cells that are not text (numbers, true/false, "
+                                     "lists, objects) count as their JSON text instead of rejecting the row."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Report rows, format, token lengths, duplicates, truncation and train/eval overlap.
@@ -44,7 +47,8 @@ def inspect_command(
 
         tokenizer = load_tokenizer(model)
         ensure_chat_template(tokenizer)
-    insp = inspect_file(str(file), tokenizer, max_seq_len, train_on.value, str(eval_data) if eval_data else None)
+    insp = inspect_file(str(file), tokenizer, max_seq_len, train_on.value, str(eval_data) if eval_data else None,
+                        sheet=sheet, json_values=json_values)
     if as_json:
         print(json.dumps(insp.to_dict(), indent=2))
     else:

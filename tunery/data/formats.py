@@ -7,6 +7,8 @@ report instead of crashing half-way through a file.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,19 +30,48 @@ class RowError(ValueError):
 class Format:
     name: str
     columns: tuple[str, ...]
-    convert: Callable[[dict], Example]
+    convert: Callable[[dict, bool], Example]  # (row, json_values) -> Example
     example: str
 
 
-def _text(row: dict, key: str, required: bool = True) -> str:
+def as_text(value: Any, field: str, json_values: bool = False) -> str:
+    """A cell's text. A value that is not text (a number, true/false, a list or an object, NaN) is never
+    turned into Python's spelling of it (`{'a': 1}`, `True`, `nan`): it is an error naming the field, or, with
+    `json_values`, its JSON text (`{"a": 1}`, `true`)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and math.isnan(value):
+        raise RowError(f"'{field}' is NaN (not a number), not text")
+    if not json_values:
+        kind = {bool: "true/false", dict: "an object", list: "a list"}.get(type(value), f"a {type(value).__name__}")
+        raise RowError(f"'{field}' holds {kind}, not text: store it as a string, or pass --json-values to train "
+                       "on its JSON text")
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        raise RowError(f"'{field}' holds a {type(value).__name__}, which has no JSON text") from None
+
+
+def _text(row: dict, key: str, required: bool = True, json_values: bool = False) -> str:
     value = row.get(key)
     if value is None or (isinstance(value, str) and not value.strip()):
         if required:
             raise RowError(f"empty '{key}'")
         return ""
-    if not isinstance(value, str):
-        value = str(value)
-    return value
+    return as_text(value, key, json_values)
+
+
+def _content(value: Any, json_values: bool) -> Any:
+    """A message's content: text, or OpenAI content parts whose text parts are joined (other parts refused)."""
+    if isinstance(value, list) and all(isinstance(p, dict) for p in value):
+        kinds = {p.get("type") for p in value}
+        if kinds - {"text"}:
+            raise RowError(f"message content has {', '.join(sorted(str(k) for k in kinds - {'text'}))} parts; "
+                           "only text parts can be trained")
+        return "".join(as_text(p.get("text", ""), "content[].text") for p in value)
+    if value is None or isinstance(value, str):
+        return value
+    return as_text(value, "content", json_values)
 
 
 def _checked(messages: list[dict]) -> Example:
@@ -56,17 +87,19 @@ def _checked(messages: list[dict]) -> Example:
     return {"messages": messages}
 
 
-def _from_openai(row: dict) -> Example:
+def _from_openai(row: dict, json_values: bool = False) -> Example:
     raw = row.get("messages")
     if not isinstance(raw, list):
         raise RowError("'messages' is not a list")
+    if any(isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool") for m in raw):
+        raise RowError("tool-calling messages (tool_calls, role 'tool') are not trained yet")
     try:
-        return _checked([{"role": m["role"], "content": m["content"]} for m in raw])
+        return _checked([{"role": m["role"], "content": _content(m["content"], json_values)} for m in raw])
     except (KeyError, TypeError):
         raise RowError("each message needs 'role' and 'content'") from None
 
 
-def _from_sharegpt(row: dict) -> Example:
+def _from_sharegpt(row: dict, json_values: bool = False) -> Example:
     raw = row.get("conversations")
     if not isinstance(raw, list):
         raise RowError("'conversations' is not a list")
@@ -77,25 +110,27 @@ def _from_sharegpt(row: dict) -> Example:
         role = _SHAREGPT_ROLES.get(str(turn["from"]).lower())
         if role is None:
             raise RowError(f"unknown speaker {turn['from']!r} (known: {', '.join(sorted(_SHAREGPT_ROLES))})")
-        messages.append({"role": role, "content": turn["value"]})
+        messages.append({"role": role, "content": _content(turn["value"], json_values)})
     return _checked(messages)
 
 
-def _from_alpaca(row: dict) -> Example:
-    instruction, extra = _text(row, "instruction"), _text(row, "input", required=False)
+def _from_alpaca(row: dict, json_values: bool = False) -> Example:
+    instruction = _text(row, "instruction", json_values=json_values)
+    extra = _text(row, "input", required=False, json_values=json_values)
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row, "output")}]
-    system = _text(row, "system", required=False)
+    messages = [{"role": "user", "content": user},
+                {"role": "assistant", "content": _text(row, "output", json_values=json_values)}]
+    system = _text(row, "system", required=False, json_values=json_values)
     return _checked(([{"role": "system", "content": system}] if system.strip() else []) + messages)
 
 
-def _from_prompt_completion(row: dict) -> Example:
-    return _checked([{"role": "user", "content": _text(row, "prompt")},
-                     {"role": "assistant", "content": _text(row, "completion")}])
+def _from_prompt_completion(row: dict, json_values: bool = False) -> Example:
+    return _checked([{"role": "user", "content": _text(row, "prompt", json_values=json_values)},
+                     {"role": "assistant", "content": _text(row, "completion", json_values=json_values)}])
 
 
-def _from_text(row: dict) -> Example:
-    return {"text": _text(row, "text")}
+def _from_text(row: dict, json_values: bool = False) -> Example:
+    return {"text": _text(row, "text", json_values=json_values)}
 
 
 FORMATS: tuple[Format, ...] = (
@@ -122,14 +157,15 @@ def detect_format(rows: list[dict], source: str = "data") -> Format:
     raise DataError(f"{source}: columns {sorted(columns)} match no known format. Known formats:\n{known}")
 
 
-def normalise(rows: list[dict], fmt: Format, system_prompt: str | None = None
+def normalise(rows: list[dict], fmt: Format, system_prompt: str | None = None, json_values: bool = False
               ) -> tuple[list[Example | None], list[str | None]]:
-    """Each row as an Example (or None) with the reason it was rejected (or None)."""
+    """Each row as an Example (or None) with the reason it was rejected (or None). `json_values`: cells that
+    are not text train as their JSON text instead of being rejected."""
     examples: list[Example | None] = []
     reasons: list[str | None] = []
     for row in rows:
         try:
-            example = fmt.convert(row)
+            example = fmt.convert(row, json_values)
         except RowError as e:
             examples.append(None)
             reasons.append(str(e))

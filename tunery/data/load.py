@@ -16,8 +16,9 @@ from tunery.hashing import sha256_files
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".xlsx", ".parquet")
 
 
-def load_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of `path` as dicts; a folder is read as a saved `datasets` dataset."""
+def load_rows(path: str | Path, sheet: str | None = None) -> list[dict[str, Any]]:
+    """Rows of `path` as dicts; a folder is read as a saved `datasets` dataset. `sheet`: the Excel sheet to
+    read (needed when a workbook has several)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
@@ -25,12 +26,12 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
         rows = _load_datasets_folder(path)
     else:
         suffix = path.suffix.lower()
-        readers = {".json": _load_json, ".jsonl": _load_jsonl, ".csv": _load_csv, ".xlsx": _load_xlsx,
+        readers = {".json": _load_json, ".jsonl": _load_jsonl, ".csv": _load_csv, ".xlsx": None,
                    ".parquet": _load_parquet}
         if suffix not in readers:
             raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use one of "
                             f"{', '.join(SUPPORTED_SUFFIXES)} or a folder saved with datasets' save_to_disk")
-        rows = readers[suffix](path)
+        rows = _load_xlsx(path, sheet) if suffix == ".xlsx" else readers[suffix](path)
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {i + 1} is a {type(row).__name__}, expected an object with fields")
@@ -112,14 +113,49 @@ def _load_csv(path: Path) -> list[dict]:
     return _decode_cells(frame.to_dict("records"))
 
 
-def _load_xlsx(path: Path) -> list[dict]:
-    import pandas as pd
+def _load_xlsx(path: Path, sheet: str | None = None) -> list[dict]:
+    """The named sheet (or the only one) as rows under its first row's headers; cells as the user sees them:
+    dates as ISO dates, whole numbers without '.0', TRUE/FALSE. Merged cells are refused with the fix."""
+    from openpyxl import load_workbook
 
     try:
-        frame = pd.read_excel(path, dtype=str, keep_default_na=False, engine="openpyxl")
+        book = load_workbook(path, data_only=True)  # not read-only: merged ranges are only known then
     except Exception as e:  # openpyxl raises many types for broken workbooks
         raise DataError(f"{path}: cannot read as an Excel workbook: {e}") from None
-    return _decode_cells(frame.to_dict("records"))
+    names = book.sheetnames
+    if sheet is None and len(names) > 1:
+        raise DataError(f"{path} has {len(names)} sheets ({', '.join(names)}); name the one to train on with "
+                        "--sheet NAME (or `sheet:` in the config)")
+    if sheet is not None and sheet not in names:
+        raise DataError(f"{path} has no sheet {sheet!r}; its sheets: {', '.join(names)}")
+    ws = book[sheet or names[0]]
+    merged = [str(r) for r in ws.merged_cells.ranges if r.max_row > 1 and r.max_row > r.min_row]
+    if merged:
+        raise DataError(f"{path}, sheet {ws.title!r}: merged cells {', '.join(merged[:5])}"
+                        f"{' ...' if len(merged) > 5 else ''} keep their value in the first row only, so the rows "
+                        "below would read as empty. Unmerge them and fill every row (Excel: Merge & Center > "
+                        "Unmerge Cells, then fill down), and save the file again")
+    table = [row for row in ws.iter_rows(values_only=True) if any(c is not None for c in row)]
+    if not table:
+        return []
+    header = [str(h).strip() if h is not None else f"Unnamed: {i}" for i, h in enumerate(table[0])]
+    return _decode_cells([{h: _excel_cell(v) for h, v in zip(header, row)} for row in table[1:]])
+
+
+def _excel_cell(value: Any) -> Any:
+    import datetime as dt
+
+    if isinstance(value, dt.datetime):
+        return value.date().isoformat() if value.time() == dt.time() else value.isoformat(sep=" ")
+    if isinstance(value, (dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (int, float)):
+        return str(value)
+    return value
 
 
 def _load_parquet(path: Path) -> list[dict]:

@@ -45,8 +45,8 @@ def training_tokens(cfg: RunConfig) -> int:
     from tunery.data.formats import detect_format, normalise
     from tunery.data.load import load_rows
 
-    rows = load_rows(cfg.data)
-    examples, _ = normalise(rows, detect_format(rows, source=cfg.data))
+    rows = load_rows(cfg.data, cfg.sheet)
+    examples, _ = normalise(rows, detect_format(rows, source=cfg.data), json_values=cfg.json_values)
     lengths = [min(cfg.max_seq_len, len(json.dumps(e)) // 4) for e in examples if e is not None]
     if not lengths:
         raise TuneryError(f"{cfg.data}: no usable rows (run `tunery data inspect {cfg.data}`)")

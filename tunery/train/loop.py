@@ -148,6 +148,11 @@ def run_loop(t: Trainer, start: int, metrics: MetricsFile | None) -> dict:
         for step in range(start, t.total_steps):
             stats = train_step(t, step)
             done = step + 1
+            if not math.isfinite(stats["loss"]):  # nothing after this step could be trusted, so nothing is saved
+                raise RunError(f"the loss became {stats['loss']} at step {done}; training stopped without saving "
+                               f"its weights. Lower --lr (now {cfg.lr:g}), check the data with `tunery data "
+                               f"inspect`, or use --dtype fp32; `tunery train --resume {t.run}` continues from "
+                               "the last checkpoint")
             tokens += stats.pop("tokens")
             epoch = done * cfg.batch_size * cfg.grad_accum * t.dist.world / len(t.data.train)
             stats.update(step=done, total_steps=t.total_steps, epoch=round(epoch, 4),
