@@ -65,6 +65,7 @@ class RunConfig:
     scheduler: Literal["cosine", "linear", "constant"] = _f("cosine", "Learning-rate decay after warmup.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
     eval_every: int = _f(0, "Held-out loss every N steps (0 = only at the end).")
+    eval_max_rows: int = _f(500, "Held-out rows the training's eval loss reads at most (a seeded sample; 0 = all).")
     save_every: int = _f(100, "Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = _f(2, "How many recent checkpoints to keep.")
     log_every: int = _f(1, "Write a metrics.jsonl line every N steps.")
@@ -157,7 +158,7 @@ class RunConfig:
         for name in ("lora_r", "lora_alpha", "max_seq_len", "batch_size", "grad_accum", "log_every", "gpus",
                      "max_new_tokens"):
             _check(getattr(self, name) > 0, name, "must be positive")
-        for name in ("eval_every", "save_every", "keep_checkpoints", "eval_samples"):
+        for name in ("eval_every", "save_every", "keep_checkpoints", "eval_samples", "eval_max_rows"):
             _check(getattr(self, name) >= 0, name, "must be 0 or more")
         _check(self.max_steps is None or self.max_steps > 0, "max_steps", "must be positive")
         _check(self.epochs > 0, "epochs", "must be positive")
@@ -165,6 +166,16 @@ class RunConfig:
 
         _check(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
         _check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+
+    def with_absolute_paths(self, base: Path) -> RunConfig:
+        """Data, eval data, output folder and a local model folder as absolute paths (relative ones read from
+        `base`), so the run's config.yaml means the same from any working directory."""
+        changes = {name: str((base / getattr(self, name)).expanduser().resolve())
+                   for name in ("data", "eval_data", "output_dir") if getattr(self, name)}
+        local_model = (base / self.model).expanduser() if self.model else None
+        if local_model is not None and local_model.exists():
+            changes["model"] = str(local_model.resolve())
+        return self.replace(**changes)
 
     def require(self, *names: str) -> None:
         for name in names:

@@ -15,12 +15,12 @@ from tunery.models.tiny import TinySpec, build_tiny_model, corpus_of
 ASSETS = Path(__file__).resolve().parents[2] / "tunery" / "assets" / "dates.jsonl"
 
 
-def run_cli(*args: str, home: Path, check: bool = True, timeout: int = 600,
-            env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `tunery ARGS` as a real subprocess (offline, TUNERY_HOME=home; `env`: more variables)."""
+def run_cli(*args: str, home: Path, check: bool = True, timeout: int = 600, env: dict | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `tunery ARGS` as a real subprocess (offline, TUNERY_HOME=home; `env`: more variables; in `cwd`)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNERY_HOME": str(home), "COLUMNS": "200", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "tunery.cli.app", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+                          env=env, timeout=timeout, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"tunery {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -85,3 +85,28 @@ def test_qlora_trains_adapters_on_a_4bit_base_and_eval_reads_them(workspace):
     run_cli("eval", str(run), "--samples", "4", home=workspace["home"])
     report = json.loads((run / "eval" / "report.json").read_text())
     assert report["fine_tuned"]["loss"] < report["base"]["loss"]
+
+
+def test_a_run_trained_with_relative_paths_evaluates_from_anywhere_and_refuses_changed_data(workspace, tmp_path):
+    """config.yaml holds absolute paths; eval checks the data file against the sha256 the manifest recorded."""
+    import shutil
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(workspace["data"], work / "data.jsonl")
+    run_cli("train", "--model", str(workspace["model"]), "--data", "data.jsonl", "--output-dir", "runs", "--name",
+            "rel", "--max-steps", "3", "--max-seq-len", "64", "--eval-samples", "2", "--max-new-tokens", "4",
+            home=workspace["home"], cwd=work)
+    run = work / "runs" / "rel"
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    assert written["data"] == str(work / "data.jsonl") and written["output_dir"] == str(work / "runs")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run_cli("eval", str(run), home=workspace["home"], cwd=elsewhere)
+    with open(work / "data.jsonl", "a") as fh:
+        fh.write(json.dumps({"messages": [{"role": "user", "content": "new"},
+                                          {"role": "assistant", "content": "row"}]}) + "\n")
+    proc = run_cli("eval", str(run), home=workspace["home"], cwd=elsewhere, check=False)
+    assert proc.returncode == 2 and "has changed since the run trained on it" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    run_cli("eval", str(run), "--allow-changed-data", home=workspace["home"], cwd=elsewhere)

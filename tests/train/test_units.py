@@ -67,7 +67,7 @@ def tiny(tmp_path_factory):
 def _trainer(tiny, monkeypatch, **kw):
     root, model, data = tiny
     monkeypatch.setenv("TUNERY_HOME", str(root / "home"))
-    cfg = RunConfig(model=str(model), data=str(data), eval_split=0, lora_dropout=0.0, max_steps=3, **kw)
+    cfg = RunConfig(model=str(model), data=str(data), **{"eval_split": 0, "lora_dropout": 0.0, "max_steps": 3, **kw})
     return setup(cfg, root)
 
 
@@ -234,3 +234,32 @@ def test_a_learning_rate_that_is_not_finite_is_refused():
     for bad in ("inf", "nan"):
         with pytest.raises(ConfigError, match="lr must be a finite number"):
             RunConfig.from_dict({"lr": bad})
+
+
+def test_eval_data_that_is_the_training_file_is_refused(tiny):
+    from tunery.data.dataset import prepare_data
+    from tunery.errors import DataError
+
+    _, model, data = tiny
+    cfg = RunConfig(model=str(model), data=str(data), eval_data=str(data))
+    with pytest.raises(DataError, match="eval_data is the training file itself"):
+        prepare_data(cfg, tokenizer=None)
+
+
+def test_the_training_eval_reads_at_most_eval_max_rows(tiny, monkeypatch):
+    from tunery.train import loop
+
+    t = _trainer(tiny, monkeypatch, eval_split=0.5, eval_max_rows=7)
+    seen = []
+    monkeypatch.setattr(loop, "held_out_loss", lambda model, rows, *a, **kw: seen.append(rows) or {"loss": 1.0})
+    loop._eval(t)
+    loop._eval(t)
+    assert len(t.data.eval) > 7 and [len(r) for r in seen] == [7, 7] and seen[0] == seen[1]  # the same sample
+
+
+def test_config_paths_are_made_absolute(tmp_path):
+    (tmp_path / "m").mkdir()
+    cfg = RunConfig(model="m", data="d.jsonl", eval_data="e.jsonl", output_dir="runs").with_absolute_paths(tmp_path)
+    assert (cfg.model, cfg.data, cfg.eval_data, cfg.output_dir) == (
+        str(tmp_path / "m"), str(tmp_path / "d.jsonl"), str(tmp_path / "e.jsonl"), str(tmp_path / "runs"))
+    assert RunConfig(model="Qwen/Qwen2.5-0.5B").with_absolute_paths(tmp_path).model == "Qwen/Qwen2.5-0.5B"

@@ -14,11 +14,13 @@ def eval_command(
     run: Path = typer.Argument(..., help="Run folder written by `tunery train`."),
     samples: int | None = typer.Option(None, "--samples", help="Held-out prompts to generate (0 = all)."),
     device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: the run's)."),
+    allow_changed_data: bool = typer.Option(False, "--allow-changed-data",
+                                            help="Evaluate even if the data file changed since training."),
 ) -> None:
     """Held-out loss, perplexity, exact match and ROUGE-L of the base and the fine-tuned model."""
     from tunery.eval.evaluate import evaluate_run
 
-    report = evaluate_run(run, samples, device)
+    report = evaluate_run(run, samples, device, allow_changed_data)
     show_report(report)
     console.print(f"report: {Path(report['run']) / 'eval' / 'report.md'}")
 

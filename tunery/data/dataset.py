@@ -118,6 +118,9 @@ def split_indices(n: int, eval_split: float, seed: int) -> tuple[list[int], list
 
 def prepare_data(cfg, tokenizer) -> PreparedData:
     """Train and eval sequences for a RunConfig; stops with a DataError when nothing would train."""
+    if cfg.eval_data and os.path.realpath(cfg.eval_data) == os.path.realpath(cfg.data):
+        raise DataError(f"eval_data is the training file itself ({cfg.data}): its held-out loss would score rows the "
+                        "model trained on. Drop --eval-data to hold out eval_split of the file, or pass another file")
     main = load_file(cfg.data, tokenizer, cfg.max_seq_len, cfg.train_on, cfg.system_prompt, cfg.sheet,
                      cfg.json_values)
     usable = main.usable()

@@ -28,11 +28,32 @@ def _measure(model, tokenizer, data, prompts, device: str, max_new_tokens: int, 
     return metrics, replies
 
 
-def evaluate_run(run: str | Path, samples: int | None = None, device: str | None = None) -> dict:
+def check_data_unchanged(run: Path) -> None:
+    """The run's data files are the ones it trained on (the sha256 its manifest recorded): a changed file would
+    be split differently, and its held-out rows could be rows the model trained on."""
+    import json
+
+    from tunery.data.load import content_hash
+
+    manifest = run / "manifest.json"
+    recorded = json.loads(manifest.read_text()).get("data_sha256", {}) if manifest.is_file() else {}
+    for path, digest in recorded.items():
+        now = content_hash(path) if Path(path).exists() else "missing"
+        if now != digest:
+            what = "is missing" if now == "missing" else "has changed since the run trained on it"
+            raise DataError(f"{path} {what} (sha256 recorded in {manifest}): its held-out rows may not be the ones "
+                            "held out in training. Put the original file back, or pass --allow-changed-data to "
+                            "evaluate on it anyway")
+
+
+def evaluate_run(run: str | Path, samples: int | None = None, device: str | None = None,
+                 allow_changed_data: bool = False) -> dict:
     """Measure base vs fine-tuned on the run's held-out split; write and return the report."""
     from tunery.models.load import pick_device
 
     run, cfg = open_run(run)
+    if not allow_changed_data:
+        check_data_unchanged(run)
     device = pick_device(device or cfg.device)
     base, tuned, tokenizer = load_trained(run, device)
     data = prepare_data(cfg, tokenizer)

@@ -56,21 +56,11 @@ def training_tokens(cfg: RunConfig) -> int:
     return int(cfg.epochs * sum(lengths))
 
 
-def _absolute(cfg: RunConfig, base: Path) -> RunConfig:
-    """Paths made absolute so the job runs the same from any working directory."""
-    changes = {name: str((base / getattr(cfg, name)).expanduser().resolve())
-               for name in ("data", "eval_data", "output_dir") if getattr(cfg, name)}
-    local_model = (base / cfg.model).expanduser()
-    if local_model.exists():
-        changes["model"] = str(local_model.resolve())
-    return cfg.replace(**changes)
-
-
 def prepare(cfg: RunConfig, flavor: str, backend: str, base: Path | None = None) -> tuple[RunConfig, Path, Estimate]:
     if backend not in BACKENDS:
         raise TuneryError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     cfg.require("model", "data")
-    cfg = _absolute(cfg, base or Path.cwd())
+    cfg = cfg.with_absolute_paths(base or Path.cwd())
     run_dir = Path(cfg.output_dir) / (cfg.name or auto_name(cfg.model))
     if cfg.name and run_dir.exists():  # early word; `queue` creates the folder atomically
         raise TuneryError(f"run folder {run_dir} already exists; pick another --name")

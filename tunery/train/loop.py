@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,7 @@ def train(cfg: RunConfig, resume: str | Path | None = None) -> Path:
         run, cfg = open_run(resume)
     else:
         cfg.require("model", "data")
+        cfg = cfg.with_absolute_paths(Path.cwd())  # config.yaml then reads the same from any folder
         run = new_run_dir(cfg)
     with contextlib.nullcontext() if dist.enabled else RunLock(run):
         if not resume:
@@ -161,7 +163,7 @@ def run_loop(t: Trainer, start: int, metrics: MetricsFile | None) -> dict:
             if not main:
                 continue
             if t.data.eval and ((cfg.eval_every and done % cfg.eval_every == 0) or done == t.total_steps):
-                ev = _eval(t)
+                ev = _eval(t, display if done == t.total_steps else None)
                 stats.update(eval_loss=ev["loss"], eval_perplexity=ev["perplexity"])
             if done % cfg.log_every == 0 or done == t.total_steps or "eval_loss" in stats:
                 metrics.write(stats)
@@ -176,8 +178,15 @@ def run_loop(t: Trainer, start: int, metrics: MetricsFile | None) -> dict:
     return last
 
 
-def _eval(t: Trainer) -> dict:
-    return held_out_loss(t.model, t.data.eval, t.tokenizer.pad_token_id, t.device, t.cfg.batch_size)
+def _eval(t: Trainer, display: TrainDisplay | None = None) -> dict:
+    """Held-out loss over at most eval_max_rows rows (the same seeded sample every time); with `display`, a
+    progress bar."""
+    rows = t.data.eval
+    if t.cfg.eval_max_rows and len(rows) > t.cfg.eval_max_rows:
+        picked = sorted(random.Random(t.cfg.seed).sample(range(len(rows)), t.cfg.eval_max_rows))
+        rows = [rows[i] for i in picked]
+    advance = display.subtask("held-out loss", -(-len(rows) // t.cfg.batch_size)) if display else None
+    return held_out_loss(t.model, rows, t.tokenizer.pad_token_id, t.device, t.cfg.batch_size, on_batch=advance)
 
 
 def _save_final(t: Trainer) -> None:

@@ -36,8 +36,10 @@ def summed_loss(model, batch: dict, fast=None):
                            ignore_index=IGNORE, reduction="sum")
 
 
-def held_out_loss(model, sequences: list[Tokenized], pad_id: int, device: str, batch_size: int = 8) -> dict:
-    """Mean loss per label token and its perplexity over `sequences` (model put in eval mode)."""
+def held_out_loss(model, sequences: list[Tokenized], pad_id: int, device: str, batch_size: int = 8,
+                  on_batch=None) -> dict:
+    """Mean loss per label token and its perplexity over `sequences` (model put in eval mode); `on_batch()` is
+    called after each batch (progress)."""
     import torch
 
     if not sequences:
@@ -50,6 +52,8 @@ def held_out_loss(model, sequences: list[Tokenized], pad_id: int, device: str, b
             batch = collate(sequences[start : start + batch_size], pad_id, device)
             total += float(summed_loss(model, batch))
             count += trained_tokens(batch)
+            if on_batch is not None:
+                on_batch()
     model.train(was_training)
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}

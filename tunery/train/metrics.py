@@ -65,6 +65,15 @@ class TrainDisplay:
         elif step % self._every == 0 or step == self.total or "eval_loss" in stats:
             console.print(f"step {step}/{self.total}  {text}  ({time.time() - self._t0:.0f}s)")
 
+    def subtask(self, description: str, total: int):
+        """A second bar under the training one (the final held-out loss): returns its `advance()`. Off a
+        terminal, one line now; the training line that follows says when it is done."""
+        if self.interactive:
+            task = self._progress.add_task(description, total=total, stats="")
+            return lambda n=1: self._progress.advance(task, n)
+        console.print(f"{description}: {total} batches")
+        return lambda n=1: None
+
     def close(self) -> None:
         if self.interactive:
             self._progress.stop()
