@@ -26,6 +26,7 @@ class Inspection:
     overlap: int
     overlap_against: str
     preview: list[tuple[str, bool]] = field(default_factory=list)  # (text piece, trained?)
+    too_long_rows: list[int] = field(default_factory=list)  # 1-based row numbers cut at max_seq_len
     problems: list[str] = field(default_factory=list)  # fatal: training would fail or train on nothing
     warnings: list[str] = field(default_factory=list)
 
@@ -70,6 +71,7 @@ def inspect_file(path: str, tokenizer=None, max_seq_len: int = 2048, train_on: s
                       too_long=0, no_trainable=0, overlap=0, overlap_against="")
     if tokenizer is not None:
         _token_stats(insp, [tokens[i] for i in kept], max_seq_len)
+        insp.too_long_rows = [i + 1 for i in kept if tokens[i] is not None and tokens[i].truncated]
         first = next((i for i in kept if tokens[i] is not None), None)
         if first is not None:
             insp.preview = _preview(tokenizer, tokens[first])
@@ -82,6 +84,8 @@ def inspect_file(path: str, tokenizer=None, max_seq_len: int = 2048, train_on: s
 
 
 def _token_stats(insp: Inspection, kept: list[Tokenized], max_seq_len: int) -> None:
+    # a truncated row counts as max_seq_len + 1 in the histogram: over the limit, by an amount not counted (a
+    # giant row is cut before it is tokenized: no memory is spent measuring what is thrown away)
     insp.lengths = [len(t.input_ids) + (1 if t.truncated else 0) for t in kept]
     insp.too_long = sum(t.truncated for t in kept)
     insp.no_trainable = sum(all(x == IGNORE for x in t.labels) for t in kept)
@@ -112,7 +116,9 @@ def _judge(insp: Inspection, n_kept: int) -> None:
     if n_rejected:
         insp.warnings.append(f"{n_rejected} rows rejected and skipped in training")
     if insp.too_long:
-        insp.warnings.append(f"{insp.too_long} rows longer than max_seq_len are truncated")
+        rows = ", ".join(map(str, insp.too_long_rows[:10])) + (" ..." if len(insp.too_long_rows) > 10 else "")
+        insp.warnings.append(f"{insp.too_long} rows longer than max_seq_len are truncated"
+                             + (f" (rows {rows})" if rows else ""))
     if insp.no_trainable and insp.no_trainable < n_kept:
         insp.warnings.append(f"{insp.no_trainable} rows have no trained token after truncation and are skipped")
     if insp.duplicates:

@@ -47,15 +47,28 @@ def tokenize_example(tokenizer, example: Example, max_seq_len: int, train_on: st
         text, spans = example["text"] + (tokenizer.eos_token or ""), None
     else:
         text, spans = assistant_spans(tokenizer, example["messages"])
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    # no token covers more characters than the vocabulary's longest, so the first max_seq_len + 1 tokens lie in
+    # this many characters: a giant row is cut before it is tokenized, not after (memory bounded by max_seq_len)
+    bound = (max_seq_len + 1) * _longest_token(tokenizer)
+    cut = len(text) > bound
+    enc = tokenizer(text[:bound] if cut else text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     if spans is None or train_on == "all":
         labels = list(ids)
     else:
         labels = [tok if any(s <= start < e for s, e in spans) else IGNORE
                   for tok, (start, _) in zip(ids, enc["offset_mapping"])]
-    truncated = len(ids) > max_seq_len
+    truncated = cut or len(ids) > max_seq_len
     return Tokenized(ids[:max_seq_len], labels[:max_seq_len], truncated)
+
+
+def _longest_token(tokenizer) -> int:
+    """Characters in the vocabulary's longest token (added tokens included), computed once per tokenizer."""
+    longest = getattr(tokenizer, "_tunery_longest_token", None)
+    if longest is None:
+        longest = max(8, *(len(t) for t in tokenizer.get_vocab()))
+        tokenizer._tunery_longest_token = longest
+    return longest
 
 
 def prompt_and_reference(example: Example) -> tuple[list[dict], str] | None:
