@@ -45,3 +45,9 @@ def test_a_folder_being_trained_is_locked_against_a_second_process(tmp_path):
         proc.wait()
     with RunLock(tmp_path):  # the OS let go when the holder died
         pass
+
+
+def test_an_output_dir_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "runs").write_text("")
+    with pytest.raises(RunError, match="output_dir .*runs is a file, not a folder"):
+        create_run_dir(tmp_path / "runs", "r", "m")

@@ -37,7 +37,10 @@ def auto_name(model: str) -> str:
 def create_run_dir(output_dir: str | Path, name: str | None, model: str) -> Path:
     """A new, empty run folder, created atomically (mkdir fails if it exists): a given `name` that exists is
     refused, a generated one is tried again under another tag. Two processes never get the same folder."""
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise RunError(f"output_dir {output_dir} is a file, not a folder; pass --output-dir FOLDER") from None
     for _ in range(20):
         path = Path(output_dir) / (name or auto_name(model))
         try:

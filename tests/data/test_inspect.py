@@ -82,6 +82,15 @@ def test_preview_marks_trained_pieces(tmp_path, tiny_tokenizer):
     assert trained == ["Paris is the capital of France.<|im_end|>\n"]
     assert untrained == "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     assert [on for _, on in insp.preview] == [False, True]
+    assert insp.to_dict()["preview"] == [{"text": t, "trained": on} for t, on in insp.preview]  # in --json too
+
+
+def test_the_printed_preview_marks_trained_tokens_without_colour(tmp_path, tiny_tokenizer, capsys):
+    from tunery.cli.data import _show
+
+    _show(inspect_file(_write(tmp_path / "d.jsonl", ROWS[:2]), tiny_tokenizer))
+    out = capsys.readouterr().out
+    assert "assistant\n⟦Paris is the capital of France.<|im_end|>\n⟧" in out and "\x1b[" not in out
 
 
 def test_without_tokenizer_lengths_are_characters(tmp_path):

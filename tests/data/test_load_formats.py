@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tunery.data.formats import FORMATS, detect_format, normalise
-from tunery.data.load import load_rows
+from tunery.data.load import BAD_ROW, load_rows
 from tunery.errors import DataError
 
 # (instruction, input, output): the alpaca spelling; the other chat formats carry the joined user text.
@@ -114,13 +114,36 @@ def test_system_prompt_is_added_only_where_missing():
     assert len(examples[1]["messages"]) == 3
 
 
-def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+def test_a_malformed_jsonl_line_is_reported_with_the_rest_by_its_line(tmp_path):
     path = tmp_path / "broken.jsonl"
     good = json.dumps({"text": "fine"})
     path.write_text(f"{good}\n\n{{\"text\": \"no closing brace\"\n{good}\n")  # blank line 2 still counts
-    with pytest.raises(DataError) as err:
-        load_rows(path)
-    assert f"{path}:3:" in str(err.value)
+    rows = load_rows(path)
+    examples, reasons = normalise(rows, detect_format(rows, source=str(path)))
+    assert [e is not None for e in examples] == [True, False, True]
+    assert reasons[1].startswith("line 3: malformed JSON")
+    path.write_text("{broken\n[also broken\n")
+    with pytest.raises(DataError, match=r"no row could be read \(line 1: malformed JSON"):
+        detect_format(load_rows(path), source=str(path))
+
+
+def test_unreadable_inputs_are_data_errors_not_tracebacks(tmp_path, monkeypatch):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(DataError, match="nested too deeply"):
+        load_rows(deep)
+    lines = tmp_path / "deep.jsonl"
+    lines.write_text(json.dumps({"text": "ok"}) + "\n" + "[" * 100000 + "]" * 100000 + "\n")
+    assert load_rows(lines)[1] == {BAD_ROW: "line 2: JSON nested too deeply"}
+    locked = tmp_path / "locked.jsonl"
+    locked.write_text("{}\n")
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("builtins.open", refuse)
+    with pytest.raises(DataError, match="cannot read .*locked.jsonl: Permission denied; check its permissions"):
+        load_rows(locked)
 
 
 def test_invalid_json_file_names_file_and_line(tmp_path):

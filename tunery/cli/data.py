@@ -76,10 +76,10 @@ def _show(insp) -> None:
         for low, high, count in hist:
             console.print(f"  {low:>7}-{high:<7} {'█' * max(1 if count else 0, round(30 * count / peak)):<30} {count}")
     if insp.preview:
-        console.print("[bold]first example as the model sees it[/] ([green]green[/] = trained tokens):")
+        console.print("[bold]first example as the model sees it[/] (⟦trained tokens⟧, also in [green]green[/]):")
         text = Text()
-        for piece, trained in insp.preview:
-            text.append(piece, style="bold green" if trained else "dim")
+        for piece, trained in insp.preview:  # the brackets survive a pipe or a file; the colour does not
+            text.append(f"⟦{piece}⟧" if trained else piece, style="bold green" if trained else "dim")
         console.print(text)
     elif insp.length_unit == "characters":
         console.print("[dim]pass --model to count tokens and preview the rendered template[/]")

@@ -147,8 +147,13 @@ def detect_format(rows: list[dict], source: str = "data") -> Format:
     """The first format whose identifying columns all appear in the rows' columns."""
     if not rows:
         raise DataError(f"{source} has no rows")
+    from tunery.data.load import BAD_ROW
+
+    readable = [r for r in rows if BAD_ROW not in r]
+    if not readable:
+        raise DataError(f"{source}: no row could be read ({rows[0][BAD_ROW]}, ...)")
     columns: set[str] = set()
-    for row in rows[:100]:
+    for row in readable[:100]:
         columns.update(k for k, v in row.items() if v is not None)
     for fmt in FORMATS:
         if set(fmt.columns) <= columns:
@@ -163,7 +168,13 @@ def normalise(rows: list[dict], fmt: Format, system_prompt: str | None = None, j
     are not text train as their JSON text instead of being rejected."""
     examples: list[Example | None] = []
     reasons: list[str | None] = []
+    from tunery.data.load import BAD_ROW
+
     for row in rows:
+        if BAD_ROW in row:
+            examples.append(None)
+            reasons.append(row[BAD_ROW])
+            continue
         try:
             example = fmt.convert(row, json_values)
         except RowError as e:

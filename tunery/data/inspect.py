@@ -31,7 +31,9 @@ class Inspection:
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "preview"}
+        out = {k: v for k, v in self.__dict__.items() if k != "preview"}
+        out["preview"] = [{"text": piece, "trained": trained} for piece, trained in self.preview]
+        return out
 
 
 def _key(example: dict) -> str:

@@ -22,6 +22,13 @@ def load_rows(path: str | Path, sheet: str | None = None) -> list[dict[str, Any]
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
+    try:
+        return _load(path, sheet)
+    except PermissionError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}; check its permissions") from None
+
+
+def _load(path: Path, sheet: str | None) -> list[dict[str, Any]]:
     if path.is_dir():
         rows = _load_datasets_folder(path)
     else:
@@ -46,9 +53,14 @@ def content_hash(path: str | Path) -> str:
     return sha256_files((p.relative_to(path).as_posix(), p) for p in sorted(path.rglob("*")) if p.is_file())
 
 
+BAD_ROW = "_tunery_unreadable"  # a row that could not be read: its key holds why (reported, then skipped)
+
+
 def _load_json(path: Path) -> list[dict]:
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}. "
                         "If the file has one object per line, name it .jsonl") from None
@@ -72,9 +84,10 @@ def _load_jsonl(path: Path) -> list[dict]:
                     continue
                 try:
                     rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno}); "
-                                    "fix or remove that line") from None
+                except json.JSONDecodeError as e:  # reported with the rest, not the end of the file
+                    rows.append({BAD_ROW: f"line {lineno}: malformed JSON ({e.msg} at column {e.colno})"})
+                except RecursionError:
+                    rows.append({BAD_ROW: f"line {lineno}: JSON nested too deeply"})
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text ({e.reason} near byte {e.start})") from None
     return rows
