@@ -26,6 +26,11 @@ class ConfigError(TuneryError):
     """A setting is missing, unknown or has a bad value; the message names the field."""
 
 
+# the fields of tunery's data layouts that `columns` may map a file's own column names onto (data/formats.py)
+COLUMN_FIELDS = ("prompt", "completion", "instruction", "input", "output", "system", "reasoning", "text",
+                 "messages", "conversations")
+
+
 def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
@@ -40,6 +45,9 @@ class RunConfig:
     data: str | None = _f(None, "Training data: .json/.jsonl/.csv/.xlsx/.parquet or a saved datasets folder.")
     eval_data: str | None = _f(None, "Separate held-out file; when unset, eval_split of data is held out.")
     sheet: str | None = _f(None, "Excel sheet to read (required when a workbook has several).")
+    columns: list[str] = _f([], "Your column names for tunery's, as FIELD=COLUMN (prompt=Question,completion=Response,"
+                                "reasoning=Complex_CoT); fields: " + ", ".join(COLUMN_FIELDS) + ". In YAML also a "
+                                "mapping.")
     json_values: bool = _f(False, "Train cells that are not text (numbers, true/false, lists, objects) as their JSON "
                                   "text; by default such a row is rejected and named.")
     eval_split: float = _f(0.1, "Fraction of data held out for evaluation when eval_data is unset (0 = none).")
@@ -103,6 +111,8 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}; known settings: "
                               f"{', '.join(sorted(known))}")
+        if isinstance(values.get("columns"), dict):  # YAML's natural spelling: {prompt: Question, ...}
+            values = {**values, "columns": [f"{k}={v}" for k, v in values["columns"].items()]}
         if "fast_path" in values and not isinstance(values["fast_path"], FastPathOptions):
             try:
                 values = {**values, "fast_path": FastPathOptions.from_dict(values["fast_path"] or {})}
@@ -151,6 +161,10 @@ class RunConfig:
                   "group_max_width", "stash_host_fraction", "stash_factor", "stash_max_bytes_per_gflop",
                   "stash_min_attention_share", "group_kcat_backward_max_width"):
             _check(getattr(self.fast_path, f) >= 0, f"fast_path.{f}", "must be 0 or more")
+        for pair in self.columns:
+            target, _, source = pair.partition("=")
+            _check(bool(source.strip()) and target.strip() in COLUMN_FIELDS, "columns",
+                   f"entries are FIELD=COLUMN with FIELD one of {', '.join(COLUMN_FIELDS)}; not {pair!r}")
         for f in dataclasses.fields(self):  # `inf` and `nan` read as numbers, and train NaN
             value = getattr(self, f.name)
             _check(not isinstance(value, float) or math.isfinite(value), f.name, "must be a finite number")

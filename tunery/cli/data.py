@@ -30,6 +30,8 @@ def inspect_command(
     sheet: str | None = typer.Option(None, "--sheet", help="Excel sheet to read (when a workbook has several)."),
     json_values: bool = typer.Option(False, "--json-values", help="Cells that are not text (numbers, true/false, "
                                      "lists, objects) count as their JSON text instead of rejecting the row."),
+    columns: str | None = typer.Option(None, "--columns", help="Your column names for tunery's fields: "
+                                       "prompt=Question,completion=Response,reasoning=Complex_CoT"),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Report rows, format, token lengths, duplicates, truncation and train/eval overlap.
@@ -48,7 +50,8 @@ def inspect_command(
         tokenizer = load_tokenizer(model)
         ensure_chat_template(tokenizer)
     insp = inspect_file(str(file), tokenizer, max_seq_len, train_on.value, str(eval_data) if eval_data else None,
-                        sheet=sheet, json_values=json_values)
+                        sheet=sheet, json_values=json_values,
+                        columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else None)
     if as_json:
         print(json.dumps(insp.to_dict(), indent=2))
     else:

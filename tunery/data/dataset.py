@@ -64,14 +64,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def load_file(path: str, tokenizer, max_seq_len: int, train_on: str = "assistant",
-              system_prompt: str | None = None, sheet: str | None = None, json_values: bool = False) -> FileData:
+              system_prompt: str | None = None, sheet: str | None = None, json_values: bool = False,
+              columns: list[str] | None = None) -> FileData:
     """Read, normalise and tokenize one data file; tokens come from the cache when nothing changed."""
-    rows = load_rows(path, sheet)
+    rows = load_rows(path, sheet, columns)
     fmt = detect_format(rows, source=str(path))
     examples, reasons = normalise(rows, fmt, system_prompt, json_values)
     data_hash = content_hash(path)
     key = hashlib.sha256("|".join([data_hash, tokenizer_fingerprint(tokenizer), str(max_seq_len), train_on,
-                                   system_prompt or "", sheet or "", str(json_values)]).encode()).hexdigest()[:32]
+                                   system_prompt or "", sheet or "", str(json_values),
+                                   ",".join(columns or [])]).encode()).hexdigest()[:32]
     tokens = _cached_tokens(key, examples, tokenizer, max_seq_len, train_on)
     return FileData(str(path), fmt.name, data_hash, examples, reasons, tokens)
 
@@ -122,12 +124,12 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
         raise DataError(f"eval_data is the training file itself ({cfg.data}): its held-out loss would score rows the "
                         "model trained on. Drop --eval-data to hold out eval_split of the file, or pass another file")
     main = load_file(cfg.data, tokenizer, cfg.max_seq_len, cfg.train_on, cfg.system_prompt, cfg.sheet,
-                     cfg.json_values)
+                     cfg.json_values, cfg.columns)
     usable = main.usable()
     files = [main]
     if cfg.eval_data:
         held = load_file(cfg.eval_data, tokenizer, cfg.max_seq_len, cfg.train_on, cfg.system_prompt, cfg.sheet,
-                         cfg.json_values)
+                         cfg.json_values, cfg.columns)
         files.append(held)
         train_rows, eval_file, eval_rows = usable, held, held.usable()
     else:

@@ -114,19 +114,28 @@ def _from_sharegpt(row: dict, json_values: bool = False) -> Example:
     return _checked(messages)
 
 
+def _answer(row: dict, key: str, json_values: bool) -> dict:
+    """The assistant message from column `key`, with the row's `reasoning` trace when it has one (rendered as
+    the chat template expects it: data/templates.py)."""
+    message = {"role": "assistant", "content": _text(row, key, json_values=json_values)}
+    reasoning = _text(row, "reasoning", required=False, json_values=json_values)
+    if reasoning.strip():
+        message["reasoning"] = reasoning
+    return message
+
+
 def _from_alpaca(row: dict, json_values: bool = False) -> Example:
     instruction = _text(row, "instruction", json_values=json_values)
     extra = _text(row, "input", required=False, json_values=json_values)
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    messages = [{"role": "user", "content": user},
-                {"role": "assistant", "content": _text(row, "output", json_values=json_values)}]
+    messages = [{"role": "user", "content": user}, _answer(row, "output", json_values)]
     system = _text(row, "system", required=False, json_values=json_values)
     return _checked(([{"role": "system", "content": system}] if system.strip() else []) + messages)
 
 
 def _from_prompt_completion(row: dict, json_values: bool = False) -> Example:
     return _checked([{"role": "user", "content": _text(row, "prompt", json_values=json_values)},
-                     {"role": "assistant", "content": _text(row, "completion", json_values=json_values)}])
+                     _answer(row, "completion", json_values)])
 
 
 def _from_text(row: dict, json_values: bool = False) -> Example:

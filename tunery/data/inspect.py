@@ -53,12 +53,13 @@ def histogram(lengths: list[int], bins: int = 8) -> list[tuple[int, int, int]]:
 
 def inspect_file(path: str, tokenizer=None, max_seq_len: int = 2048, train_on: str = "assistant",
                  eval_data: str | None = None, eval_split: float = 0.1, seed: int = 42, sheet: str | None = None,
-                 json_values: bool = False) -> Inspection:
+                 json_values: bool = False, columns: list[str] | None = None) -> Inspection:
     if tokenizer is not None:
-        data = load_file(path, tokenizer, max_seq_len, train_on, sheet=sheet, json_values=json_values)
+        data = load_file(path, tokenizer, max_seq_len, train_on, sheet=sheet, json_values=json_values,
+                         columns=columns)
         fmt, examples, reasons, tokens = data.format, data.examples, data.reasons, data.tokens
     else:
-        rows = load_rows(path, sheet)
+        rows = load_rows(path, sheet, columns)
         fmt_obj = detect_format(rows, source=str(path))
         examples, reasons = normalise(rows, fmt_obj, json_values=json_values)
         fmt, tokens = fmt_obj.name, [None] * len(examples)
@@ -80,7 +81,7 @@ def inspect_file(path: str, tokenizer=None, max_seq_len: int = 2048, train_on: s
     else:
         insp.length_unit = "characters"
         insp.lengths = [len(_key(examples[i])) for i in kept]
-    _overlap(insp, examples, kept, eval_data, eval_split, seed, sheet, json_values)
+    _overlap(insp, examples, kept, eval_data, eval_split, seed, sheet, json_values, columns)
     _judge(insp, len(kept))
     return insp
 
@@ -94,9 +95,10 @@ def _token_stats(insp: Inspection, kept: list[Tokenized], max_seq_len: int) -> N
 
 
 def _overlap(insp: Inspection, examples: list, kept: list[int], eval_data: str | None, eval_split: float,
-             seed: int, sheet: str | None = None, json_values: bool = False) -> None:
+             seed: int, sheet: str | None = None, json_values: bool = False, columns: list[str] | None = None
+             ) -> None:
     if eval_data:
-        rows = load_rows(eval_data, sheet)
+        rows = load_rows(eval_data, sheet, columns)
         held, _ = normalise(rows, detect_format(rows, source=eval_data), json_values=json_values)
         train_keys = {_key(examples[i]) for i in kept}
         insp.overlap = sum(1 for e in held if e is not None and _key(e) in train_keys)

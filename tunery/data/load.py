@@ -16,16 +16,40 @@ from tunery.hashing import sha256_files
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".xlsx", ".parquet")
 
 
-def load_rows(path: str | Path, sheet: str | None = None) -> list[dict[str, Any]]:
+def load_rows(path: str | Path, sheet: str | None = None, columns: list[str] | None = None) -> list[dict[str, Any]]:
     """Rows of `path` as dicts; a folder is read as a saved `datasets` dataset. `sheet`: the Excel sheet to
-    read (needed when a workbook has several)."""
+    read (needed when a workbook has several). `columns`: FIELD=COLUMN pairs naming the file's columns that
+    hold tunery's fields (the config's `columns`)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
     try:
-        return _load(path, sheet)
+        rows = _load(path, sheet)
     except PermissionError as e:
         raise DataError(f"cannot read {path}: {e.strerror}; check its permissions") from None
+    return map_columns(rows, columns or [], str(path))
+
+
+def map_columns(rows: list[dict], columns: list[str], source: str) -> list[dict]:
+    """Each row with its mapped columns renamed to tunery's fields (a field the file also has is replaced);
+    a mapped column the file does not have is an error naming the columns it does have."""
+    if not columns:
+        return rows
+    pairs = [tuple(p.strip() for p in pair.split("=", 1)) for pair in columns]
+    present = {k for row in rows if BAD_ROW not in row for k in row}
+    missing = [column for _, column in pairs if column not in present]
+    if missing:
+        raise DataError(f"{source}: columns {', '.join(repr(m) for m in missing)} (from the `columns` setting) are "
+                        f"not in the file; its columns: {', '.join(sorted(present)) or 'none'}")
+    moved = {column for _, column in pairs}
+    out = []
+    for row in rows:
+        if BAD_ROW in row:
+            out.append(row)
+            continue
+        kept = {k: v for k, v in row.items() if k not in moved}
+        out.append({**kept, **{field: row.get(column) for field, column in pairs}})
+    return out
 
 
 def _load(path: Path, sheet: str | None) -> list[dict[str, Any]]:

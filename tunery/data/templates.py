@@ -6,6 +6,8 @@ which is written into the run's tokenizer so every later step renders exactly wh
 
 from __future__ import annotations
 
+import re
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -34,9 +36,27 @@ def ensure_chat_template(tokenizer) -> bool:
     return True
 
 
+# a template that reads the message's reasoning_content field (Qwen3's, DeepSeek-R1's), not one that only names a
+# variable so after parsing <think> out of the content
+_READS_REASONING = re.compile(r"""message(\.reasoning_content|\[['"]reasoning_content['"]\])""")
+
+
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The conversation as the text the model sees."""
+    """The conversation as the text the model sees. An assistant message's `reasoning` (a trace the data
+    carries) goes where the template expects it: its `reasoning_content` field when the template reads one,
+    else a `<think>...</think>` block before the reply; either way it is part of the trained reply."""
+    as_field = bool(_READS_REASONING.search(tokenizer.chat_template or ""))
+    messages = [with_reasoning(m, as_field) for m in messages]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def with_reasoning(message: dict, as_field: bool) -> dict:
+    if "reasoning" not in message:
+        return message
+    rest = {k: v for k, v in message.items() if k != "reasoning"}
+    if as_field:
+        return {**rest, "reasoning_content": message["reasoning"]}
+    return {**rest, "content": f"<think>\n{message['reasoning']}\n</think>\n\n{message['content']}"}
 
 
 def stop_token_ids(tokenizer) -> list[int]:

@@ -45,7 +45,7 @@ def training_tokens(cfg: RunConfig) -> int:
     from tunery.data.formats import detect_format, normalise
     from tunery.data.load import load_rows
 
-    rows = load_rows(cfg.data, cfg.sheet)
+    rows = load_rows(cfg.data, cfg.sheet, cfg.columns)
     examples, _ = normalise(rows, detect_format(rows, source=cfg.data), json_values=cfg.json_values)
     lengths = [min(cfg.max_seq_len, len(json.dumps(e)) // 4) for e in examples if e is not None]
     if not lengths:
