@@ -116,11 +116,22 @@ def test_default_template_labels_include_the_eos(untemplated_tokenizer):
                                                             "Green, like grass.<|im_end|><|endoftext|>\n"]
 
 
-def test_template_that_is_not_prefix_consistent_is_refused(tiny_tokenizer):
+def test_a_template_that_is_not_prefix_consistent_has_its_replies_located_by_their_text(tiny_tokenizer):
     tok = copy.deepcopy(tiny_tokenizer)
     # numbers each turn from the end, so a prefix renders differently from the whole conversation
-    tok.chat_template = "{% for m in messages %}{{ (messages|length - loop.index)|string + m['content'] }}{% endfor %}"
-    with pytest.raises(DataError, match="--train-on all"):
+    tok.chat_template = ("{% for m in messages %}{{ (messages|length - loop.index)|string + m['content'] + "
+                         "'<|im_end|>' }}{% endfor %}")
+    tokens = tokenize_example(tok, {"messages": CONVERSATION}, max_seq_len=1024)
+    assert labelled_runs(tok, tokens) == ["Blue.<|im_end|>", "Green, like grass.<|im_end|>"]
+
+
+def test_a_template_that_rewrites_a_reply_is_a_row_error(tiny_tokenizer):
+    from tunery.data.formats import RowError
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = ("{% for m in messages %}{{ (messages|length - loop.index)|string + m['content']|upper }}"
+                         "{% endfor %}")
+    with pytest.raises(RowError, match="--train-on all"):
         tokenize_example(tok, {"messages": CONVERSATION}, max_seq_len=1024)
 
 

@@ -6,14 +6,18 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 
-from tunery.data.formats import Example, detect_format, normalise
+from jinja2.exceptions import TemplateError
+
+from tunery.data.formats import Example, RowError, detect_format, normalise
 from tunery.data.load import content_hash, load_rows
+from tunery.data.templates import fit_messages
 from tunery.data.tokenize import IGNORE, Tokenized, tokenize_example
 from tunery.errors import DataError
 from tunery.paths import cache_dir
@@ -30,7 +34,7 @@ class FileData:
     examples: list[Example | None]
     reasons: list[str | None]
     tokens: list[Tokenized | None]
-
+    notes: dict[str, int] = field(default_factory=dict)  # what was reshaped to fit the chat template -> rows
     def usable(self) -> list[int]:
         """Row indices that train on at least one token."""
         return [i for i, t in enumerate(self.tokens) if t is not None and any(x != IGNORE for x in t.labels)]
@@ -40,7 +44,7 @@ class FileData:
         kept = [t for t in self.tokens if t is not None]
         return {"path": self.path, "format": self.format, "rows": len(self.examples),
                 "rejected": sum(rejected.values()), "rejected_reasons": dict(rejected),
-                "truncated": sum(t.truncated for t in kept),
+                "truncated": sum(t.truncated for t in kept), "template_notes": dict(self.notes),
                 "no_trainable_tokens": len(kept) - len(self.usable())}
 
 
@@ -70,16 +74,35 @@ def load_file(path: str, tokenizer, max_seq_len: int, train_on: str = "assistant
     rows = load_rows(path, sheet, columns)
     fmt = detect_format(rows, source=str(path))
     examples, reasons = normalise(rows, fmt, system_prompt, json_values)
+    examples, reasons, notes = _fit_template(tokenizer, examples, reasons)
     data_hash = content_hash(path)
     key = hashlib.sha256("|".join([data_hash, tokenizer_fingerprint(tokenizer), str(max_seq_len), train_on,
                                    system_prompt or "", sheet or "", str(json_values),
                                    ",".join(columns or [])]).encode()).hexdigest()[:32]
-    tokens = _cached_tokens(key, examples, tokenizer, max_seq_len, train_on)
-    return FileData(str(path), fmt.name, data_hash, examples, reasons, tokens)
+    tokens = _cached_tokens(key, examples, tokenizer, max_seq_len, train_on, reasons)
+    return FileData(str(path), fmt.name, data_hash, examples, reasons, tokens, dict(notes))
+
+
+def _fit_template(tokenizer, examples: list, reasons: list) -> tuple[list, list, Counter]:
+    """Conversations reshaped into what the chat template accepts (templates.fit_messages), counted by note."""
+    notes: Counter = Counter()
+    examples, reasons = list(examples), list(reasons)
+    for i, example in enumerate(examples):
+        if example is None or "messages" not in example:
+            continue
+        messages, changed = fit_messages(tokenizer, example["messages"])
+        notes.update(changed)
+        if not any(m["role"] == "assistant" for m in messages):
+            examples[i], reasons[i] = None, "no assistant turn left once fitted to the chat template"
+        elif changed:
+            examples[i] = {**example, "messages": messages}
+    return examples, reasons, notes
 
 
 def _cached_tokens(key: str, examples: list[Example | None], tokenizer, max_seq_len: int,
-                   train_on: str) -> list[Tokenized | None]:
+                   train_on: str, reasons: list[str | None]) -> list[Tokenized | None]:
+    """Tokens per example (None where rejected); a row the chat template refuses gets its reason in `reasons`
+    and no tokens, and the cache keeps those reasons (as rows without tokens) too."""
     import datasets
 
     folder = cache_dir("tokenized") / key
@@ -87,12 +110,22 @@ def _cached_tokens(key: str, examples: list[Example | None], tokenizer, max_seq_
         ds = datasets.load_from_disk(str(folder))
         by_row = {r: Tokenized(i, lab, t) for r, i, lab, t in
                   zip(ds["row"], ds["input_ids"], ds["labels"], ds["truncated"])}
+        refused = folder / "refused.json"
+        for r, why in (json.loads(refused.read_text()) if refused.exists() else {}).items():
+            reasons[int(r)] = why
         return [by_row.get(r) for r in range(len(examples))]
     tokens: list[Tokenized | None] = []
     with progress_bar("tokenizing", total=len(examples)) as advance:
-        for example in examples:
-            tokens.append(None if example is None else
-                          tokenize_example(tokenizer, example, max_seq_len, train_on))
+        refused = {}
+        for r, example in enumerate(examples):
+            try:
+                tokens.append(None if example is None else tokenize_example(tokenizer, example, max_seq_len, train_on))
+            except TemplateError as e:  # the template refused this conversation: a row's problem, named
+                tokens.append(None)
+                reasons[r] = refused[r] = f"the chat template refused it: {e}"
+            except RowError as e:
+                tokens.append(None)
+                reasons[r] = refused[r] = str(e)
             advance()
     kept = [(r, t) for r, t in enumerate(tokens) if t is not None]
     if not kept:  # datasets cannot load back a dataset saved with no rows (0 shards); nothing to cache anyway
@@ -102,6 +135,7 @@ def _cached_tokens(key: str, examples: list[Example | None], tokenizer, max_seq_
                                      "truncated": [t.truncated for _, t in kept]})
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     ds.save_to_disk(str(tmp))
+    (tmp / "refused.json").write_text(json.dumps(refused))
     shutil.rmtree(folder, ignore_errors=True)  # a half-written folder from a crash; complete ones are skipped
     try:
         os.replace(tmp, folder)

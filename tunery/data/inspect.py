@@ -27,6 +27,7 @@ class Inspection:
     overlap_against: str
     preview: list[tuple[str, bool]] = field(default_factory=list)  # (text piece, trained?)
     too_long_rows: list[int] = field(default_factory=list)  # 1-based row numbers cut at max_seq_len
+    template_notes: dict[str, int] = field(default_factory=dict)  # reshaped to fit the chat template -> rows
     problems: list[str] = field(default_factory=list)  # fatal: training would fail or train on nothing
     warnings: list[str] = field(default_factory=list)
 
@@ -58,11 +59,13 @@ def inspect_file(path: str, tokenizer=None, max_seq_len: int = 2048, train_on: s
         data = load_file(path, tokenizer, max_seq_len, train_on, sheet=sheet, json_values=json_values,
                          columns=columns)
         fmt, examples, reasons, tokens = data.format, data.examples, data.reasons, data.tokens
+        template_notes = data.notes
     else:
         rows = load_rows(path, sheet, columns)
         fmt_obj = detect_format(rows, source=str(path))
         examples, reasons = normalise(rows, fmt_obj, json_values=json_values)
         fmt, tokens = fmt_obj.name, [None] * len(examples)
+        template_notes = {}
     rejected: dict[str, list[int]] = {}
     for i, reason in enumerate(reasons):
         if reason:
@@ -81,6 +84,7 @@ def inspect_file(path: str, tokenizer=None, max_seq_len: int = 2048, train_on: s
     else:
         insp.length_unit = "characters"
         insp.lengths = [len(_key(examples[i])) for i in kept]
+    insp.template_notes = dict(template_notes)
     _overlap(insp, examples, kept, eval_data, eval_split, seed, sheet, json_values, columns)
     _judge(insp, len(kept))
     return insp
@@ -119,6 +123,8 @@ def _judge(insp: Inspection, n_kept: int) -> None:
                              "would learn nothing; raise --max-seq-len")
     if n_rejected:
         insp.warnings.append(f"{n_rejected} rows rejected and skipped in training")
+    for note, n in insp.template_notes.items():
+        insp.warnings.append(f"{n} rows: {note}")
     if insp.too_long:
         rows = ", ".join(map(str, insp.too_long_rows[:10])) + (" ..." if len(insp.too_long_rows) > 10 else "")
         insp.warnings.append(f"{insp.too_long} rows longer than max_seq_len are truncated"

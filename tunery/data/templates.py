@@ -7,6 +7,7 @@ which is written into the run's tokenizer so every later step renders exactly wh
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -59,11 +60,82 @@ def with_reasoning(message: dict, as_field: bool) -> dict:
     return {**rest, "content": f"<think>\n{message['reasoning']}\n</think>\n\n{message['content']}"}
 
 
+# the end-of-turn markers of the common templates (ChatML, Llama 3, Gemma, Phi-3, and an end-of-text token)
+END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     """Token ids that end an assistant turn: eos plus the template's end-of-turn markers when present."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     vocab = tokenizer.get_vocab()
-    for marker in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>"):
+    for marker in END_OF_TURN_MARKERS:
         if marker in vocab and marker in (tokenizer.chat_template or ""):
             ids.add(vocab[marker])
     return sorted(ids)
+
+
+@dataclass(frozen=True)
+class TemplateFit:
+    """What a chat template accepts, found by rendering small conversations (real templates differ: Gemma 1/2
+    refuse a system turn, several Mistral templates demand strict user/assistant alternation)."""
+
+    system: bool  # renders a system turn, and its text
+    alternation_free: bool  # accepts two user turns in a row
+    assistant_first: bool  # accepts a conversation that opens with the assistant
+
+
+def template_fit(tokenizer) -> TemplateFit:
+    """The template's TemplateFit, probed once per tokenizer and template."""
+    key = tokenizer.chat_template or ""
+    cached = getattr(tokenizer, "_tunery_fit", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+
+    def renders(messages: list[dict], needle: str | None = None) -> bool:
+        try:
+            text = render(tokenizer, messages)
+        except Exception:  # noqa: BLE001 - templates raise TemplateError, or anything from their own code
+            return False
+        return needle is None or needle in text
+
+    u, a = {"role": "user", "content": "Uq"}, {"role": "assistant", "content": "Aa"}
+    fit = TemplateFit(system=renders([{"role": "system", "content": "Ssys"}, u, a], "Ssys"),
+                      alternation_free=renders([u, dict(u, content="Uq2"), a]),
+                      assistant_first=renders([a, u, a]))
+    tokenizer._tunery_fit = (key, fit)
+    return fit
+
+
+def fit_messages(tokenizer, messages: list[dict]) -> tuple[list[dict], list[str]]:
+    """The conversation reshaped into what the template accepts, and a note for each change: a system turn
+    merged into the first user turn where the template has no system role, consecutive turns of one role
+    merged where it demands alternation, an opening assistant turn dropped where it needs a user first."""
+    fit, notes = template_fit(tokenizer), []
+    out = [dict(m) for m in messages]
+    if not fit.system and any(m["role"] == "system" for m in out):
+        kept, pending = [], []
+        for m in out:  # each system text goes to the start of the next user turn
+            if m["role"] == "system":
+                pending.append(m["content"])
+            elif m["role"] == "user" and pending:
+                kept.append({**m, "content": "\n\n".join([*pending, m["content"]])})
+                pending = []
+            else:
+                kept.append(m)
+        out = kept
+        notes.append("system turn merged into the next user turn (the template has no system role)")
+    if not fit.assistant_first:
+        start = 1 if out and out[0]["role"] == "system" else 0
+        while len(out) > start and out[start]["role"] == "assistant":
+            out.pop(start)
+            notes.append("opening assistant turn dropped (the template needs a user turn first)")
+    if not fit.alternation_free:
+        merged: list[dict] = []
+        for m in out:
+            if merged and merged[-1]["role"] == m["role"] and m["role"] in ("user", "assistant"):
+                merged[-1] = {**merged[-1], "content": f"{merged[-1]['content']}\n\n{m['content']}"}
+                notes.append(f"consecutive {m['role']} turns merged (the template needs alternating turns)")
+            else:
+                merged.append(m)
+        out = merged
+    return out, sorted(set(notes))

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 from tunery.data.formats import Example
 from tunery.data.templates import render
-from tunery.errors import DataError
 
 IGNORE = -100
 
@@ -25,7 +24,11 @@ class Tokenized:
 
 
 def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant turns (end-of-turn included)."""
+    """The rendered conversation and the character spans of its assistant turns (end-of-turn included).
+
+    Found by rendering prefixes (text up to the reply, text through it). A template that renders a turn
+    differently once more follows (Mistral v0.3 moves the system text to the last user turn) has no such
+    prefixes: its replies are then located by their text, in order, each with the end-of-turn marker after it."""
     text = render(tokenizer, messages)
     spans = []
     for i, message in enumerate(messages):
@@ -34,11 +37,31 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
         before = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
         through = render(tokenizer, messages[: i + 1])
         if not (text.startswith(through) and through.startswith(before)):
-            raise DataError("this chat template does not render a conversation as a prefix of its "
-                            "continuation, so assistant tokens cannot be located; use --train-on all "
-                            "or a model whose template does")
+            return text, _spans_by_content(tokenizer, text, messages)
         spans.append((len(before), len(through)))
     return text, spans
+
+
+def _spans_by_content(tokenizer, text: str, messages: list[dict]) -> list[tuple[int, int]]:
+    from tunery.data.formats import RowError
+    from tunery.data.templates import END_OF_TURN_MARKERS, with_reasoning
+
+    markers = [m for m in (*END_OF_TURN_MARKERS, tokenizer.eos_token) if m and m in text]
+    spans, pos = [], 0
+    for message in messages:
+        content = with_reasoning(message, False)["content"].strip()
+        start = text.find(content, pos) if content else pos
+        if start < 0:
+            raise RowError(f"the chat template does not show the {message['role']} turn's text as written, so its "
+                           "tokens cannot be located; use --train-on all")
+        end = start + len(content)
+        rest = text[end:]
+        gap = len(rest) - len(rest.lstrip(" \n"))
+        marker = next((m for m in markers if rest[gap:].startswith(m)), None)
+        if message["role"] == "assistant":
+            spans.append((start, end + (gap + len(marker) if marker else 0)))
+        pos = end
+    return spans
 
 
 def tokenize_example(tokenizer, example: Example, max_seq_len: int, train_on: str = "assistant") -> Tokenized:

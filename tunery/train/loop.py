@@ -111,6 +111,8 @@ def _train_in(cfg: RunConfig, run: Path, resuming: bool, dist: Dist) -> Path:
                   f"examples, {t.total_steps} steps on {t.device}; {t.fast.describe()}; "
                   f"{t.graphs.describe()}")
     for f in report["files"]:
+        for note, n in f["template_notes"].items():
+            console.print(f"[yellow]{f['path']}[/]: {n} rows: {note}")
         if f["rejected"] or f["truncated"] or f["no_trainable_tokens"]:
             console.print(f"[yellow]{f['path']}[/]: {f['rejected']} rows rejected {f['rejected_reasons']}, "
                           f"{f['truncated']} truncated, {f['no_trainable_tokens']} with nothing to train on")
