@@ -60,3 +60,14 @@ def test_every_template_takes_the_same_awkward_file_without_a_traceback(tmp_path
     kept = insp.rows - sum(len(v) for v in insp.rejected.values())
     assert kept >= 1 and insp.preview
     assert any("Blue." in piece for piece, trained in insp.preview if trained)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, f in FAMILIES.items() if f.bos))
+def test_no_template_gets_a_doubled_bos(name):
+    from tunery.data.tokenize import tokenize_example
+
+    tok = _tokenizer(FAMILIES[name])
+    tokens = tokenize_example(tok, {"messages": [{"role": "user", "content": "Name a colour."},
+                                                 {"role": "assistant", "content": "Blue."}]}, 256)
+    bos = tok.convert_tokens_to_ids(FAMILIES[name].bos)
+    assert tokens.input_ids.count(bos) == 1 and tokens.input_ids[0] == bos
