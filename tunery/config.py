@@ -48,6 +48,8 @@ class RunConfig:
     columns: list[str] = _f([], "Your column names for tunery's, as FIELD=COLUMN (prompt=Question,completion=Response,"
                                 "reasoning=Complex_CoT); fields: " + ", ".join(COLUMN_FIELDS) + ". In YAML also a "
                                 "mapping.")
+    allow_data_issues: bool = _f(False, "Train even when most rows are rejected, most answers are cut by "
+                                        "max_seq_len, or many held-out rows are also training rows.")
     json_values: bool = _f(False, "Train cells that are not text (numbers, true/false, lists, objects) as their JSON "
                                   "text; by default such a row is rejected and named.")
     eval_split: float = _f(0.1, "Fraction of data held out for evaluation when eval_data is unset (0 = none).")

@@ -263,3 +263,32 @@ def test_config_paths_are_made_absolute(tmp_path):
     assert (cfg.model, cfg.data, cfg.eval_data, cfg.output_dir) == (
         str(tmp_path / "m"), str(tmp_path / "d.jsonl"), str(tmp_path / "e.jsonl"), str(tmp_path / "runs"))
     assert RunConfig(model="Qwen/Qwen2.5-0.5B").with_absolute_paths(tmp_path).model == "Qwen/Qwen2.5-0.5B"
+
+
+def _prepared(tmp_path, rows, **kw):
+    from tunery.data.dataset import prepare_data
+    from tunery.models.tiny import train_tokenizer
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = train_tokenizer([json.dumps(r) for r in rows], 400)
+    return prepare_data(RunConfig(model="m", data=str(path), **kw), tok)
+
+
+def _pair(i: int) -> dict:
+    return {"prompt": f"question {i}", "completion": f"answer {i}"}
+
+
+def test_the_data_gate_refuses_what_would_mostly_not_train(tmp_path, monkeypatch):
+    from tunery.errors import DataError
+
+    monkeypatch.setenv("TUNERY_HOME", str(tmp_path / "home"))
+    bad = [{"prompt": f"q{i}", "completion": {"value": i}} for i in range(6)]
+    with pytest.raises(DataError, match=r"6 of 10 rows were rejected \('completion' holds an object.*allow-data"):
+        _prepared(tmp_path, [_pair(i) for i in range(4)] + bad)
+    assert len(_prepared(tmp_path, [_pair(i) for i in range(4)] + bad, allow_data_issues=True).train) >= 3
+    with pytest.raises(DataError, match="training rows are cut by max_seq_len"):
+        _prepared(tmp_path, [{"prompt": f"q {i}", "completion": "a " * 80} for i in range(10)], max_seq_len=48)
+    with pytest.raises(DataError, match="held-out rows are also training rows"):
+        _prepared(tmp_path, [_pair(0)] * 20)
+    assert _prepared(tmp_path, [_pair(i) for i in range(20)]).eval  # clean data passes

@@ -175,6 +175,34 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
                         f"{summary['rejected']} rejected: {summary['rejected_reasons'] or 'none'}, "
                         f"{summary['no_trainable_tokens']} with no trainable token after truncation to "
                         f"max_seq_len={cfg.max_seq_len}). Run `tunery data inspect {cfg.data}` for details")
-    return PreparedData(train=[main.tokens[i] for i in train_rows],
+    data = PreparedData(train=[main.tokens[i] for i in train_rows],
                         eval=[eval_file.tokens[i] for i in eval_rows],
                         eval_examples=[eval_file.examples[i] for i in eval_rows], files=files)
+    problems = data_issues(main, data, cfg.data)
+    if problems and not cfg.allow_data_issues:
+        raise DataError("; ".join(problems) + f". Look with `tunery data inspect {cfg.data}`, fix the data, or "
+                        "pass --allow-data-issues to train anyway")
+    return data
+
+
+# the gate: past these shares, training would mostly not learn what the user meant
+MAX_REJECTED = 0.5  # of the file's rows
+MAX_TRUNCATED = 0.5  # of the rows that train
+MAX_OVERLAP = 0.1  # of the held-out rows that are also training rows
+
+
+def data_issues(main: FileData, data: PreparedData, path: str) -> list[str]:
+    """What makes training on this data a mistake, in words (empty when nothing does)."""
+    summary, problems = main.summary(), []
+    if summary["rows"] and summary["rejected"] > MAX_REJECTED * summary["rows"]:
+        top = ", ".join(f"{r} ({n})" for r, n in Counter(main.reasons).most_common(3) if r)
+        problems.append(f"{path}: {summary['rejected']} of {summary['rows']} rows were rejected ({top})")
+    if data.train and sum(t.truncated for t in data.train) > MAX_TRUNCATED * len(data.train):
+        problems.append(f"{path}: {sum(t.truncated for t in data.train)} of {len(data.train)} training rows are "
+                        "cut by max_seq_len; raise --max-seq-len")
+    train_keys = {tuple(t.input_ids) for t in data.train}
+    overlap = sum(tuple(t.input_ids) in train_keys for t in data.eval)
+    if data.eval and overlap > MAX_OVERLAP * len(data.eval):
+        problems.append(f"{overlap} of {len(data.eval)} held-out rows are also training rows (duplicates in the "
+                        "data): held-out scores would be optimistic")
+    return problems
