@@ -161,15 +161,22 @@ def test_a_stale_pid_of_a_foreign_process_is_never_signalled(tmp_path, monkeypat
             p.kill()
 
 
+@pytest.fixture(scope="module")
+def straight(workspace, tmp_path_factory) -> dict:
+    """A 60-step run that nobody stopped: the loss a resumed job must reach."""
+    root = tmp_path_factory.mktemp("straight")
+    cfg = _config(workspace, root, 60)
+    run_cli("train", "--config", str(cfg), "--name", "straight", home=root / "home")
+    return json.loads((root / "runs" / "straight" / "result.json").read_text())
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGHUP])
-def test_a_worker_stopped_mid_job_resumes_it_on_the_same_loss(workspace, tmp_path, sig):
+def test_a_worker_stopped_mid_job_resumes_it_on_the_same_loss(workspace, tmp_path, sig, straight):
     """SIGTERM and SIGHUP stop the worker as Ctrl-C does (the job is queued again at once); after SIGKILL the job
     stays 'running' with nobody left to say otherwise, until the next worker reconciles it. Either way the
     next worker resumes it from its checkpoint to the loss of a run that was never stopped."""
     home = tmp_path / "home"
     cfg = _config(workspace, tmp_path, 60)
-    run_cli("train", "--config", str(cfg), "--name", "straight", home=home)
-    straight = json.loads((tmp_path / "runs" / "straight" / "result.json").read_text())
     job_id = _submit(workspace, home, cfg, "signalled")
     worker = _worker(home)
     store = _store(home)
