@@ -90,7 +90,8 @@ def test_bad_inputs_fail_with_clear_messages(workspace, tmp_path):
     bad.write_text('{"messages": []}\n{not json\n')
     proc = run_cli(*train_args(workspace, "bad", "--max-steps", "2"), "--data", str(bad), home=workspace["home"],
                    check=False)
-    assert proc.returncode == 2 and "bad.jsonl:2" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "bad.jsonl: no example left" in proc.stderr and "Traceback" not in proc.stderr
+    assert "line 2: malformed JSON" in proc.stderr  # the bad line is named with the rest of the file's problems
     proc = run_cli("train", "--model", "no-such-org/no-such-model", "--data", str(workspace["data"]),
                    "--output-dir", str(tmp_path / "runs"), home=workspace["home"], check=False)
     assert proc.returncode == 2 and "--model DIR" in proc.stderr and "Traceback" not in proc.stderr
