@@ -156,13 +156,10 @@ class RunConfig:
             if f.name != "fast_path":
                 setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
         fast_hints = typing.get_type_hints(FastPathOptions)
-        for f in dataclasses.fields(FastPathOptions):
-            name = f"fast_path.{f.name}"
-            setattr(self.fast_path, f.name, _coerce(name, getattr(self.fast_path, f.name), fast_hints[f.name]))
-        for f in ("capture_after", "max_graphs", "offload_keep_bytes", "last_block_on_gpu_max_tokens",
-                  "group_max_width", "stash_host_fraction", "stash_factor", "stash_max_bytes_per_gflop",
-                  "stash_min_attention_share", "group_kcat_backward_max_width"):
-            _check(getattr(self.fast_path, f) >= 0, f"fast_path.{f}", "must be 0 or more")
+        for f in dataclasses.fields(FastPathOptions):  # every number among them is a count, size or share
+            name, hint = f"fast_path.{f.name}", fast_hints[f.name]
+            setattr(self.fast_path, f.name, _coerce(name, getattr(self.fast_path, f.name), hint))
+            _check(hint not in (int, float) or getattr(self.fast_path, f.name) >= 0, name, "must be 0 or more")
         for pair in self.columns:
             target, _, source = pair.partition("=")
             _check(bool(source.strip()) and target.strip() in COLUMN_FIELDS, "columns",

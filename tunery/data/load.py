@@ -6,6 +6,7 @@ Errors name the file and, for JSON Lines, the line. Cells of CSV/Excel that hold
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -57,12 +58,12 @@ def _load(path: Path, sheet: str | None) -> list[dict[str, Any]]:
         rows = _load_datasets_folder(path)
     else:
         suffix = path.suffix.lower()
-        readers = {".json": _load_json, ".jsonl": _load_jsonl, ".csv": _load_csv, ".xlsx": None,
-                   ".parquet": _load_parquet}
+        readers = {".json": _load_json, ".jsonl": _load_jsonl, ".csv": _load_csv,
+                   ".xlsx": functools.partial(_load_xlsx, sheet=sheet), ".parquet": _load_parquet}
         if suffix not in readers:
             raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use one of "
                             f"{', '.join(SUPPORTED_SUFFIXES)} or a folder saved with datasets' save_to_disk")
-        rows = _load_xlsx(path, sheet) if suffix == ".xlsx" else readers[suffix](path)
+        rows = readers[suffix](path)
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {i + 1} is a {type(row).__name__}, expected an object with fields")

@@ -66,9 +66,8 @@ class RayBackend:
         entrypoint = shlex.join(["tunery", *train_command(Path(job.run_dir))[3:]])
         submission = self._client().submit_job(entrypoint=entrypoint, runtime_env={"env_vars": env},
                                                submission_id=f"tunery-{job.id}-{job.attempts + 1}")
-        self.store.update(job.id, attempts=job.attempts + 1)
         external = f"{self.address}#{submission}"
-        self.store.update(job.id, external_id=external)
+        self.store.update(job.id, attempts=job.attempts + 1, external_id=external)
         self.store.set_state(job.id, "running", f"submitted to Ray at {self.address} as {submission}",
                              expect=("queued",))
         return external

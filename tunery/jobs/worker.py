@@ -33,6 +33,7 @@ from tunery.jobs.flavors import money
 from tunery.jobs.secrets import drop_secrets, job_environment, load_secrets
 from tunery.jobs.store import Job, JobStore
 from tunery.paths import tunery_home
+from tunery.run import started
 
 HEARTBEAT_STALE_S = 30
 
@@ -50,11 +51,9 @@ class _Running:
 
 
 def train_command(run_dir: Path) -> list[str]:
-    """Fresh start from the prepared config, or resume once the run has written anything else."""
+    """Fresh start from the prepared config, or resume once training has begun in the folder (tunery.run)."""
     base = [sys.executable, "-m", "tunery.cli.app", "train"]
-    started = [p.name for p in run_dir.iterdir() if p.name not in ("config.yaml", "job.log")
-               and not p.name.startswith(".")]
-    return base + (["--resume", str(run_dir)] if started else ["--config", str(run_dir / "config.yaml")])
+    return base + (["--resume", str(run_dir)] if started(run_dir) else ["--config", str(run_dir / "config.yaml")])
 
 
 def gpu_slots() -> int:
@@ -130,16 +129,17 @@ def reconcile(store: JobStore, keep: set[str] = frozenset()) -> list[str]:
     """Settle local jobs left 'running' by a worker that is gone (workers in `keep` count as alive): a leftover
     training the job provably started is stopped, and the job is queued again to resume from its checkpoint, or
     marked succeeded when its training had finished (result.json written). Returns the ids it changed."""
-    host = socket.gethostname()
-    live = set(keep) | {w["id"] for w in store.workers()
+    host, workers = socket.gethostname(), store.workers()
+    live = set(keep) | {w["id"] for w in workers
                         if time.time() - w["heartbeat"] < HEARTBEAT_STALE_S and (w["host"] != host or _alive(w["pid"]))}
+    last_beat = {w["id"]: w["heartbeat"] for w in workers}
     changed = []
     for job in store.list(limit=1000):
         if job.state != "running" or job.backend != "local" or job.worker in live:
             continue
         if _ours(job):
             _kill_tree(job.pid)
-        used = (job.used_s or 0.0) + _ran_until_gone(job, store)
+        used = (job.used_s or 0.0) + _ran_until_gone(job, last_beat.get(job.worker))
         if (Path(job.run_dir) / "result.json").exists():
             done = store.set_state(job.id, "succeeded", f"training finished after worker {job.worker} stopped",
                                    expect=("running",), pid=None, returncode=0, used_s=used)
@@ -153,13 +153,11 @@ def reconcile(store: JobStore, keep: set[str] = frozenset()) -> list[str]:
     return changed
 
 
-def _ran_until_gone(job: Job, store: JobStore) -> float:
+def _ran_until_gone(job: Job, last_beat: float | None) -> float:
     """How long an attempt whose worker vanished ran: until that worker's last heartbeat, as far as is known."""
     if not job.attempt_started:
         return 0.0
-    beats = [w["heartbeat"] for w in store.workers() if w["id"] == job.worker]
-    end = max(beats) if beats else time.time()
-    return max(0.0, end - job.attempt_started)
+    return max(0.0, (last_beat or time.time()) - job.attempt_started)
 
 
 class WorkerLock:
