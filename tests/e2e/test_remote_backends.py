@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -56,23 +59,63 @@ def ray_head(tmp_path):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_ray_backend_runs_the_job_and_returns_logs_and_state(workspace, tmp_path, ray_head, monkeypatch):
-    home = tmp_path / "home"
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    proc = run_cli("submit", "--config", str(_config(workspace, tmp_path)), "--name", "on-ray", "--backend", "ray",
-                   "--address", ray_head, "--secret", "HF_TOKEN", home=home)
-    job_id = proc.stdout.strip().splitlines()[-1]
-    deadline = time.time() + 240
+def _paused_training(run: Path) -> list[int]:
+    """SIGSTOP the processes training in `run` (found by their command line): the job stays mid-run, so what
+    the test does next happens while it is still running, however fast the machine is."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"train" in cmd and any(str(run).encode() in part for part in cmd) and entry.name.isdigit():
+            os.kill(int(entry.name), signal.SIGSTOP)
+            pids.append(int(entry.name))
+    return pids
+
+
+def _wait_for(predicate, what: str, timeout: float = 240):
+    deadline = time.time() + timeout
     while time.time() < deadline:
-        show = run_cli("jobs", "show", job_id, home=home).stdout
-        if "succeeded" in show or "failed" in show:
-            break
-        time.sleep(2)
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_ray_job_past_its_budget_is_stopped_and_its_retry_resumes_to_the_end(workspace, tmp_path, ray_head,
+                                                                              monkeypatch):
+    from tunery.train.checkpoint import list_checkpoints
+
+    home, run = tmp_path / "home", tmp_path / "runs" / "on-ray"
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    config = _config(workspace, tmp_path, max_steps=40, save_every=5)
+    proc = run_cli("submit", "--config", str(config), "--name", "on-ray", "--backend", "ray", "--address", ray_head,
+                   "--secret", "HF_TOKEN", "--flavor", "a10g-small", "--budget", "0.000001usd", "--yes",
+                   "--no-worker", home=home)
+    job_id = proc.stdout.strip().splitlines()[-1]
+    _wait_for(lambda: list_checkpoints(run / "checkpoints"), "the first checkpoint")
+    paused = _paused_training(run)
+    assert paused, "the Ray job's training process was not found"
+    try:
+        show = run_cli("jobs", "show", job_id, home=home).stdout  # a read refreshes: past its budget, it is stopped
+    finally:
+        for pid in paused:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert "cancelled" in show and "budget" in show and "stopped through the ray API" in show, show
+    _wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in paused), "Ray to stop the training", 120)
+
+    run_cli("jobs", "retry", job_id, "--budget", "100usd", home=home)
+    show = _wait_for(lambda: (lambda text: text if "Ray reports" in text else None)(
+        run_cli("jobs", "show", job_id, home=home).stdout), "the retried job to end")
     assert "Ray reports SUCCEEDED" in show, show
-    assert "loss" in show  # metrics streamed into the store from the shared run folder
     logs = run_cli("logs", job_id, home=home).stdout
-    assert "done: loss" in logs and TOKEN not in logs
-    assert (tmp_path / "runs" / "on-ray" / "adapter" / "adapter_model.safetensors").exists()
+    assert "resuming from step-" in logs and "done: loss" in logs and TOKEN not in logs, logs
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 40 and steps == sorted(steps)  # one run, continued: no step twice
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
     for path in [*home.rglob("*"), *(tmp_path / "runs").rglob("*")]:
         if path.is_file():
             assert TOKEN.encode() not in path.read_bytes(), path

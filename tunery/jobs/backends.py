@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -67,9 +68,8 @@ class RayBackend:
         submission = self._client().submit_job(entrypoint=entrypoint, runtime_env={"env_vars": env},
                                                submission_id=f"tunery-{job.id}-{job.attempts + 1}")
         external = f"{self.address}#{submission}"
-        self.store.update(job.id, attempts=job.attempts + 1, external_id=external)
         self.store.set_state(job.id, "running", f"submitted to Ray at {self.address} as {submission}",
-                             expect=("queued",))
+                             expect=("queued",), **_attempt(job, external))
         return external
 
     def _split(self, job: Job) -> tuple:
@@ -84,7 +84,10 @@ class RayBackend:
         status = str(client.get_job_status(submission)).rsplit(".", 1)[-1]
         state = _RAY_STATES.get(status, "running")
         if state != "running":
-            self.store.set_state(job.id, state, f"Ray reports {status}", expect=("running",))
+            self.store.set_state(job.id, state, f"Ray reports {status}", expect=("running",), used_s=job.elapsed)
+        elif job.overrun():  # Ray knows no budget: the job is stopped through its API
+            client.stop_job(submission)
+            _stopped(self.store, job)
         return self.store.get(job.id)
 
     def logs(self, job: Job) -> str:
@@ -97,7 +100,8 @@ class RayBackend:
 
 
 class HFJobsBackend:
-    """Hugging Face Jobs through huggingface_hub's run_uv_job; the script is kept in the run folder."""
+    """Hugging Face Jobs (tunery.jobs.hf_jobs): the run lives in the job's output repo; a refresh copies its
+    metrics here, stops a job past its budget through the Jobs API, and downloads the finished run."""
 
     name = "hf-jobs"
 
@@ -112,33 +116,54 @@ class HFJobsBackend:
         hf_jobs.check_remote_ready(cfg)
         script = Path(job.run_dir) / f"{cfg.name}.py"
         script.write_text(hf_jobs.make_script(cfg))
-        remote = hf_jobs.submit_script(script, cfg, flavor=job.flavor, timeout_s=job.timeout_s,
-                                       secret_names=job.secret_names, output_repo=self.output_repo)
-        self.store.update(job.id, external_id=remote)
-        self.store.set_state(job.id, "running", f"submitted to Hugging Face Jobs as {remote}", expect=("queued",))
+        # a retry goes to the repo of the earlier attempts, where its checkpoint is
+        remote, repo = hf_jobs.submit_script(script, cfg, flavor=job.flavor, timeout_s=job.timeout_s,
+                                             secret_names=job.secret_names,
+                                             output_repo=job.output_repo or self.output_repo)
+        self.store.set_state(job.id, "running", f"submitted to Hugging Face Jobs as {remote}; its run is kept "
+                             f"in https://huggingface.co/{repo}", expect=("queued",), output_repo=repo,
+                             **_attempt(job, remote))
         return remote
 
     def refresh(self, job: Job) -> Job:
         if job.state != "running" or not job.external_id:
             return job
-        from huggingface_hub import inspect_job
+        from tunery.jobs import hf_jobs
 
-        stage = str(inspect_job(job_id=job.external_id).status.stage).upper()
-        state = {"COMPLETED": "succeeded", "ERROR": "failed", "CANCELED": "cancelled", "DELETED": "cancelled"}
-        for key, value in state.items():
-            if key in stage:
-                self.store.set_state(job.id, value, f"Hugging Face Jobs reports {stage}", expect=("running",))
+        stage = hf_jobs.stage(job.external_id)
+        if job.output_repo and hf_jobs.pull_metrics(job.output_repo, Path(job.run_dir)):
+            self.store.ingest_metrics(job)
+        states = {"COMPLETED": "succeeded", "ERROR": "failed", "CANCELED": "cancelled", "DELETED": "cancelled"}
+        if stage in states:
+            if stage == "COMPLETED" and job.output_repo:
+                hf_jobs.pull_finished_run(job.output_repo, Path(job.run_dir))
+            self.store.set_state(job.id, states[stage], f"Hugging Face Jobs reports {stage}", expect=("running",),
+                                 used_s=job.elapsed)
+        elif job.overrun():  # the Jobs API enforces a timeout, not a budget: past either, tunery cancels it
+            self.cancel(job)
+            _stopped(self.store, job)
         return self.store.get(job.id)
 
     def logs(self, job: Job) -> str:
         from huggingface_hub import fetch_job_logs
 
-        return "\n".join(fetch_job_logs(job_id=job.external_id))
+        return "".join(f"{line}\n" for line in fetch_job_logs(job_id=job.external_id, follow=False))
 
     def cancel(self, job: Job) -> None:
         from huggingface_hub import cancel_job
 
         cancel_job(job_id=job.external_id)
+
+
+def _attempt(job: Job, external_id: str) -> dict:
+    """The store fields of a new attempt on a remote backend: its clock starts now (timeout and budget)."""
+    return {"external_id": external_id, "attempts": job.attempts + 1, "attempt_started": time.time()}
+
+
+def _stopped(store: JobStore, job: Job) -> None:
+    state, why = job.overrun()
+    store.set_state(job.id, state, f"{why}; stopped through the {job.backend} API (`tunery jobs retry {job.id}` "
+                    "resumes from its last checkpoint)", expect=("running",), used_s=job.elapsed)
 
 
 def get_backend(name: str, address: str | None = None, output_repo: str | None = None) -> Backend:

@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, pid INTEGER, host TEXT,
 # columns added after the first release: (name, SQL type and default); added to older stores when opened
 _ADDED = (("pid_start", "TEXT"),  # the job process's start time (/proc/<pid>/stat): proves a PID is still ours
           ("attempt_started", "REAL"),  # when the current attempt began running
-          ("used_s", "REAL DEFAULT 0"))  # running time of earlier attempts within the current allowance
+          ("used_s", "REAL DEFAULT 0"),  # running time of earlier attempts within the current allowance
+          ("output_repo", "TEXT"))  # hf-jobs: the Hub repo that holds the job's script, checkpoints and run
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Job:
     pid_start: str | None = None
     attempt_started: float | None = None
     used_s: float = 0.0
+    output_repo: str | None = None
 
     @property
     def elapsed(self) -> float:
@@ -82,6 +84,17 @@ class Job:
     @property
     def cost_so_far(self) -> float:
         return self.elapsed / 3600 * self.usd_per_hour
+
+    def overrun(self) -> tuple[str, str] | None:
+        """(final state, why) once the allowance is used up (past its timeout or its budget), else None. The
+        local worker and the remote backends stop a job by this same rule."""
+        from tunery.jobs.flavors import money
+
+        if self.timeout_s and self.elapsed > self.timeout_s:
+            return "timed-out", f"ran past its {self.timeout_s}s timeout"
+        if self.budget_usd is not None and self.cost_so_far > self.budget_usd:
+            return "cancelled", f"budget {money(self.budget_usd)} used up"
+        return None
 
 
 class JobStore:

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunery.errors import TuneryError
-from tunery.jobs.flavors import money
 from tunery.jobs.secrets import drop_secrets, job_environment, load_secrets
 from tunery.jobs.store import Job, JobStore
 from tunery.paths import tunery_home
@@ -274,10 +273,8 @@ class LocalWorker:
             if code is None:
                 if job.cancel_requested:
                     r.final_state, r.reason = "cancelled", "cancelled by user"
-                elif job.timeout_s and job.elapsed > job.timeout_s:
-                    r.final_state, r.reason = "timed-out", f"ran past its {job.timeout_s}s timeout"
-                elif job.budget_usd is not None and job.cost_so_far > job.budget_usd:
-                    r.final_state, r.reason = "cancelled", f"budget {money(job.budget_usd)} used up"
+                elif job.overrun():
+                    r.final_state, r.reason = job.overrun()
                 else:
                     continue
                 _kill_tree(r.proc.pid, grace=5.0, proc=r.proc)
