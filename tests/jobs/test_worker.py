@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -59,3 +60,31 @@ def test_show_prints_the_cause_a_failed_job_logged(store, tmp_path):
     result = CliRunner().invoke(app, ["jobs", "show", job.id], env={"TUNERY_HOME": str(tmp_path), "COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "ValueError: max_seq_len is larger" in result.output and result.output.count("loading") <= 15
+
+
+def test_the_worker_watches_remote_jobs_and_stops_one_past_its_budget(store, tmp_path, monkeypatch):
+    """Nobody reads the store meanwhile: the worker's own refresh stops the remote job through its backend."""
+    import tunery.jobs.backends as backends
+
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    job = store.add(name="r", model="m", backend="ray", flavor="a10g-small", run_dir=str(run), timeout_s=None,
+                    budget_usd=0.000001, usd_per_hour=1.0, estimate=None, secret_names=[])
+    store.set_state(job.id, "running", "submitted", external_id="http://head#s-1", attempts=1,
+                    attempt_started=time.time() - 60)
+    stopped = []
+
+    class Client:
+        def get_job_status(self, submission):
+            return "JobStatus.RUNNING"
+
+        def stop_job(self, submission):
+            stopped.append(submission)
+
+    ray = backends.RayBackend(store=store)
+    monkeypatch.setattr(ray, "_client", lambda address=None: Client())
+    monkeypatch.setattr(backends, "get_backend", lambda name, **_: ray)
+    LocalWorker(store, slots=1, poll_s=0.05).run(exit_when_idle=0.2)  # returns once nothing runs any more
+    job = store.get(job.id)
+    assert stopped == ["s-1"] and job.state == "cancelled", (stopped, job.state)
+    assert "budget" in store.transitions(job.id)[-1]["reason"] and job.used_s >= 60

@@ -68,7 +68,8 @@ def submit_command(
                        budget_usd=budget_usd, secrets=list(secret))
     if backend != "local":
         _submit_remote(job, address=address, output_repo=output_repo)
-    elif not no_worker and submit.ensure_worker():
+    # a remote job is watched by the worker too: its metrics come here, and it is stopped past its budget
+    if not no_worker and submit.ensure_worker():
         console.print("started a background worker (log: TUNERY_HOME/worker.log)")
     out.print(job.id)
     console.print(f"queued job {job.id} ({job.run_dir}); follow it with `tunery logs {job.id} -f`")
@@ -173,11 +174,10 @@ def retry_job(
     if not store.set_state(job.id, "queued", "retried by user", expect=retryable, cancel_requested=0,
                            finished=None, used_s=0.0, returncode=None, **limits):
         raise TuneryError(f"job {job.id} changed state meanwhile ({store.get(job.id).state}); look again")
-    if job.backend == "local":
-        submit.ensure_worker()
-    else:  # nothing polls a remote backend's queue: the job goes to the backend again now
+    if job.backend != "local":  # nothing polls a remote backend's queue: the job goes to the backend again now
         address = (job.external_id or "").rsplit("#", 1)[0] if job.backend == "ray" and job.external_id else None
         _submit_remote(store.get(job.id), address=address or None)
+    submit.ensure_worker()
     console.print(f"job {job.id} queued again")
 
 

@@ -49,6 +49,9 @@ class _Running:
     extra: dict = field(default_factory=dict)
 
 
+REMOTE_POLL_S = 30.0  # how often a worker refreshes running remote jobs
+
+
 def train_command(run_dir: Path) -> list[str]:
     """Fresh start from the prepared config, or resume once training has begun in the folder (tunery.run)."""
     base = [sys.executable, "-m", "tunery.cli.app", "train"]
@@ -200,6 +203,8 @@ class LocalWorker:
         self.host = socket.gethostname()
         self.id = f"{self.host}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.running: dict[str, _Running] = {}
+        self.remote_poll_s = REMOTE_POLL_S
+        self._remote_polled, self._remote_busy = 0.0, False
 
     def recover(self) -> None:
         """Requeue 'running' local jobs whose worker is gone, stopping their leftover processes first."""
@@ -216,7 +221,7 @@ class LocalWorker:
             while True:
                 self.store.heartbeat(self.id, os.getpid(), self.host)
                 self._fill_slots()
-                busy = bool(self.running)
+                busy = bool(self.running) | self._watch_remote()
                 self._check_running()
                 if busy:
                     idle_since = time.time()
@@ -237,6 +242,26 @@ class LocalWorker:
             self.running.clear()
             self.store.remove_worker(self.id)
             lock.release()
+
+    def _watch_remote(self) -> bool:
+        """Every `remote_poll_s`, bring running remote jobs up to date: their metrics, their state, and a stop
+        through the backend's API once past their timeout or budget (so nobody has to be looking for a budget
+        to hold). True while one is running; a backend that cannot be reached keeps no worker waiting."""
+        if time.time() - self._remote_polled < self.remote_poll_s:
+            return self._remote_busy
+        from tunery.jobs.backends import get_backend
+
+        self._remote_polled, busy = time.time(), False
+        for job in self.store.list(limit=1000):
+            if job.backend == "local" or job.state != "running":
+                continue
+            try:
+                busy |= get_backend(job.backend).refresh(job).state == "running"
+            except Exception as e:  # noqa: BLE001 - a network or Ray error must not end the worker
+                print(f"worker {self.id}: could not refresh {job.id} from {job.backend} ({type(e).__name__}: "
+                      f"{e})", file=sys.stderr, flush=True)
+        self._remote_busy = busy
+        return busy
 
     def _fill_slots(self) -> None:
         free = sorted(set(range(self.slots)) - {r.slot for r in self.running.values()})
