@@ -88,3 +88,30 @@ def test_the_worker_watches_remote_jobs_and_stops_one_past_its_budget(store, tmp
     job = store.get(job.id)
     assert stopped == ["s-1"] and job.state == "cancelled", (stopped, job.state)
     assert "budget" in store.transitions(job.id)[-1]["reason"] and job.used_s >= 60
+
+
+def test_the_local_flavor_is_this_machine_not_a_fixed_cpu_guess(monkeypatch):
+    import torch
+
+    from tunery.jobs.flavors import get_flavor, local_flavor, tokens_per_second
+
+    local_flavor.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = get_flavor("local")
+    assert cpu.gpus == 0 and cpu.tflops_bf16 > 0  # measured here
+    # throughput falls with the model's size; a 0.5B model on a CPU is nowhere near GPU speed
+    assert tokens_per_second(0.5, cpu) < tokens_per_second(0.01, cpu) < 1e7
+    assert tokens_per_second(0.5, cpu) < tokens_per_second(0.5, get_flavor("t4-small")) / 10
+
+    class Props:
+        total_memory = 80 * 2**30
+
+    local_flavor.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=0: Props())
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    gpu = get_flavor("local")
+    local_flavor.cache_clear()
+    assert (gpu.gpus, gpu.tflops_bf16, gpu.gpu_memory_gb, gpu.usd_per_hour) == (1, 989, 80, 0.0)
+    assert tokens_per_second(0.5, gpu) == tokens_per_second(0.5, get_flavor("h100"))

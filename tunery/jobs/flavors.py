@@ -12,9 +12,11 @@ import yaml
 from tunery.errors import TuneryError
 
 # Measured anchor: LoRA SFT tokens/s on one H100 (docs/architecture.md, performance targets: HF+PEFT rows, seq 2048), by
-# model size in billions of parameters. Other GPUs scale by their bf16 TFLOP/s; CPU by a flat rate.
+# model size in billions of parameters. Other GPUs scale by their bf16 TFLOP/s.
 _H100_TOKENS_PER_S = ((0.5, 33_400), (1.2, 23_700), (8.0, 5_800))
-_CPU_TOKENS_PER_S_PER_B = 300.0  # ~1.5k tok/s for a 0.2B model on 16 cores: a rough floor
+# A CPU: its measured fp32 matmul rate, of which a training step uses about this share (6 FLOPs per parameter
+# and token, forward and backward)
+_CPU_EFFICIENCY = 0.25
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,39 @@ def get_flavor(name: str) -> Flavor:
     table = flavors()
     if name not in table:
         raise TuneryError(f"unknown flavor {name!r}; known: {', '.join(table)}")
-    return table[name]
+    return local_flavor() if name == "local" else table[name]
+
+
+@functools.cache
+def local_flavor() -> Flavor:
+    """This machine, as the `local` flavor: its GPUs (their bf16 rate from the table by name, or measured when
+    the name is not in it) or, without one, its CPU, measured (no charge either way)."""
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        known = {f.gpu: f.tflops_bf16 for f in flavors().values() if f.gpu}
+        tflops = next((v for gpu, v in known.items() if gpu.lower() in name.lower()), None)
+        if tflops is None:
+            tflops = _matmul_tflops(torch, "cuda", torch.bfloat16) / 0.7  # a measured rate is ~70% of the peak
+        memory = torch.cuda.get_device_properties(0).total_memory // 2**30
+        return Flavor("local", torch.cuda.device_count(), name, memory, 0.0, tflops)
+    return Flavor("local", 0, None, 0, 0.0, _matmul_tflops(torch, "cpu", torch.float32))
+
+
+def _matmul_tflops(torch, device: str, dtype) -> float:
+    """Dense matmul TFLOP/s measured for about 0.2 s."""
+    import time
+
+    a = torch.randn(1024, 1024, device=device, dtype=dtype)
+    a @ a
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 0.2:
+        a @ a
+        n += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * 1024**3 * n / (time.perf_counter() - start) / 1e12
 
 
 def parse_duration(text: str) -> int:
@@ -68,8 +102,9 @@ def parse_money(text: str) -> float:
 
 def tokens_per_second(params_b: float, flavor: Flavor) -> float:
     """Estimated training throughput for a model of `params_b` billion parameters on `flavor`."""
-    if not flavor.gpus:
-        return _CPU_TOKENS_PER_S_PER_B / max(params_b, 1e-3)
+    if not flavor.gpus:  # a CPU: measured for `local` (cpu-basic and cpu-upgrade: about 2 cores of this kind)
+        tflops = flavor.tflops_bf16 or 0.13
+        return tflops * 1e12 * _CPU_EFFICIENCY / (6 * max(params_b, 1e-6) * 1e9)
     anchor = _interpolate(params_b)
     return anchor * flavor.tflops_bf16 / 989 * flavor.gpus * (0.85 if flavor.gpus > 1 else 1.0)
 
