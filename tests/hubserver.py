@@ -1,8 +1,8 @@
 """A local stand-in for the Hugging Face Hub (model/dataset repos and Jobs) that huggingface_hub's real client talks to.
 
 Point a client at it with HF_ENDPOINT=server.url in a subprocess's environment (read when huggingface_hub is imported),
-or in-process with HfApi(endpoint=server.url, token="hf_test") and huggingface_hub.constants.ENDPOINT patched. The wire
-formats follow huggingface_hub 2.4.0 (hf_api.py, _commit_api.py, _upload_pipeline.py, file_download.py, utils/_http.py).
+or in-process with HfApi(endpoint=server.url, token="hf_test") or server.patch_client(monkeypatch). The wire formats
+follow huggingface_hub 2.4.0 (hf_api.py, _commit_api.py, _upload_pipeline.py, file_download.py, utils/_http.py).
 Uploads are always "regular": the preupload answer never asks for LFS or Xet, so file contents travel base64-encoded
 inside the commit NDJSON. Nothing is authenticated: any token (or none) is user "tester".
 
@@ -21,14 +21,17 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, unquote, urlsplit
+
+if TYPE_CHECKING:
+    import pytest
 
 USER = "tester"
 CANCEL_GRACE_S = 20.0  # SIGKILL a cancelled (or timed-out) job this long after its SIGTERM
@@ -41,24 +44,19 @@ FAKE_UV = '''#!{python}
 import os
 import sys
 
-VALUE_OPTIONS = {"--with", "--python", "-p", "--with-requirements", "--index", "--index-url", "--extra-index-url",
-                 "--env-file", "--directory", "--project"}
-args = sys.argv[1:]
-if not args or args[0] != "run":
-    sys.exit(f"fake uv: only `uv run` is supported, got {args}")
-args = args[1:]
-while args and args[0].startswith("-"):
-    option = args.pop(0)
-    if option in VALUE_OPTIONS and args:
+if sys.argv[1:2] != ["run"] or len(sys.argv) < 3:
+    sys.exit(f"fake uv: only `uv run [OPTIONS] TARGET ARGS...` is supported, got {sys.argv[1:]}")
+args = sys.argv[2:]
+while len(args) > 1 and args[0].startswith("-"):  # options; these take a value unless written --opt=value
+    if args.pop(0) in ("--with", "--python", "-p", "--with-requirements", "--index-url", "--extra-index-url"):
         args.pop(0)
 if not args:
-    sys.exit("fake uv: `uv run` needs a target")
-target, rest = args[0], args[1:]
-if target in ("python", "python3"):
-    os.execv(sys.executable, [sys.executable, *rest])
-if target.endswith(".py"):
-    os.execv(sys.executable, [sys.executable, target, *rest])
-os.execvp(target, [target, *rest])
+    sys.exit("fake uv: no TARGET after the options")
+if args[0] in ("python", "python3"):
+    os.execv(sys.executable, [sys.executable, *args[1:]])
+if args[0].endswith(".py"):
+    os.execv(sys.executable, [sys.executable, *args])
+os.execvp(args[0], args)
 '''
 
 
@@ -171,12 +169,28 @@ class HubServer:
         with self._cond:
             return [{
                 "id": job.id, "stage": job.stage, "message": job.message,
-                "command": [*job.spec.get("command", []), *job.spec.get("arguments", [])],
+                "command": [*(job.spec.get("command") or []), *(job.spec.get("arguments") or [])],
                 "environment": dict(job.spec.get("environment") or {}), "secrets": dict(job.spec.get("secrets") or {}),
                 "flavor": job.spec.get("flavor"), "timeout": job.spec.get("timeoutSeconds"),
                 "labels": job.spec.get("labels"), "log": "\n".join(text for _, text in job.lines),
                 "returncode": job.returncode, "child_env": dict(job.env),
             } for job in self._jobs.values()]
+
+    def patch_client(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Point this process's huggingface_hub here (module-level functions included) and its child processes too.
+
+        Patching constants.ENDPOINT alone is not enough: hf_hub_url formats HUGGINGFACE_CO_URL_TEMPLATE, built at
+        import, and run_job/inspect_job/... are methods of the HfApi made at import (hf_api.api)."""
+        from huggingface_hub import constants, hf_api
+
+        monkeypatch.setattr(constants, "ENDPOINT", self.url)
+        template = self.url + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(hf_api.api, "endpoint", self.url)
+        monkeypatch.setenv("HF_ENDPOINT", self.url)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_TOKEN", "hf_test")  # whoami (run_job's default namespace) needs some token
 
     def put_repo(self, repo_id: str, folder: Path, repo_type: str = "model") -> None:
         """Seed a repo (created if missing) with one commit adding every file under `folder` (.git left out)."""
@@ -205,7 +219,7 @@ class HubServer:
                 del files[name]
         files.update(additions)
         parent = repo.commits[-1].sha if repo.commits else ""
-        sha = hashlib.sha1(f"{parent}\n{title}\n{time.time_ns()}\n{sorted(files)}".encode()).hexdigest()
+        sha = hashlib.sha1(f"{parent}\n{title}\n{uuid.uuid4()}".encode()).hexdigest()
         repo.commits.append(_Commit(sha=sha, files=files, title=title, date=_now()))
         return sha
 
@@ -222,7 +236,8 @@ class HubServer:
     # ------------------------------------------------------------------ jobs
 
     def _start_job(self, namespace: str, spec: dict) -> _Job:
-        """Run the job's command; its environment is made only of these variables, later ones winning."""
+        """Start the job's command. Its environment is only: PATH (fake uv first), HOME, LANG, HF_ENDPOINT, then
+        job_env, the spec's environment, its secrets (a later source wins over an earlier one)."""
         job_id = uuid.uuid4().hex[:24]
         workdir = self.root / "jobs" / job_id
         workdir.mkdir(parents=True)
@@ -235,7 +250,7 @@ class HubServer:
         job = _Job(id=job_id, namespace=namespace, spec=spec, env=env, created_at=_now())
         with self._cond:
             self._jobs[job_id] = job
-        command = [*spec.get("command", []), *spec.get("arguments", [])]
+        command = [*(spec.get("command") or []), *(spec.get("arguments") or [])]
         try:  # Popen looks the executable up on env["PATH"], so "uv" is the fake one
             job.proc = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, start_new_session=True)
@@ -323,6 +338,7 @@ _JOB = r"/api/jobs/(?P<ns>[^/]+)/(?P<job_id>[^/]+)"
 # (method, path regex matched on the still-quoted path, handler method); named groups are unquoted into kwargs
 _ROUTES = [
     ("GET", r"/api/whoami-v2", "whoami"),  # HfApi.whoami, and run_job & co when namespace is None
+    ("GET", r"/api/agent-harnesses", "agent_harnesses"),  # utils._detect_agent (user-agent telemetry)
     ("POST", r"/api/repos/create", "create_repo"),  # HfApi.create_repo
     ("POST", r"/api/validate-yaml", "validate_yaml"),  # create_commit when it adds a README.md
     ("POST", _REPO + r"/preupload/(?P<rev>[^/]+)", "preupload"),  # _commit_api._fetch_upload_modes
@@ -357,7 +373,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.hub = self.server.hub
         url = urlsplit(self.path)
         self.query = {key: values[-1] for key, values in parse_qs(url.query).items()}
-        self.body = self._read_body()  # always read it, even when answering an error
+        self.body = self.rfile.read(int(self.headers.get("Content-Length") or 0))  # the client sends no chunked bodies
         for method, pattern, name in _ROUTES:
             if method == self.command and (match := re.fullmatch(pattern, url.path)):
                 kwargs = {key: unquote(value) for key, value in match.groupdict().items() if value is not None}
@@ -370,16 +386,6 @@ class _Handler(BaseHTTPRequestHandler):
                     self._send(500, {"error": f"HubServer: {type(e).__name__}: {e}"})
                 return
         self._send(404, {"error": f"HubServer: no route for {self.command} {url.path}"})
-
-    def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while size := int(self.rfile.readline().split(b";")[0], 16):
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-            self.rfile.readline()
-            return b"".join(chunks)
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def _send(self, status: int, body: bytes | dict | list = b"", headers: dict[str, str] | None = None,
               content_type: str = "application/json") -> None:
@@ -415,6 +421,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"type": "user", "id": "0" * 24, "name": USER, "fullname": "Test User", "orgs": [],
                          "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}}})
 
+    def _agent_harnesses(self) -> None:
+        self._send(200, {"standardEnvVars": [], "harnesses": {}})
+
     def _create_repo(self) -> None:
         """409 with the url when it exists: create_repo(exist_ok=True) then still reads r.json()["url"]."""
         spec = json.loads(self.body)
@@ -442,7 +451,7 @@ class _Handler(BaseHTTPRequestHandler):
         answer = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
                    "oid": _git_oid(files[f["path"]]) if f["path"] in files else None}
                   for f in json.loads(self.body)["files"]]
-        self._send(200, {"files": answer, "commitOid": found[1].sha})
+        self._send(200, {"files": answer})
 
     def _commit(self, repo_type: str, ns: str, name: str, rev: str) -> None:
         """NDJSON: a header line, then "file" (base64 content), "deletedFile" or "deletedFolder" lines."""
@@ -526,12 +535,7 @@ class _Handler(BaseHTTPRequestHandler):
         data = commit.files.get(path)
         if data is None:  # X-Repo-Commit lets hf_hub_download cache the file's absence
             return self._error(404, "EntryNotFound", "Entry not found", {"X-Repo-Commit": commit.sha})
-        headers = {"ETag": f'"{_git_oid(data)}"', "X-Repo-Commit": commit.sha, "Accept-Ranges": "bytes"}
-        if self.command == "GET" and (m := re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))):
-            start, end = int(m[1]), min(int(m[2] or len(data) - 1), len(data) - 1)  # http_get resuming a download
-            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-            return self._send(206, data[start:end + 1], headers, "application/octet-stream")
-        self._send(200, data, headers, "application/octet-stream")
+        self._send(200, data, {"ETag": f'"{_git_oid(data)}"', "X-Repo-Commit": commit.sha}, "application/octet-stream")
 
     # ------------------------------------------------------------------ job routes
 
@@ -586,7 +590,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.end_headers()
-        marker_sent, last_write = False, time.monotonic()
+        marker_sent = False
         while True:
             with self.hub._cond:
                 new, done = job.lines[sent:], job.finished_at is not None
@@ -595,17 +599,14 @@ class _Handler(BaseHTTPRequestHandler):
             sent += len(new)
             if done:
                 return
-            wrote = bool(new)
             if not marker_sent:
                 self._event("===== Job started (HubServer: end of the replayed log) =====", _now(ahead_s=2))
-                marker_sent = wrote = True
-            if wrote:
-                last_write = time.monotonic()
-            elif time.monotonic() - last_write > KEEP_ALIVE_S:
-                self.wfile.write(b": keep-alive\n\n")
-                last_write = time.monotonic()
+                marker_sent = True
             with self.hub._cond:
-                self.hub._cond.wait_for(lambda n=sent: len(job.lines) > n or job.finished_at is not None, timeout=1.0)
+                changed = self.hub._cond.wait_for(lambda n=sent: len(job.lines) > n or job.finished_at is not None,
+                                                  timeout=KEEP_ALIVE_S)
+            if not changed:
+                self.wfile.write(b": keep-alive\n\n")
 
     def _event(self, text: str, timestamp: str) -> None:
         self.wfile.write(b"data: " + json.dumps({"data": text, "timestamp": timestamp}).encode() + b"\n\n")

@@ -74,14 +74,14 @@ def _paused_training(run: Path) -> list[int]:
     return pids
 
 
-def _wait_for(predicate, what: str, timeout: float = 240):
+def _wait_for(predicate, what: str, timeout: float = 240, tell=lambda: ""):
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}\n{tell()}")
 
 
 def test_ray_job_past_its_budget_is_stopped_and_its_retry_resumes_to_the_end(workspace, tmp_path, ray_head,
@@ -144,45 +144,59 @@ def test_hf_jobs_script_is_self_contained_and_runs_here(workspace, tmp_path):
     assert (elsewhere / "job" / "runs" / "hfjob" / "adapter" / "adapter_model.safetensors").exists()
 
 
-def test_hf_jobs_request_carries_flavor_timeout_and_secrets_but_writes_no_secret(workspace, tmp_path,
-                                                                                  monkeypatch):
-    import huggingface_hub
+@pytest.fixture
+def hub(tmp_path, workspace):
+    """A local Hugging Face Hub and Jobs service (tests/hubserver.py) that really runs the jobs here; it holds
+    the tiny model as tester/tiny."""
+    from tests.hubserver import HubServer
 
-    from tunery.jobs.backends import HFJobsBackend
-    from tunery.jobs.flavors import estimate, get_flavor
-    from tunery.jobs.store import JobStore
-    from tunery.jobs.submit import prepare, queue
+    root = Path(__file__).resolve().parents[2]
+    server = HubServer(tmp_path / "hub", pause_on_checkpoint=True,
+                       job_env={"PYTHONPATH": str(root), "TUNERY_HOME": str(tmp_path / "job-home"),
+                                "HF_HUB_CACHE": str(tmp_path / "job-cache"), "TOKENIZERS_PARALLELISM": "false"})
+    server.start()
+    server.put_repo("tester/tiny", workspace["model"])
+    try:
+        yield server
+    finally:
+        server.stop()
 
-    monkeypatch.setenv("TUNERY_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    sent = {}
 
-    class Info:
-        id = "remote-123"
+def test_hf_job_pushes_checkpoints_is_stopped_past_its_budget_and_its_retry_resumes_from_the_hub(
+        workspace, tmp_path, hub):
+    home, run, repo = tmp_path / "home", tmp_path / "runs" / "hfrun", "tester/tunery-hfrun"
+    env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf-home")}
+    config = _config(workspace, tmp_path, model="tester/tiny", max_steps=200, save_every=5)
+    proc = run_cli("submit", "--config", str(config), "--name", "hfrun", "--backend", "hf-jobs", "--flavor",
+                   "a10g-small", "--timeout", "1h", "--budget", "0.000001usd", "--yes", "--no-worker", home=home,
+                   env=env)
+    job_id = proc.stdout.strip().splitlines()[-1]
+    first = hub.jobs()[0]
+    assert first["flavor"] == "a10g-small" and first["timeout"] == 3600, first
+    assert first["secrets"] == {"HF_TOKEN": TOKEN} and first["environment"]["TUNERY_OUTPUT_REPO"] == repo
+    # the service pauses the job when its first checkpoint reaches the repo: mid-run, past its budget
+    _wait_for(lambda: any(p.startswith("checkpoints/step-") for p in hub.files(repo)), "the first pushed checkpoint",
+              tell=lambda: hub.jobs()[0]["log"][-3000:])
+    show = run_cli("jobs", "show", job_id, home=home, env=env).stdout
+    assert "cancelled" in show and "budget" in show and "stopped through the hf-jobs API" in show, show
+    assert "loss" in show  # the metrics pushed with the checkpoint reached the store
+    _wait_for(lambda: hub.jobs()[0]["stage"] == "CANCELED", "the service to stop the job")
 
-    def fake_run_uv_job(script, **kwargs):
-        sent.update(kwargs, script=script)
-        return Info()
-
-    monkeypatch.setattr(huggingface_hub, "run_uv_job", fake_run_uv_job)
-    from tunery.config import RunConfig
-
-    cfg = RunConfig.from_yaml(_config(workspace, tmp_path)).replace(model="Qwen/Qwen2.5-0.5B-Instruct", name="hf")
-    cfg, run_dir, est = prepare(cfg, "a10g-small", "hf-jobs")
-    store = JobStore()
-    job = queue(cfg, run_dir, est, flavor="a10g-small", backend="hf-jobs", timeout_s=3600, budget_usd=5.0,
-                secrets=["HF_TOKEN"], store=store)
-    HFJobsBackend(store, output_repo="me/hf-run").submit(job)
-    assert sent["flavor"] == "a10g-small" and sent["timeout"] == 3600 and sent["name"] == "hf"
-    assert sent["secrets"] == {"HF_TOKEN": TOKEN} and sent["env"] == {"TUNERY_OUTPUT_REPO": "me/hf-run"}
-    assert Path(sent["script"]).read_text().startswith("# /// script")
-    job = store.get(job.id)
-    assert job.state == "running" and job.external_id == "remote-123"
-    for path in [*(tmp_path / "home").rglob("*"), *run_dir.rglob("*")]:
+    run_cli("jobs", "retry", job_id, "--budget", "100usd", home=home, env=env)
+    show = _wait_for(lambda: (lambda text: text if "Hugging Face Jobs reports" in text else None)(
+        run_cli("jobs", "show", job_id, home=home, env=env).stdout), "the retried job to end")
+    assert "Hugging Face Jobs reports COMPLETED" in show, show + hub.jobs()[-1]["log"]
+    logs = run_cli("logs", job_id, home=home, env=env).stdout
+    assert "pulled the run of an earlier attempt" in logs and "resuming from step-" in logs, logs
+    assert "done: loss" in logs and TOKEN not in logs
+    files = hub.files(repo)
+    assert "adapter/adapter_model.safetensors" in files and not any(p.startswith("checkpoints/") for p in files)
+    assert (run / "adapter" / "adapter_model.safetensors").exists()  # the finished run came back here
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 200 and steps == sorted(steps)
+    for path in [*home.rglob("*"), *(tmp_path / "runs").rglob("*")]:
         if path.is_file():
             assert TOKEN.encode() not in path.read_bytes(), path
-    assert estimate(1000, 0.5, get_flavor("a10g-small")).usd > 0
 
 
 def test_hf_jobs_offline_says_so(workspace, tmp_path):

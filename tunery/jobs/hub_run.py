@@ -26,7 +26,7 @@ import yaml
 from tunery.train.checkpoint import list_checkpoints
 
 SCRIPT_NAME = "tunery-job.py"  # the job's script, kept in the output repo beside the run
-PUSH_POLL_S = 5.0  # how often the pusher looks for a new checkpoint
+PUSH_POLL_S = 1.0  # how often the pusher looks for a new checkpoint (a listing: cheap)
 # what of a run folder goes to the repo besides checkpoints and trained weights (never lock or temp files)
 _SKIP = [".*", "**/.*", "*.tmp/*", "checkpoints/*"]
 
