@@ -231,6 +231,25 @@ PHI3_MINI_TEMPLATE = (
 )
 
 
+# LFM2 (Liquid): ChatML turns after <|startoftext|>; the system turn (with a tool list, when tools are given) first
+LFM2_TEMPLATE = (
+    '{{- bos_token -}}{%- set ns = namespace(system_prompt="") -%}'
+    '{%- if messages[0]["role"] == "system" -%}{%- set ns.system_prompt = messages[0]["content"] -%}'
+    '{%- set messages = messages[1:] -%}{%- endif -%}'
+    '{%- if tools -%}{%- set ns.system_prompt = ns.system_prompt + ("\n" if ns.system_prompt else "") + '
+    '"List of tools: <|tool_list_start|>[" -%}{%- for tool in tools -%}{%- if tool is not string -%}'
+    '{%- set tool = tool | tojson -%}{%- endif -%}{%- set ns.system_prompt = ns.system_prompt + tool -%}'
+    '{%- if not loop.last -%}{%- set ns.system_prompt = ns.system_prompt + ", " -%}{%- endif -%}{%- endfor -%}'
+    '{%- set ns.system_prompt = ns.system_prompt + "]<|tool_list_end|>" -%}{%- endif -%}'
+    '{%- if ns.system_prompt -%}{{- "<|im_start|>system\n" + ns.system_prompt + "<|im_end|>\n" -}}{%- endif -%}'
+    '{%- for message in messages -%}{{- "<|im_start|>" + message["role"] + "\n" -}}'
+    '{%- set content = message["content"] -%}{%- if content is not string -%}{%- set content = content | tojson -%}'
+    '{%- endif -%}{%- if message["role"] == "tool" -%}'
+    '{%- set content = "<|tool_response_start|>" + content + "<|tool_response_end|>" -%}{%- endif -%}'
+    '{{- content + "<|im_end|>\n" -}}{%- endfor -%}'
+    '{%- if add_generation_prompt -%}{{- "<|im_start|>assistant\n" -}}{%- endif -%}'
+)
+
 @dataclass(frozen=True)
 class Family:
     template: str
@@ -262,6 +281,9 @@ FAMILIES = {
                      ("<end_of_turn>", "<eos>"), system="none", refuses_system=True),
     "phi3.5": Family(PHI35_TEMPLATE, None, "<|endoftext|>", ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
                      ("<|end|>", "<|endoftext|>")),
+    "lfm2": Family(LFM2_TEMPLATE, "<|startoftext|>", "<|im_end|>",
+                   ("<|im_start|>", "<|tool_list_start|>", "<|tool_list_end|>", "<|tool_response_start|>",
+                    "<|tool_response_end|>"), ("<|im_end|>",)),
     "phi3-mini": Family(PHI3_MINI_TEMPLATE, "<s>", "<|endoftext|>", ("<|user|>", "<|assistant|>", "<|end|>"),
                         ("<|end|>", "<|endoftext|>"), system="none"),
 }

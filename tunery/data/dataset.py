@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -12,6 +13,7 @@ import random
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from jinja2.exceptions import TemplateError
 
@@ -61,6 +63,14 @@ class PreparedData:
                 "files": [f.summary() for f in self.files]}
 
 
+@functools.cache
+def _CODE() -> str:  # noqa: N802 - a constant, computed once
+    """A hash of the code that turns rows into tokens: a cache made by other code is never read back."""
+    here = Path(__file__).parent
+    parts = [(here / f"{name}.py").read_bytes() for name in ("formats", "templates", "tokenize", "dataset", "load")]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
@@ -76,7 +86,7 @@ def load_file(path: str, tokenizer, max_seq_len: int, train_on: str = "assistant
     examples, reasons = normalise(rows, fmt, system_prompt, json_values)
     examples, reasons, notes = _fit_template(tokenizer, examples, reasons)
     data_hash = content_hash(path)
-    key = hashlib.sha256("|".join([data_hash, tokenizer_fingerprint(tokenizer), str(max_seq_len), train_on,
+    key = hashlib.sha256("|".join([_CODE(), data_hash, tokenizer_fingerprint(tokenizer), str(max_seq_len), train_on,
                                    system_prompt or "", sheet or "", str(json_values),
                                    ",".join(columns or [])]).encode()).hexdigest()[:32]
     tokens = _cached_tokens(key, examples, tokenizer, max_seq_len, train_on, reasons)

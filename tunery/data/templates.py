@@ -81,7 +81,6 @@ class TemplateFit:
 
     system: bool  # renders a system turn, and its text
     alternation_free: bool  # accepts two user turns in a row
-    assistant_first: bool  # accepts a conversation that opens with the assistant
 
 
 def template_fit(tokenizer) -> TemplateFit:
@@ -100,8 +99,7 @@ def template_fit(tokenizer) -> TemplateFit:
 
     u, a = {"role": "user", "content": "Uq"}, {"role": "assistant", "content": "Aa"}
     fit = TemplateFit(system=renders([{"role": "system", "content": "Ssys"}, u, a], "Ssys"),
-                      alternation_free=renders([u, dict(u, content="Uq2"), a]),
-                      assistant_first=renders([a, u, a]))
+                      alternation_free=renders([u, dict(u, content="Uq2"), a]))
     tokenizer._tunery_fit = (key, fit)
     return fit
 
@@ -109,7 +107,7 @@ def template_fit(tokenizer) -> TemplateFit:
 def fit_messages(tokenizer, messages: list[dict]) -> tuple[list[dict], list[str]]:
     """The conversation reshaped into what the template accepts, and a note for each change: a system turn
     merged into the first user turn where the template has no system role, consecutive turns of one role
-    merged where it demands alternation, an opening assistant turn dropped where it needs a user first."""
+    merged where it demands alternation, an assistant turn before any user turn dropped."""
     fit, notes = template_fit(tokenizer), []
     out = [dict(m) for m in messages]
     if not fit.system and any(m["role"] == "system" for m in out):
@@ -124,11 +122,12 @@ def fit_messages(tokenizer, messages: list[dict]) -> tuple[list[dict], list[str]
                 kept.append(m)
         out = kept
         notes.append("system turn merged into the next user turn (the template has no system role)")
-    if not fit.assistant_first:
-        start = 1 if out and out[0]["role"] == "system" else 0
-        while len(out) > start and out[start]["role"] == "assistant":
-            out.pop(start)
-            notes.append("opening assistant turn dropped (the template needs a user turn first)")
+    # an assistant turn before any user turn answers nothing: dropped whatever the template accepts, so the same
+    # data trains the same way on every model (and no template header ends up inside a trained span)
+    first_user = next((i for i, m in enumerate(out) if m["role"] == "user"), len(out))
+    if any(m["role"] == "assistant" for m in out[:first_user]):
+        out = [m for i, m in enumerate(out) if i >= first_user or m["role"] != "assistant"]
+        notes.append("opening assistant turn dropped (no user turn before it to answer)")
     if not fit.alternation_free:
         merged: list[dict] = []
         for m in out:
