@@ -104,6 +104,10 @@ def fast_path_for(model, device: str, family: FamilyFacts | None, options: FastP
     lm_head = base.get_output_embeddings()
     if decoder is None or lm_head is None or getattr(lm_head, "bias", None) is not None:
         return FastPath(reason="model has no plain decoder + lm_head", options=opts)
+    if "TrainableTokensWrapper" in (type(lm_head).__name__, type(base.get_input_embeddings()).__name__):
+        # the fused loss reads lm_head.weight, which would miss the trained rows of the added tokens
+        return FastPath(reason="the run trains added tokens' embedding rows (PEFT trainable tokens), which the "
+                        "fused loss does not read", options=opts)
     softcap = getattr(base.config, "final_logit_softcapping", None)
     fast = FastPath(decoder=decoder, lm_head=lm_head, softcap=softcap, options=opts,
                     applied=["fused linear+cross-entropy (chunked; no full-vocabulary logits"

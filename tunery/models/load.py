@@ -107,3 +107,16 @@ def model_fingerprint(model: str, revision: str | None = None) -> dict:
     files = [(f.name, f) for f in sorted(folder.iterdir())
              if f.suffix in (".json", ".safetensors", ".bin", ".model") and f.is_file()]
     return {"model": str(folder.resolve()), "folder_sha256": sha256_files(files)}
+
+
+def grow_vocabulary(model, tokenizer) -> list[int]:
+    """Give every token of `tokenizer` an embedding row: a tokenizer with tokens added after the model was made
+    (chat or tool markers) is longer than the embeddings, and its new ids would index past them. The new rows
+    start at the mean of the old ones (what transformers' `mean_resizing` does); returns their ids, which
+    training makes trainable. Nothing changes when every token has a row."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) <= rows:
+        return []
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return list(range(rows, len(tokenizer)))
+

@@ -22,7 +22,7 @@ from tunery.errors import RunError
 from tunery.kernels.apply import FastPath, fast_path_for
 from tunery.kernels.graphs import StepGraphs, graphs_reason
 from tunery.models.catalog import family_of_model
-from tunery.models.load import load_model, load_tokenizer, model_fingerprint, pick_device, pick_dtype
+from tunery.models.load import grow_vocabulary, load_model, load_tokenizer, model_fingerprint, pick_device, pick_dtype
 from tunery.models.lora import apply_lora
 from tunery.progress import console
 from tunery.run import RunLock, manifest, new_run_dir, open_run, started, write_json_atomic
@@ -253,7 +253,12 @@ def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.revision, cfg.trust_remote_code,
                        four_bit=cfg.method == "qlora")
-    model = make_trainable(model, cfg)
+    new_tokens = grow_vocabulary(model, tokenizer)
+    if new_tokens:
+        names = ", ".join(tokenizer.convert_ids_to_tokens(new_tokens[:5])) + (", ..." if len(new_tokens) > 5 else "")
+        console.print(f"the tokenizer has {len(new_tokens)} tokens the model has no embedding rows for ({names}): "
+                      "embeddings grown; the new rows start at the mean of the others and are trained")
+    model = make_trainable(model, cfg, new_tokens)
     why = packing_problem(model) if cfg.packing else None
     if why:
         raise ConfigError(f"packing cannot train {cfg.model}: {why}; train it without --packing")
@@ -277,12 +282,13 @@ def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
     return trainer
 
 
-def make_trainable(model, cfg: RunConfig):
-    """Adapters (or every weight) set to train, checkpointing as configured, train mode: what a run trains."""
+def make_trainable(model, cfg: RunConfig, new_tokens: list[int] | None = None):
+    """Adapters (or every weight) set to train, checkpointing as configured, train mode: what a run trains.
+    With LoRA, the embedding rows of `new_tokens` train too."""
     if cfg.method == "full":
         model.requires_grad_(True)
     else:
-        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, new_tokens)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.method != "full":
