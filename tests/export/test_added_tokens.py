@@ -113,3 +113,17 @@ def test_the_fast_path_steps_aside_for_trained_token_rows(tmp_path):
         model = apply_lora(model, 4, 8, 0.0, new_tokens=new_tokens)
         fast = fast_path_for(model, "cpu", family_of_model(model), FastPathOptions(allow_cpu=True))
         assert ("added tokens" in (fast.reason or "")) == bool(new_tokens), fast.reason
+
+
+def test_inspect_names_the_added_tokens_the_data_uses_and_those_without_a_row(run, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from tunery.cli.app import app
+
+    cfg = yaml.safe_load((run[0] / "config.yaml").read_text())
+    result = CliRunner().invoke(app, ["data", "inspect", cfg["data"], "--model", cfg["model"], "--json"])
+    report = json.loads(result.stdout[result.stdout.index("{"):])  # after any progress output
+    assert report["added_tokens"] == {"<|tool|>": 80, "<|/tool|>": 80}, report["added_tokens"]
+    assert report["new_tokens"] == ADDED
+    assert any("no embedding row" in w for w in report["warnings"]), report["warnings"]

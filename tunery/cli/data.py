@@ -51,7 +51,8 @@ def inspect_command(
         ensure_chat_template(tokenizer)
     insp = inspect_file(str(file), tokenizer, max_seq_len, train_on.value, str(eval_data) if eval_data else None,
                         sheet=sheet, json_values=json_values,
-                        columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else None)
+                        columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else None,
+                        embedding_rows=_vocab_size(model) if model else None)
     if as_json:
         print(json.dumps(insp.to_dict(), indent=2))
     else:
@@ -70,6 +71,8 @@ def _show(insp) -> None:
     table.add_row("exact duplicates", str(insp.duplicates))
     table.add_row("rows over max_seq_len", str(insp.too_long))
     table.add_row("train/eval overlap", f"{insp.overlap} ({insp.overlap_against})")
+    if insp.added_tokens:
+        table.add_row("added tokens used", ", ".join(f"{t} ({n} rows)" for t, n in insp.added_tokens.items()))
     console.print(table)
     if insp.lengths:
         console.print(f"[bold]length in {insp.length_unit}[/] (min {min(insp.lengths)}, "
@@ -92,6 +95,17 @@ def _show(insp) -> None:
         console.print(f"[bold red]problem:[/] {p}")
     if not insp.problems:
         console.print("[green]ok to train[/]")
+
+
+def _vocab_size(model: str) -> int | None:
+    """The model's embedding rows from its config (no weights loaded); None when it cannot be read."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
+        return getattr(config.get_text_config(), "vocab_size", None)
+    except (OSError, ValueError):
+        return None
 
 
 def _rows(numbers: list[int]) -> str:

@@ -28,6 +28,8 @@ class Inspection:
     preview: list[tuple[str, bool]] = field(default_factory=list)  # (text piece, trained?)
     too_long_rows: list[int] = field(default_factory=list)  # 1-based row numbers cut at max_seq_len
     template_notes: dict[str, int] = field(default_factory=dict)  # reshaped to fit the chat template -> rows
+    added_tokens: dict[str, int] = field(default_factory=dict)  # tokens added to the vocabulary -> rows using them
+    new_tokens: list[str] = field(default_factory=list)  # of those, the ones the model has no embedding row for
     problems: list[str] = field(default_factory=list)  # fatal: training would fail or train on nothing
     warnings: list[str] = field(default_factory=list)
 
@@ -54,7 +56,10 @@ def histogram(lengths: list[int], bins: int = 8) -> list[tuple[int, int, int]]:
 
 def inspect_file(path: str, tokenizer=None, max_seq_len: int = 2048, train_on: str = "assistant",
                  eval_data: str | None = None, eval_split: float = 0.1, seed: int = 42, sheet: str | None = None,
-                 json_values: bool = False, columns: list[str] | None = None) -> Inspection:
+                 json_values: bool = False, columns: list[str] | None = None,
+                 embedding_rows: int | None = None) -> Inspection:
+    """What training would make of the file. `embedding_rows`: the model's vocabulary size, when known, to
+    name the added tokens it has no embedding rows for."""
     if tokenizer is not None:
         data = load_file(path, tokenizer, max_seq_len, train_on, sheet=sheet, json_values=json_values,
                          columns=columns)
@@ -78,6 +83,7 @@ def inspect_file(path: str, tokenizer=None, max_seq_len: int = 2048, train_on: s
     if tokenizer is not None:
         _token_stats(insp, [tokens[i] for i in kept], max_seq_len)
         insp.too_long_rows = [i + 1 for i in kept if tokens[i] is not None and tokens[i].truncated]
+        _added_tokens(insp, tokenizer, [tokens[i] for i in kept if tokens[i] is not None], embedding_rows)
         first = next((i for i in kept if tokens[i] is not None), None)
         if first is not None:
             insp.preview = _preview(tokenizer, tokens[first])
@@ -88,6 +94,19 @@ def inspect_file(path: str, tokenizer=None, max_seq_len: int = 2048, train_on: s
     _overlap(insp, examples, kept, eval_data, eval_split, seed, sheet, json_values, columns)
     _judge(insp, len(kept))
     return insp
+
+
+def _added_tokens(insp: Inspection, tokenizer, kept: list[Tokenized], embedding_rows: int | None) -> None:
+    """Tokens added to the vocabulary (not the template's own markers or bos/eos/pad) that the data uses."""
+    template = tokenizer.chat_template or ""
+    own = {tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token}
+    added = {i: t for t, i in tokenizer.get_added_vocab().items() if t not in own and t not in template}
+    if not added:
+        return
+    rows = Counter(i for t in kept for i in set(t.input_ids) if i in added)
+    insp.added_tokens = {added[i]: n for i, n in sorted(rows.items())}
+    if embedding_rows is not None:
+        insp.new_tokens = [added[i] for i in sorted(rows) if i >= embedding_rows]
 
 
 def _token_stats(insp: Inspection, kept: list[Tokenized], max_seq_len: int) -> None:
@@ -131,6 +150,10 @@ def _judge(insp: Inspection, n_kept: int) -> None:
                              + (f" (rows {rows})" if rows else ""))
     if insp.no_trainable and insp.no_trainable < n_kept:
         insp.warnings.append(f"{insp.no_trainable} rows have no trained token after truncation and are skipped")
+    if insp.new_tokens:
+        insp.warnings.append(f"{len(insp.new_tokens)} added tokens in the data have no embedding row in the model "
+                             f"({', '.join(insp.new_tokens[:5])}): training grows the embeddings and trains these "
+                             "rows from the mean of the others, so they need enough examples")
     if insp.duplicates:
         insp.warnings.append(f"{insp.duplicates} exact duplicate rows")
     if insp.overlap:
