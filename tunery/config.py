@@ -42,7 +42,8 @@ class RunConfig:
     """Everything a training run needs. Field docs are the CLI help."""
 
     model: str | None = _f(None, "Hub id (Qwen/Qwen2.5-0.5B-Instruct) or local model folder.")
-    data: str | None = _f(None, "Training data: .json/.jsonl/.csv/.xlsx/.parquet or a saved datasets folder.")
+    data: str | None = _f(None, "Training data: .json/.jsonl/.csv/.xlsx/.parquet, a saved datasets folder, or a Hub "
+                          "dataset: org/name[@revision][:subset][:split] (split train by default).")
     eval_data: str | None = _f(None, "Separate held-out file; when unset, eval_split of data is held out.")
     sheet: str | None = _f(None, "Excel sheet to read (required when a workbook has several).")
     columns: list[str] = _f([], "Your column names for tunery's, as FIELD=COLUMN (prompt=Question,completion=Response,"
@@ -183,8 +184,11 @@ class RunConfig:
     def with_absolute_paths(self, base: Path) -> RunConfig:
         """Data, eval data, output folder and a local model folder as absolute paths (relative ones read from
         `base`), so the run's config.yaml means the same from any working directory."""
+        from tunery.data.load import hub_dataset
+
         changes = {name: str((base / getattr(self, name)).expanduser().resolve())
-                   for name in ("data", "eval_data", "output_dir") if getattr(self, name)}
+                   for name in ("data", "eval_data", "output_dir")
+                   if getattr(self, name) and not (name != "output_dir" and hub_dataset(getattr(self, name)))}
         local_model = (base / self.model).expanduser() if self.model else None
         if local_model is not None and local_model.exists():
             changes["model"] = str(local_model.resolve())

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +20,13 @@ SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".xlsx", ".parquet")
 
 
 def load_rows(path: str | Path, sheet: str | None = None, columns: list[str] | None = None) -> list[dict[str, Any]]:
-    """Rows of `path` as dicts; a folder is read as a saved `datasets` dataset. `sheet`: the Excel sheet to
-    read (needed when a workbook has several). `columns`: FIELD=COLUMN pairs naming the file's columns that
+    """Rows of `path` as dicts; a folder is read as a saved `datasets` dataset, and a Hub dataset id
+    (`org/name[@revision][:subset]:split`, see `hub_dataset`) as that dataset's split. `sheet`: the Excel sheet
+    to read (needed when a workbook has several). `columns`: FIELD=COLUMN pairs naming the file's columns that
     hold tunery's fields (the config's `columns`)."""
+    hub = hub_dataset(str(path))
+    if hub is not None:
+        return map_columns(hub.rows(), columns or [], hub.spec)
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
@@ -71,11 +77,86 @@ def _load(path: Path, sheet: str | None) -> list[dict[str, Any]]:
 
 
 def content_hash(path: str | Path) -> str:
-    """sha256 of the file's bytes (of every file, in name order, for a folder)."""
+    """sha256 of the file's bytes (of every file, in name order, for a folder); for a Hub dataset, its commit,
+    subset and split (`hub:org/name@COMMIT:subset:split`: the manifest pins the revision that was read)."""
+    hub = hub_dataset(str(path))
+    if hub is not None:
+        return hub.identity()
     path = Path(path)
     if not path.is_dir():
         return sha256_files([("", path)])
     return sha256_files((p.relative_to(path).as_posix(), p) for p in sorted(path.rglob("*")) if p.is_file())
+
+
+_HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+?))?"
+                     r"(?::(?P<first>[\w.-]+))?(?::(?P<second>[\w.-]+))?")
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    """A dataset on the Hugging Face Hub: `org/name` (split train), `org/name:split`, `org/name:subset:split`,
+    each with an optional `@revision` after the name (a branch, tag or commit)."""
+
+    spec: str
+    repo: str
+    revision: str | None
+    subset: str | None
+    split: str
+
+    def snapshot(self) -> Path:
+        """The dataset's files at its revision (the folder's name is the commit): see `_hub_snapshot`."""
+        return _hub_snapshot(self.repo, self.revision)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The split's rows, read by `datasets` from the snapshot (its subsets and splits as the Hub shows them)."""
+        import datasets
+
+        folder = self.snapshot()
+        try:
+            data = datasets.load_dataset(str(folder), self.subset, split=self.split)
+        except ValueError as e:  # an unknown subset or split: datasets' message lists the ones there are
+            raise DataError(f"dataset {self.repo}: {e}") from None
+        except datasets.exceptions.DataFilesNotFoundError:
+            raise DataError(f"dataset {self.repo} has no data files tunery can read (json, jsonl, csv, parquet)") \
+                from None
+        return data.to_list()
+
+    def identity(self) -> str:
+        return f"hub:{self.repo}@{self.snapshot().name}:{self.subset or ''}:{self.split}"
+
+
+@functools.cache
+def _hub_snapshot(repo: str, revision: str | None) -> Path:
+    """Downloaded once into the Hugging Face cache (offline: read from it); resolved once per process."""
+    from huggingface_hub import errors, snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, repo_type="dataset", revision=revision))
+    except errors.GatedRepoError:
+        raise DataError(f"{repo} is a gated dataset: accept its terms on huggingface.co and log in "
+                        "(`hf auth login`)") from None
+    except errors.RepositoryNotFoundError:
+        raise DataError(f"no dataset {repo} on the Hub (or it is private: log in with `hf auth login`); for a "
+                        "local file, check the path") from None
+    except errors.RevisionNotFoundError:
+        raise DataError(f"dataset {repo} has no revision {revision!r}") from None
+    except errors.LocalEntryNotFoundError:
+        raise DataError(f"dataset {repo} is not in the local Hugging Face cache and the Hub cannot be reached "
+                        "(offline, or HF_HUB_OFFLINE=1): download it once where there is network (`hf download "
+                        f"{repo} --repo-type dataset`), or save it as a .jsonl/.parquet file and pass that path") \
+            from None
+    except OSError as e:  # httpx/requests connection errors
+        raise DataError(f"could not download dataset {repo} ({type(e).__name__}: {e})") from None
+
+
+def hub_dataset(spec: str) -> HubDataset | None:
+    """The Hub dataset `spec` names, or None for a local path (one that exists, or that ends in a data file
+    suffix: a missing file is reported as missing, not looked up on the Hub)."""
+    match = _HUB_ID.fullmatch(spec.strip())
+    if match is None or Path(spec).expanduser().exists() or spec.lower().endswith(SUPPORTED_SUFFIXES):
+        return None
+    first, second = match["first"], match["second"]
+    return HubDataset(spec, match["repo"], match["revision"], first if second else None, second or first or "train")
 
 
 BAD_ROW = "_tunery_unreadable"  # a row that could not be read: its key holds why (reported, then skipped)

@@ -33,12 +33,19 @@ def check_data_unchanged(run: Path) -> None:
     be split differently, and its held-out rows could be rows the model trained on."""
     import json
 
-    from tunery.data.load import content_hash
+    from tunery.data.load import content_hash, hub_dataset
 
     manifest = run / "manifest.json"
     recorded = json.loads(manifest.read_text()).get("data_sha256", {}) if manifest.is_file() else {}
     for path, digest in recorded.items():
-        now = content_hash(path) if Path(path).exists() else "missing"
+        hub = hub_dataset(path)
+        now = content_hash(path) if hub or Path(path).exists() else "missing"
+        if hub and now != digest:
+            pinned = digest.split("@", 1)[-1].split(":", 1)[0]
+            raise DataError(f"dataset {hub.repo} is not at the revision the run trained on ({pinned}; recorded in "
+                            f"{manifest}), so its held-out rows may differ. Evaluate that revision: data "
+                            f"{hub.repo}@{pinned}:{hub.subset + ':' if hub.subset else ''}{hub.split}, or pass "
+                            "--allow-changed-data to evaluate on the current one")
         if now != digest:
             what = "is missing" if now == "missing" else "has changed since the run trained on it"
             raise DataError(f"{path} {what} (sha256 recorded in {manifest}): its held-out rows may not be the ones "

@@ -74,9 +74,13 @@ def _inline(path: str) -> tuple[str, str]:
 
 def make_script(cfg: RunConfig, tunery_spec: str | None = None) -> str:
     """The PEP 723 script for `cfg` (data inline; model by Hub id)."""
-    data = {key: _inline(getattr(cfg, key)) for key in ("data", "eval_data") if getattr(cfg, key)}
+    from tunery.data.load import hub_dataset
+
+    # local files travel inside the script; a Hub dataset is read by the job from the Hub
+    local = [key for key in ("data", "eval_data") if getattr(cfg, key) and not hub_dataset(getattr(cfg, key))]
+    data = {key: _inline(getattr(cfg, key)) for key in local}
     values = cfg.to_dict()
-    for key in ("data", "eval_data", "output_dir"):
+    for key in (*local, "output_dir"):
         values.pop(key, None)
     import yaml
 
