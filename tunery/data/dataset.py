@@ -17,7 +17,7 @@ from pathlib import Path
 
 from jinja2.exceptions import TemplateError
 
-from tunery.data.formats import Example, RowError, detect_format, normalise
+from tunery.data.formats import Example, RowError, detect_format, layouts, normalise
 from tunery.data.load import content_hash, load_rows
 from tunery.data.templates import fit_messages
 from tunery.data.tokenize import IGNORE, Tokenized, tokenize_example
@@ -85,6 +85,9 @@ def load_file(path: str, tokenizer, max_seq_len: int, train_on: str = "assistant
     fmt = detect_format(rows, source=str(path))
     examples, reasons = normalise(rows, fmt, system_prompt, json_values)
     examples, reasons, notes = _fit_template(tokenizer, examples, reasons)
+    for name, n in layouts(rows).items():  # a file whose layout changes part way: each row read in its own
+        if name not in (fmt.name, "unknown"):
+            notes[f"in the {name} layout, not the file's {fmt.name}: read in their own layout"] = n
     data_hash = content_hash(path)
     key = hashlib.sha256("|".join([_CODE(), data_hash, tokenizer_fingerprint(tokenizer), str(max_seq_len), train_on,
                                    system_prompt or "", sheet or "", str(json_values),

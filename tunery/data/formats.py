@@ -171,10 +171,30 @@ def detect_format(rows: list[dict], source: str = "data") -> Format:
     raise DataError(f"{source}: columns {sorted(columns)} match no known format. Known formats:\n{known}")
 
 
+def row_format(row: dict) -> Format | None:
+    """The layout of one row: the first format whose identifying columns it fills (None: none does)."""
+    present = {k for k, v in row.items() if v is not None and v != ""}
+    return next((f for f in FORMATS if set(f.columns) <= present), None)
+
+
+def layouts(rows: list[dict]) -> dict[str, int]:
+    """How many rows are in each layout ("unknown" for rows in none): a file mixing layouts says so."""
+    from tunery.data.load import BAD_ROW
+
+    counts: dict[str, int] = {}
+    for row in rows:
+        if BAD_ROW not in row:
+            name = getattr(row_format(row), "name", "unknown")
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 def normalise(rows: list[dict], fmt: Format, system_prompt: str | None = None, json_values: bool = False
               ) -> tuple[list[Example | None], list[str | None]]:
-    """Each row as an Example (or None) with the reason it was rejected (or None). `json_values`: cells that
-    are not text train as their JSON text instead of being rejected."""
+    """Each row as an Example (or None) with the reason it was rejected (or None). Each row is read in its own
+    layout (a file whose layout changes part way is read whole); a row in none is read as `fmt`, the file's,
+    whose reason then names what is missing. `json_values`: cells that are not text train as their JSON text
+    instead of being rejected."""
     examples: list[Example | None] = []
     reasons: list[str | None] = []
     from tunery.data.load import BAD_ROW
@@ -184,8 +204,14 @@ def normalise(rows: list[dict], fmt: Format, system_prompt: str | None = None, j
             examples.append(None)
             reasons.append(row[BAD_ROW])
             continue
+        own = row_format(row)
+        if own is None and not set(fmt.columns) <= set(row):
+            examples.append(None)
+            reasons.append(f"columns {', '.join(sorted(row))} are no known layout (map yours with --columns, "
+                           "e.g. prompt=question,completion=answer)")
+            continue
         try:
-            example = fmt.convert(row, json_values)
+            example = (own or fmt).convert(row, json_values)
         except RowError as e:
             examples.append(None)
             reasons.append(str(e))
