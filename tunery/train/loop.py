@@ -250,6 +250,7 @@ def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
     if ensure_chat_template(tokenizer):
         log.info("tokenizer has no chat template: using tunery's default (ChatML text + eos)")
     data = prepare_data(cfg, tokenizer)
+    check_context(cfg, data)
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.revision, cfg.trust_remote_code,
                        four_bit=cfg.method == "qlora")
@@ -280,6 +281,25 @@ def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
     trainer = Trainer(cfg, run, model, tokenizer, data, optimizer, scheduler, device, steps, dist, forward, fast)
     log.info(trainer.graphs.describe())
     return trainer
+
+
+def check_context(cfg: RunConfig, data: PreparedData) -> None:
+    """Refuse, before loading the weights, rows longer than the model's context (its config's
+    max_position_embeddings): past it lie positions it never learned (a crash mid-run for learned positions,
+    quietly worse answers for rotary ones). Only rows that are that long count, not max_seq_len itself."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError):
+        return  # load_model says what is wrong with the model
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    longest = max((len(t.input_ids) for t in [*data.train, *data.eval]), default=0)
+    if context and longest > context:
+        over = sum(len(t.input_ids) > context for t in [*data.train, *data.eval])
+        raise ConfigError(f"{over} rows are longer than {cfg.model}'s context of {context} tokens (its config's "
+                          f"max_position_embeddings; the longest is {longest}): set --max-seq-len {context} (or "
+                          "lower) to truncate them")
 
 
 def make_trainable(model, cfg: RunConfig, new_tokens: list[int] | None = None):
