@@ -40,10 +40,36 @@ def model_size_b(model: str) -> float:
     return float(match[1]) if match else 1.0
 
 
-def training_tokens(cfg: RunConfig) -> int:
-    """Tokens the run will process, from the data's characters (~4 per token): no tokenizer needed."""
+def checked_data(cfg: RunConfig):
+    """The run's data through training's own gate (tunery.data.dataset.prepare_data: rejected, truncated and
+    overlapping rows, with --allow-data-issues as the way past), so a job that would be refused is refused now,
+    not after it waited in a queue or started a paid machine. None when the model's tokenizer cannot be loaded
+    here (a remote job's model this machine cannot read): the job then checks the data itself."""
+    from tunery.data.dataset import prepare_data
+    from tunery.data.templates import ensure_chat_template
+    from tunery.errors import ModelError
+    from tunery.models.load import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
+    except ModelError:
+        return None
+    ensure_chat_template(tokenizer)
+    return prepare_data(cfg, tokenizer)
+
+
+def training_tokens(cfg: RunConfig, data=None) -> int:
+    """Tokens the run will process: counted from `data` (checked_data) when there is one, else estimated from
+    the data's characters (~4 per token)."""
     from tunery.data.formats import detect_format, normalise
     from tunery.data.load import load_rows
+
+    if data is not None and data.train:
+        lengths = [len(t.input_ids) for t in data.train]
+        mean = sum(lengths) / len(lengths)
+        if cfg.max_steps:
+            return int(cfg.max_steps * cfg.batch_size * cfg.grad_accum * mean)
+        return int(cfg.epochs * sum(lengths))
 
     rows = load_rows(cfg.data, cfg.sheet, cfg.columns)
     examples, _ = normalise(rows, detect_format(rows, source=cfg.data), json_values=cfg.json_values)
@@ -64,7 +90,7 @@ def prepare(cfg: RunConfig, flavor: str, backend: str, base: Path | None = None)
     run_dir = Path(cfg.output_dir) / (cfg.name or auto_name(cfg.model))
     if cfg.name and run_dir.exists():  # early word; `queue` creates the folder atomically
         raise TuneryError(f"run folder {run_dir} already exists; pick another --name")
-    est = estimate(training_tokens(cfg), model_size_b(cfg.model), get_flavor(flavor))
+    est = estimate(training_tokens(cfg, checked_data(cfg)), model_size_b(cfg.model), get_flavor(flavor))
     return cfg, run_dir, est
 
 
