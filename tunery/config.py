@@ -66,6 +66,9 @@ class RunConfig:
     max_seq_len: int = _f(2048, "Longer examples are truncated (and counted).")
     train_on: Literal["assistant", "all"] = _f("assistant", "Which tokens carry loss: assistant replies or all.")
     system_prompt: str | None = _f(None, "System message prepended to conversations that have none.")
+    prompt_template: str | None = _f(None, "A prompt layout for a base model instead of its chat template, "
+                                     "e.g. '### Question:\\n{prompt}\\n\\n### Response:\\n{completion}' "
+                                     "({system} optional).")
     epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = _f(None, "Optimizer steps; overrides epochs.")
     batch_size: int = _f(4, "Examples per micro-batch.")

@@ -6,6 +6,7 @@ which is written into the run's tokenizer so every later step renders exactly wh
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -29,12 +30,83 @@ DEFAULT_TEMPLATE = (
 )
 
 
-def ensure_chat_template(tokenizer) -> bool:
-    """Give `tokenizer` the default template when it has none; True when it was added."""
+def ensure_chat_template(tokenizer, prompt_template: str | None = None) -> bool:
+    """Give `tokenizer` the run's `prompt_template` when there is one, else the default template when it has
+    none; True when the default was added."""
+    if prompt_template:
+        tokenizer.chat_template = compile_prompt_template(prompt_template)
+        return False
     if getattr(tokenizer, "chat_template", None):
         return False
     tokenizer.chat_template = DEFAULT_TEMPLATE
     return True
+
+
+PROMPT_SLOTS = ("system", "prompt", "completion")
+_SLOT = re.compile(r"\{\{|\}\}|\{(\w*)\}")
+
+
+def compile_prompt_template(text: str) -> str:
+    """A prompt template for a base model, e.g. "### Question:\n{prompt}\n\n### Response:\n{completion}", as a
+    Jinja chat template, so training, eval, chat and export all render it the one way chat templates are.
+
+    Slots: `{prompt}` (the user's turn) and `{completion}` (the reply, which ends the template and is trained,
+    followed by the eos token), once each; `{system}` (the system text, or nothing) at most once, before the
+    prompt, with the blank after it written only when a row has a system text; `{{` and `}}` are literal braces.
+    A conversation of several turns repeats the template once per exchange, a blank line apart."""
+    from tunery.config import ConfigError
+
+    pieces: list[tuple[str, str]] = []  # ("text", literal) or ("slot", name)
+    at = 0
+    for match in _SLOT.finditer(text):
+        pieces.append(("text", text[at:match.start()]))
+        token = match.group(0)
+        if token in ("{{", "}}"):
+            pieces.append(("text", token[0]))
+        elif match.group(1) not in PROMPT_SLOTS:
+            raise ConfigError(f"prompt_template: unknown slot {token}; the slots are "
+                              f"{', '.join('{' + s + '}' for s in PROMPT_SLOTS)} (write {{{{ and }}}} for braces)")
+        else:
+            pieces.append(("slot", match.group(1)))
+        at = match.end()
+    pieces.append(("text", text[at:]))
+    slots = [name for kind, name in pieces if kind == "slot"]
+    if slots.count("prompt") != 1 or slots.count("completion") != 1 or slots.count("system") > 1:
+        raise ConfigError("prompt_template needs {prompt} and {completion} once each ({system} at most once)")
+    if slots[-1] != "completion" or "".join(v for k, v in pieces[pieces.index(("slot", "completion")):]
+                                            if k == "text").strip():
+        raise ConfigError("prompt_template must end with {completion}: the reply is what follows the prompt")
+    if "system" in slots and slots.index("system") > slots.index("prompt"):
+        raise ConfigError("prompt_template: {system} must come before {prompt}")
+
+    def literal(value: str) -> str:
+        return "{{ " + json.dumps(value, ensure_ascii=False) + " }}" if value else ""
+
+    def jinja(part: list[tuple[str, str]]) -> str:
+        out, after_system = [], False
+        for kind, value in part:
+            if kind == "text" and after_system:  # the blank after {system} only when there is a system text
+                gap = value[:len(value) - len(value.lstrip())]
+                out.append("{% if ns.system and ns.first %}" + literal(gap) + "{% endif %}" + literal(value[len(gap):]))
+            elif kind == "text":
+                out.append(literal(value))
+            elif value == "system":
+                out.append("{{ ns.system if ns.first else '' }}")
+            elif value == "prompt":
+                out.append("{{ message['content'] }}")
+            after_system = kind == "slot" and value == "system"
+        return "".join(out)
+
+    user = jinja(pieces[:pieces.index(("slot", "completion"))])
+    return ("{%- set ns = namespace(system='', first=true) -%}"
+            "{%- for message in messages if message['role'] == 'system' -%}"
+            "{%- set ns.system = message['content'] -%}{%- endfor -%}"
+            "{{- bos_token if bos_token else '' -}}"
+            "{%- for message in messages -%}"
+            "{%- if message['role'] == 'user' -%}"
+            "{%- if not ns.first %}{{ '\n\n' }}{% endif -%}" + user + "{%- set ns.first = false -%}"
+            "{%- elif message['role'] == 'assistant' -%}{{ message['content'] }}{{ eos_token if eos_token else '' }}"
+            "{%- endif -%}{%- endfor -%}")
 
 
 # a template that reads the message's reasoning_content field (Qwen3's, DeepSeek-R1's), not one that only names a

@@ -54,7 +54,7 @@ def checked_data(cfg: RunConfig):
         tokenizer = load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
     except ModelError:
         return None
-    ensure_chat_template(tokenizer)
+    ensure_chat_template(tokenizer, cfg.prompt_template)
     return prepare_data(cfg, tokenizer)
 
 

@@ -247,7 +247,7 @@ def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
 
     device = distributed.init(dist, pick_device(cfg.device))
     tokenizer = load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
-    if ensure_chat_template(tokenizer):
+    if ensure_chat_template(tokenizer, cfg.prompt_template):
         log.info("tokenizer has no chat template: using tunery's default (ChatML text + eos)")
     data = prepare_data(cfg, tokenizer)
     check_context(cfg, data)
