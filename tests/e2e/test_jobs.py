@@ -108,12 +108,14 @@ def test_cancel_and_timeout(workspace, tmp_path):
 def test_budget_refuses_an_expensive_estimate_unless_told(workspace, tmp_path):
     home = tmp_path / "home"
     cfg = _config(workspace, tmp_path, 100000)
-    proc = run_cli("submit", "--config", str(cfg), "--flavor", "h100", "--budget", "0.01usd", "--no-worker",
-                   home=home, check=False)
+    proc = run_cli("submit", "--config", str(cfg), "--flavor", "h100", "--no-worker", home=home, check=False)
+    assert proc.returncode == 2 and "has no GPU" in proc.stderr  # a CPU run is not billed as an H100's
+    proc = run_cli("submit", "--config", str(cfg), "--flavor", "cpu-upgrade", "--budget", "0.0001usd",
+                   "--no-worker", home=home, check=False)
     assert proc.returncode == 3 and "exceeds the budget" in proc.stderr
     assert not (home / "jobs.sqlite").exists() or not _store(home).list()
-    proc = run_cli("submit", "--config", str(cfg), "--flavor", "h100", "--budget", "0.01usd", "--no-worker",
-                   "--yes", home=home)
+    proc = run_cli("submit", "--config", str(cfg), "--flavor", "cpu-upgrade", "--budget", "0.0001usd",
+                   "--no-worker", "--yes", home=home)
     assert _store(home).list()[0].state == "queued"
 
 

@@ -90,8 +90,22 @@ def prepare(cfg: RunConfig, flavor: str, backend: str, base: Path | None = None)
     run_dir = Path(cfg.output_dir) / (cfg.name or auto_name(cfg.model))
     if cfg.name and run_dir.exists():  # early word; `queue` creates the folder atomically
         raise TuneryError(f"run folder {run_dir} already exists; pick another --name")
+    if backend == "local":
+        check_local_flavor(flavor)
     est = estimate(training_tokens(cfg, checked_data(cfg)), model_size_b(cfg.model), get_flavor(flavor))
     return cfg, run_dir, est
+
+
+def check_local_flavor(name: str) -> None:
+    """The local backend runs here: a GPU flavor (its price, its speed) must be this machine's GPU, so a CPU run
+    is never billed and estimated as an H100's (a rented machine of that kind may name its flavor)."""
+    from tunery.jobs.flavors import local_flavor
+
+    wanted, here = get_flavor(name), local_flavor()
+    if wanted.gpus and not (here.gpus and wanted.gpu and wanted.gpu.lower() in (here.gpu or "").lower()):
+        raise TuneryError(f"flavor {name} is {wanted.gpus} {wanted.gpu} GPU(s), but the local backend runs on this "
+                          f"machine, which has {here.gpu or 'no GPU'}: leave --flavor out (local), or submit with "
+                          "--backend hf-jobs to run on that hardware")
 
 
 def queue(cfg: RunConfig, run_dir: Path, est: Estimate, *, flavor: str, backend: str, timeout_s: int | None,
