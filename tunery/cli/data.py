@@ -62,25 +62,38 @@ def inspect_command(
 
 
 def _show(insp) -> None:
-    from tunery.data.inspect import histogram
+    from rich.markup import escape  # the report quotes the data: a "[yes]" label is text, not markup
 
-    table = Table(title=f"{insp.path}", show_header=False)
+    from tunery.data.inspect import rows_text
+
+    table = Table(title=escape(insp.path), show_header=False)
     table.add_row("format", insp.format)
     table.add_row("rows", str(insp.rows))
-    table.add_row("rejected", ", ".join(f"{r}: rows {_rows(n)}" for r, n in insp.rejected.items()) or "0")
-    table.add_row("exact duplicates", str(insp.duplicates))
+    table.add_row("rejected", _rejected(insp.rejected))
+    table.add_row("exact duplicates", _counted(insp.duplicates, insp.duplicate_rows))
+    table.add_row("near duplicates (case, spaces, end punctuation)",
+                  _counted(insp.near_duplicates, insp.near_duplicate_rows))
+    table.add_row("prompts with different answers", _counted(insp.conflicts, insp.conflicting_rows))
     table.add_row("rows over max_seq_len", str(insp.too_long))
-    table.add_row("train/eval overlap", f"{insp.overlap} ({insp.overlap_against})")
+    overlap = f"{insp.overlap} up to case, spaces, end punctuation ({insp.overlap_exact} exact; {insp.overlap_against})"
+    table.add_row("train/eval overlap", escape(overlap + (f": rows {rows_text(insp.overlap_rows)}" if insp.overlap
+                                                          else "")))
+    if insp.labels:
+        table.add_row("labels (last answers)", escape(", ".join(f"{label!r}: {n}" for label, n in insp.labels.items())
+                                                      + (f", other answers: {insp.labels_other}" if insp.labels_other
+                                                         else "")))
     if insp.added_tokens:
-        table.add_row("added tokens used", ", ".join(f"{t} ({n} rows)" for t, n in insp.added_tokens.items()))
+        table.add_row("added tokens used", escape(", ".join(f"{t} ({n} rows)" for t, n in insp.added_tokens.items())))
+    if insp.eval_rows:
+        table.add_row("eval rows", str(insp.eval_rows))
+        table.add_row("eval rejected", _rejected(insp.eval_rejected))
+        if insp.length_unit == "tokens":
+            table.add_row("eval rows over max_seq_len", _counted(len(insp.eval_too_long_rows),
+                                                                 [insp.eval_too_long_rows]))
     console.print(table)
-    if insp.lengths:
-        console.print(f"[bold]length in {insp.length_unit}[/] (min {min(insp.lengths)}, "
-                      f"max {max(insp.lengths)}, mean {sum(insp.lengths) / len(insp.lengths):.0f})")
-        hist = histogram(insp.lengths)
-        peak = max(c for _, _, c in hist)
-        for low, high, count in hist:
-            console.print(f"  {low:>7}-{high:<7} {'█' * max(1 if count else 0, round(30 * count / peak)):<30} {count}")
+    _show_lengths(f"length in {insp.length_unit}", insp.lengths)
+    if insp.eval_rows:
+        _show_lengths(f"eval file length in {insp.length_unit}", insp.eval_lengths)
     if insp.preview:
         console.print("[bold]first example as the model sees it[/] (⟦trained tokens⟧, also in [green]green[/]):")
         text = Text()
@@ -90,11 +103,38 @@ def _show(insp) -> None:
     elif insp.length_unit == "characters":
         console.print("[dim]pass --model to count tokens and preview the rendered template[/]")
     for w in insp.warnings:
-        console.print(f"[yellow]warning:[/] {w}")
+        console.print(f"[yellow]warning:[/] {escape(w)}")
     for p in insp.problems:
-        console.print(f"[bold red]problem:[/] {p}")
+        console.print(f"[bold red]problem:[/] {escape(p)}")
     if not insp.problems:
         console.print("[green]ok to train[/]")
+
+
+def _rejected(rejected: dict[str, list[int]]) -> str:
+    from rich.markup import escape
+
+    from tunery.data.inspect import rows_text
+
+    return escape(", ".join(f"{r}: rows {rows_text(n)}" for r, n in rejected.items()) or "0")
+
+
+def _counted(n: int, groups: list[list[int]]) -> str:
+    """"2 (rows 3, 17; rows 5, 9)": a count and the row groups behind it, capped."""
+    from tunery.data.inspect import groups_text
+
+    return f"{n} ({groups_text(groups)})" if n else "0"
+
+
+def _show_lengths(title: str, lengths: list[int]) -> None:
+    from tunery.data.inspect import histogram
+
+    if not lengths:
+        return
+    console.print(f"[bold]{title}[/] (min {min(lengths)}, max {max(lengths)}, mean {sum(lengths) / len(lengths):.0f})")
+    hist = histogram(lengths)
+    peak = max(c for _, _, c in hist)
+    for low, high, count in hist:
+        console.print(f"  {low:>7}-{high:<7} {'█' * max(1 if count else 0, round(30 * count / peak)):<30} {count}")
 
 
 def _vocab_size(model: str) -> int | None:
@@ -107,7 +147,3 @@ def _vocab_size(model: str) -> int | None:
     except (OSError, ValueError):
         return None
 
-
-def _rows(numbers: list[int]) -> str:
-    shown = ", ".join(map(str, numbers[:5]))
-    return shown + (f" and {len(numbers) - 5} more" if len(numbers) > 5 else "")
