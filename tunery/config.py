@@ -31,6 +31,18 @@ COLUMN_FIELDS = ("prompt", "completion", "instruction", "input", "output", "syst
                  "messages", "conversations")
 
 
+def column_pairs(columns: list[str]) -> list[tuple[str, str]]:
+    """(field, column) of each FIELD=COLUMN entry of `columns`; a ConfigError for any other entry."""
+    pairs = []
+    for entry in columns:
+        field, sep, column = (part.strip() for part in entry.partition("="))
+        if not sep or not column or field not in COLUMN_FIELDS:
+            raise ConfigError(f"columns entries are FIELD=COLUMN with FIELD one of {', '.join(COLUMN_FIELDS)}; "
+                              f"not {entry!r}")
+        pairs.append((field, column))
+    return pairs
+
+
 def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
@@ -164,10 +176,7 @@ class RunConfig:
             name, hint = f"fast_path.{f.name}", fast_hints[f.name]
             setattr(self.fast_path, f.name, _coerce(name, getattr(self.fast_path, f.name), hint))
             _check(hint not in (int, float) or getattr(self.fast_path, f.name) >= 0, name, "must be 0 or more")
-        for pair in self.columns:
-            target, _, source = pair.partition("=")
-            _check(bool(source.strip()) and target.strip() in COLUMN_FIELDS, "columns",
-                   f"entries are FIELD=COLUMN with FIELD one of {', '.join(COLUMN_FIELDS)}; not {pair!r}")
+        column_pairs(self.columns)
         for f in dataclasses.fields(self):  # `inf` and `nan` read as numbers, and train NaN
             value = getattr(self, f.name)
             _check(not isinstance(value, float) or math.isfinite(value), f.name, "must be a finite number")

@@ -191,6 +191,9 @@ def test_empty_file_has_no_rows(tmp_path):
 def test_row_that_is_not_an_object_is_rejected(tmp_path):
     path = tmp_path / "list.jsonl"
     path.write_text('{"text": "a"}\n["not", "an", "object"]\n')
+    assert load_rows(path)[1] == {BAD_ROW: "line 2: a list, expected an object with fields"}  # reported, not fatal
+    path = tmp_path / "list.json"
+    path.write_text('[{"text": "a"}, ["not", "an", "object"]]')
     with pytest.raises(DataError, match="row 2 is a list"):
         load_rows(path)
 

@@ -21,7 +21,7 @@ def _normalised(tmp_path, rows, **kw):
 
 
 @pytest.mark.parametrize("value, kind", [({"value": 0}, "an object"), ([0, 1], "a list"), (True, "true/false"),
-                                         (42, "a int"), (0.5, "a float")])
+                                         (42, "a number"), (0.5, "a number")])
 def test_a_value_that_is_not_text_is_named_not_stringified(tmp_path, value, kind):
     rows = [{"prompt": "p", "completion": value}, {"prompt": "p", "completion": "ok"}]
     examples, reasons = _normalised(tmp_path, rows)
@@ -50,7 +50,7 @@ def test_content_parts_are_joined_and_other_parts_refused(tmp_path):
                           {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]}]
     examples, reasons = _normalised(tmp_path, rows)
     assert examples[0]["messages"][0]["content"] == "Hello, world"
-    assert reasons[1] == "message content has image_url parts; only text parts can be trained"
+    assert reasons[1] == "message 1's 'content' has image_url parts; only text parts can be trained"
     assert reasons[2].startswith("tool-calling messages")
 
 

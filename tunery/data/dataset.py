@@ -18,7 +18,7 @@ from pathlib import Path
 from jinja2.exceptions import TemplateError
 
 from tunery.data.formats import Example, RowError, detect_format, layouts, normalise
-from tunery.data.load import content_hash, load_rows
+from tunery.data.load import content_hash, load_rows, name_columns
 from tunery.data.templates import fit_messages
 from tunery.data.tokenize import IGNORE, Tokenized, tokenize_example
 from tunery.errors import DataError
@@ -84,6 +84,7 @@ def load_file(path: str, tokenizer, max_seq_len: int, train_on: str = "assistant
     rows = load_rows(path, sheet, columns)
     fmt = detect_format(rows, source=str(path))
     examples, reasons = normalise(rows, fmt, system_prompt, json_values)
+    reasons = [name_columns(r, columns) for r in reasons]
     examples, reasons, notes = _fit_template(tokenizer, examples, reasons)
     for name, n in layouts(rows).items():  # a file whose layout changes part way: each row read in its own
         if name not in (fmt.name, "unknown"):

@@ -40,19 +40,23 @@ def as_text(value: Any, field: str, json_values: bool = False) -> str:
     `json_values`, its JSON text (`{"a": 1}`, `true`)."""
     if isinstance(value, str):
         return value
+    name = field if "'" in field else f"'{field}'"  # "turn 2's 'value'" comes quoted already
     if isinstance(value, float) and math.isnan(value):
-        raise RowError(f"'{field}' is NaN (not a number), not text")
+        raise RowError(f"{name} is NaN (not a number), not text")
     if not json_values:
-        kind = {bool: "true/false", dict: "an object", list: "a list"}.get(type(value), f"a {type(value).__name__}")
-        raise RowError(f"'{field}' holds {kind}, not text: store it as a string, or pass --json-values to train "
+        kind = {bool: "true/false", dict: "an object", list: "a list", int: "a number", float: "a number"}.get(
+            type(value), f"a {type(value).__name__}")
+        raise RowError(f"{name} holds {kind}, not text: store it as a string, or pass --json-values to train "
                        "on its JSON text")
     try:
         return json.dumps(value, ensure_ascii=False)
     except (TypeError, ValueError):
-        raise RowError(f"'{field}' holds a {type(value).__name__}, which has no JSON text") from None
+        raise RowError(f"{name} holds a {type(value).__name__}, which has no JSON text") from None
 
 
 def _text(row: dict, key: str, required: bool = True, json_values: bool = False) -> str:
+    if required and key not in row:
+        raise RowError(f"no '{key}' field")
     value = row.get(key)
     if value is None or (isinstance(value, str) and not value.strip()):
         if required:
@@ -61,17 +65,20 @@ def _text(row: dict, key: str, required: bool = True, json_values: bool = False)
     return as_text(value, key, json_values)
 
 
-def _content(value: Any, json_values: bool) -> Any:
-    """A message's content: text, or OpenAI content parts whose text parts are joined (other parts refused)."""
+def _content(value: Any, json_values: bool, field: str = "content") -> Any:
+    """A message's content: text, or OpenAI content parts whose text parts are joined (other parts refused).
+    `field`: how the row names it, for errors (a ShareGPT turn's is "turn 2's 'value'")."""
     if isinstance(value, list) and all(isinstance(p, dict) for p in value):
-        kinds = {p.get("type") for p in value}
+        if any("type" not in p for p in value):
+            raise RowError(f"a part of {field} has no 'type' (text parts are {{\"type\": \"text\", \"text\": ...}})")
+        kinds = {p["type"] for p in value}
         if kinds - {"text"}:
-            raise RowError(f"message content has {', '.join(sorted(str(k) for k in kinds - {'text'}))} parts; "
+            raise RowError(f"{field} has {', '.join(sorted(str(k) for k in kinds - {'text'}))} parts; "
                            "only text parts can be trained")
-        return "".join(as_text(p.get("text", ""), "content[].text") for p in value)
+        return "".join(as_text(p.get("text", ""), f"{field}[].text", json_values) for p in value)
     if value is None or isinstance(value, str):
         return value
-    return as_text(value, "content", json_values)
+    return as_text(value, field, json_values)
 
 
 def _checked(messages: list[dict]) -> Example:
@@ -94,7 +101,8 @@ def _from_openai(row: dict, json_values: bool = False) -> Example:
     if any(isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool") for m in raw):
         raise RowError("tool-calling messages (tool_calls, role 'tool') are not trained yet")
     try:
-        return _checked([{"role": m["role"], "content": _content(m["content"], json_values)} for m in raw])
+        return _checked([{"role": m["role"], "content": _content(m["content"], json_values, f"message {i}'s 'content'")}
+                         for i, m in enumerate(raw, 1)])
     except (KeyError, TypeError):
         raise RowError("each message needs 'role' and 'content'") from None
 
@@ -104,13 +112,13 @@ def _from_sharegpt(row: dict, json_values: bool = False) -> Example:
     if not isinstance(raw, list):
         raise RowError("'conversations' is not a list")
     messages = []
-    for turn in raw:
+    for number, turn in enumerate(raw, 1):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise RowError("each turn needs 'from' and 'value'")
         role = _SHAREGPT_ROLES.get(str(turn["from"]).lower())
         if role is None:
             raise RowError(f"unknown speaker {turn['from']!r} (known: {', '.join(sorted(_SHAREGPT_ROLES))})")
-        messages.append({"role": role, "content": _content(turn["value"], json_values)})
+        messages.append({"role": role, "content": _content(turn["value"], json_values, f"turn {number}'s 'value'")})
     return _checked(messages)
 
 
@@ -204,14 +212,16 @@ def normalise(rows: list[dict], fmt: Format, system_prompt: str | None = None, j
             examples.append(None)
             reasons.append(row[BAD_ROW])
             continue
-        own = row_format(row)
-        if own is None and not set(fmt.columns) <= set(row):
+        # a row in no layout is read in the one it shares most columns with, whose error names what is missing
+        own = row_format(row) or max((f for f in (fmt, *FORMATS) if set(f.columns) & set(row)),
+                                     key=lambda f: len(set(f.columns) & set(row)), default=None)
+        if own is None:
             examples.append(None)
             reasons.append(f"columns {', '.join(sorted(row))} are no known layout (map yours with --columns, "
                            "e.g. prompt=question,completion=answer)")
             continue
         try:
-            example = (own or fmt).convert(row, json_values)
+            example = own.convert(row, json_values)
         except RowError as e:
             examples.append(None)
             reasons.append(str(e))

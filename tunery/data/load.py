@@ -37,12 +37,26 @@ def load_rows(path: str | Path, sheet: str | None = None, columns: list[str] | N
     return map_columns(rows, columns or [], str(path))
 
 
+def name_columns(reason: str | None, columns: list[str] | None) -> str | None:
+    """A row's reason with each mapped field also named by the file's own column ('completion' (column
+    'Answer')), so the user finds it in their file."""
+    if not reason or not columns:
+        return reason
+    from tunery.config import column_pairs
+
+    for field, column in column_pairs(columns):
+        reason = reason.replace(f"'{field}'", f"'{field}' (column '{column}')")
+    return reason
+
+
 def map_columns(rows: list[dict], columns: list[str], source: str) -> list[dict]:
     """Each row with its mapped columns renamed to tunery's fields (a field the file also has is replaced);
     a mapped column the file does not have is an error naming the columns it does have."""
+    from tunery.config import column_pairs
+
     if not columns:
         return rows
-    pairs = [tuple(p.strip() for p in pair.split("=", 1)) for pair in columns]
+    pairs = column_pairs(columns)
     present = {k for row in rows if BAD_ROW not in row for k in row}
     missing = [column for _, column in pairs if column not in present]
     if missing:
@@ -182,21 +196,34 @@ def _load_json(path: Path) -> list[dict]:
 
 
 def _load_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8-sig") as fh:
-        try:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:  # reported with the rest, not the end of the file
-                    rows.append({BAD_ROW: f"line {lineno}: malformed JSON ({e.msg} at column {e.colno})"})
-                except RecursionError:
-                    rows.append({BAD_ROW: f"line {lineno}: JSON nested too deeply"})
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason} near byte {e.start})") from None
+    """One row per line; a line that is not a JSON object is a row reported with its line number."""
+    rows, offset = [], 0
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: not UTF-8 text ({e.reason} at line {lineno}, byte {offset + e.start} of "
+                                "the file); save it as UTF-8") from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:  # reported with the rest, not the end of the file
+                rows.append({BAD_ROW: f"line {lineno}: malformed JSON ({e.msg} at column {e.colno})"})
+                continue
+            except RecursionError:
+                rows.append({BAD_ROW: f"line {lineno}: JSON nested too deeply"})
+                continue
+            rows.append(value if isinstance(value, dict) else
+                        {BAD_ROW: f"line {lineno}: {_kind(value)}, expected an object with fields"})
     return rows
+
+
+def _kind(value: Any) -> str:
+    return {bool: "true/false", list: "a list", str: "a string", type(None): "null"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else f"a {type(value).__name__}")
 
 
 # Only the columns whose value is a list of turns; other cells stay text, so a reply that is JSON
