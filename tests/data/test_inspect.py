@@ -28,7 +28,7 @@ ROWS = [_chat("What is the capital of France?", "Paris is the capital of France.
 
 
 def test_counts_rows_rejections_and_duplicates(tmp_path, tiny_tokenizer):
-    insp = inspect_file(_write(tmp_path / "d.jsonl", ROWS), tiny_tokenizer, max_seq_len=256)
+    insp = inspect_file(_write(tmp_path / "d.jsonl", ROWS), tiny_tokenizer, max_seq_len=256, eval_split=0)
     assert (insp.format, insp.rows, insp.duplicates) == ("openai", 5, 1)
     assert insp.rejected == {"empty assistant message": [5]}
     assert insp.too_long == 0 and insp.no_trainable == 0
@@ -42,11 +42,12 @@ def test_rows_longer_than_max_seq_len_are_counted(tmp_path, tiny_tokenizer):
     short = _chat("Name a colour.", "Blue.")
     long = _chat("Name a colour.", "Green, like grass. " * 20)
     insp = inspect_file(_write(tmp_path / "d.jsonl", [short, long, long | {"id": 1}]), tiny_tokenizer,
-                        max_seq_len=32)
+                        max_seq_len=32, eval_split=0)
     assert insp.too_long == 2
     assert insp.no_trainable == 0  # the long replies start inside the window
     assert any("2 rows longer than max_seq_len" in w for w in insp.warnings)
-    assert insp.problems == []
+    assert insp.problems == ["2 of 3 rows are cut by max_seq_len: training refuses this unless --allow-data-issues; "
+                             "raise --max-seq-len"]  # training's gate, said before training
 
 
 def test_overlap_with_eval_file_is_counted(tmp_path, tiny_tokenizer):
@@ -72,7 +73,7 @@ def test_answers_cut_by_max_seq_len_are_a_problem(tmp_path, tiny_tokenizer):
     insp = inspect_file(path, tiny_tokenizer, max_seq_len=6)
     assert insp.no_trainable == 4 and insp.too_long == 4
     assert insp.problems and "max-seq-len" in insp.problems[0]
-    assert inspect_file(path, tiny_tokenizer, max_seq_len=256).problems == []
+    assert inspect_file(path, tiny_tokenizer, max_seq_len=256, eval_split=0).problems == []
 
 
 def test_preview_marks_trained_pieces(tmp_path, tiny_tokenizer):
@@ -94,7 +95,7 @@ def test_the_printed_preview_marks_trained_tokens_without_colour(tmp_path, tiny_
 
 
 def test_without_tokenizer_lengths_are_characters(tmp_path):
-    insp = inspect_file(_write(tmp_path / "d.jsonl", ROWS), None)
+    insp = inspect_file(_write(tmp_path / "d.jsonl", ROWS), None, eval_split=0)
     assert insp.length_unit == "characters" and len(insp.lengths) == 4
     assert insp.duplicates == 1 and insp.preview == [] and insp.problems == []
 

@@ -209,7 +209,12 @@ def data_issues(main: FileData, data: PreparedData, path: str) -> list[str]:
     """What makes training on this data a mistake, in words (empty when nothing does)."""
     summary, problems = main.summary(), []
     if summary["rows"] and summary["rejected"] > MAX_REJECTED * summary["rows"]:
-        top = ", ".join(f"{r} ({n})" for r, n in Counter(main.reasons).most_common(3) if r)
+        rows: dict[str, list[int]] = {}
+        for number, reason in enumerate(main.reasons, 1):
+            if reason:
+                rows.setdefault(reason, []).append(number)
+        top = "; ".join(f"{reason}: rows {', '.join(map(str, numbers[:5]))}{' ...' if len(numbers) > 5 else ''}"
+                        for reason, numbers in sorted(rows.items(), key=lambda kv: -len(kv[1]))[:3])
         problems.append(f"{path}: {summary['rejected']} of {summary['rows']} rows were rejected ({top})")
     if data.train and sum(t.truncated for t in data.train) > MAX_TRUNCATED * len(data.train):
         problems.append(f"{path}: {sum(t.truncated for t in data.train)} of {len(data.train)} training rows are "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -37,6 +38,7 @@ class Inspection:
     conflicts: int = 0  # prompts (conversation before the last answer, normalised) with different answers
     conflicting_rows: list[list[int]] = field(default_factory=list)  # per such prompt: every row holding it
     overlap_exact: int = 0  # of the `overlap` rows, those that match a training row character for character
+    held_out: int = 0  # usable held-out rows the overlap was counted over (eval file or seeded split)
     overlap_rows: list[int] = field(default_factory=list)  # the `overlap` rows, 1-based (this file's for a split)
     labels: dict[str, int] = field(default_factory=dict)  # classification-like last answers: label -> rows
     labels_other: int = 0  # rows whose last answer is none of `labels`
@@ -172,6 +174,9 @@ def inspect_file(path: str, tokenizer=None, max_seq_len: int = 2048, train_on: s
     else:
         _overlap_with_split(insp, keys, eval_split, seed)
     _judge(insp, len(kept))
+    if eval_data and os.path.realpath(eval_data) == os.path.realpath(path):
+        insp.problems.append("--eval-data is the training file itself: training refuses it (its held-out loss would "
+                             "score rows the model trained on)")
     return insp
 
 
@@ -300,6 +305,7 @@ def _overlap_with_split(insp: Inspection, keys: dict[int, _RowKey], eval_split: 
 
 def _overlap(insp: Inspection, train: list[_RowKey], held: dict[int, _RowKey]) -> None:
     """`held`: row index -> key of the eval rows."""
+    insp.held_out = len(held)
     exact, normal = {k.exact for k in train}, {k.normal for k in train}
     insp.overlap_rows = [j + 1 for j, k in held.items() if k.normal in normal]
     insp.overlap = len(insp.overlap_rows)
@@ -313,6 +319,18 @@ def _judge(insp: Inspection, n_kept: int) -> None:
     elif insp.no_trainable == n_kept:
         insp.problems.append("no row has a trained token left (answers cut by max_seq_len?): training "
                              "would learn nothing; raise --max-seq-len")
+    # training's data gate (tunery.data.dataset.data_issues), so "ok to train" means train will accept it
+    from tunery.data.dataset import MAX_OVERLAP, MAX_REJECTED, MAX_TRUNCATED
+
+    if n_kept and n_rejected > MAX_REJECTED * insp.rows:
+        insp.problems.append(f"{n_rejected} of {insp.rows} rows are rejected: training refuses this file unless "
+                             "--allow-data-issues")
+    if n_kept and insp.too_long > MAX_TRUNCATED * n_kept:
+        insp.problems.append(f"{insp.too_long} of {n_kept} rows are cut by max_seq_len: training refuses this unless "
+                             "--allow-data-issues; raise --max-seq-len")
+    if insp.held_out and insp.overlap_exact > MAX_OVERLAP * insp.held_out:
+        insp.problems.append(f"{insp.overlap_exact} of {insp.held_out} held-out rows are also training rows: "
+                             "training refuses this unless --allow-data-issues")
     if n_rejected:
         insp.warnings.append(f"{n_rejected} rows rejected and skipped in training")
     for note, n in insp.template_notes.items():
