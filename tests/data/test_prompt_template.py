@@ -88,3 +88,18 @@ def test_a_run_keeps_its_layout_for_eval_and_chat(tmp_path):
     assert render(tok, [{"role": "user", "content": "Colour 1?"}], add_generation_prompt=True) == \
         "### Question:\nColour 1?\n\n### Response:\n"
     assert len(generate_replies(tuned, tok, [[{"role": "user", "content": "Colour 1?"}]], 4, "cpu")) == 1
+
+
+def test_inspect_previews_the_layout(tmp_path):
+    from typer.testing import CliRunner
+
+    from tunery.cli.app import app
+    from tunery.models.tiny import train_tokenizer
+
+    train_tokenizer(["Name a colour.", "Blue."]).save_pretrained(tmp_path / "tok")
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": "Name a colour.", "completion": "Blue."}) + "\n")
+    result = CliRunner().invoke(app, ["data", "inspect", str(data), "--model", str(tmp_path / "tok"),
+                                      "--prompt-template", "Q: {prompt}\nA: {completion}"])
+    assert result.exit_code == 0, result.output
+    assert "Q: Name a colour.\nA: ⟦Blue.<|im_end|>⟧" in result.output

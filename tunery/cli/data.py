@@ -32,6 +32,9 @@ def inspect_command(
                                      "lists, objects) count as their JSON text instead of rejecting the row."),
     columns: str | None = typer.Option(None, "--columns", help="Your column names for tunery's fields: "
                                        "prompt=Question,completion=Response,reasoning=Complex_CoT"),
+    prompt_template: str | None = typer.Option(None, "--prompt-template", help="A base model's prompt layout, "
+                                               "as in training (e.g. '### Question:\\n{prompt}\\n\\n### "
+                                               "Response:\\n{completion}'); needs --model."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Report rows, format, token lengths, duplicates, truncation and train/eval overlap.
@@ -48,7 +51,9 @@ def inspect_command(
         from tunery.models.load import load_tokenizer
 
         tokenizer = load_tokenizer(model)
-        ensure_chat_template(tokenizer)
+        ensure_chat_template(tokenizer, prompt_template)
+    elif prompt_template:
+        raise typer.BadParameter("--prompt-template renders with a tokenizer: pass --model too")
     insp = inspect_file(str(file), tokenizer, max_seq_len, train_on.value, str(eval_data) if eval_data else None,
                         sheet=sheet, json_values=json_values,
                         columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else None,
