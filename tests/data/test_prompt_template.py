@@ -103,3 +103,8 @@ def test_inspect_previews_the_layout(tmp_path):
                                       "--prompt-template", "Q: {prompt}\nA: {completion}"])
     assert result.exit_code == 0, result.output
     assert "Q: Name a colour.\nA: ⟦Blue.<|im_end|>⟧" in result.output
+
+
+def test_a_layout_typed_with_backslash_n_means_newlines():
+    typed, meant = "Q: {prompt}\\nA: {completion}", "Q: {prompt}\nA: {completion}"
+    assert compile_prompt_template(typed) == compile_prompt_template(meant)

@@ -52,10 +52,12 @@ def compile_prompt_template(text: str) -> str:
 
     Slots: `{prompt}` (the user's turn) and `{completion}` (the reply, which ends the template and is trained,
     followed by the eos token), once each; `{system}` (the system text, or nothing) at most once, before the
-    prompt, with the blank after it written only when a row has a system text; `{{` and `}}` are literal braces.
+    prompt, with the blank after it written only when a row has a system text; `{{` and `}}` are literal braces,
+    and a typed `\\n` or `\\t` (a shell's single quotes keep the backslash) is a newline or a tab.
     A conversation of several turns repeats the template once per exchange, a blank line apart."""
     from tunery.config import ConfigError
 
+    text = text.replace("\\n", "\n").replace("\\t", "\t")  # typed on a command line: \n is a newline
     pieces: list[tuple[str, str]] = []  # ("text", literal) or ("slot", name)
     at = 0
     for match in _SLOT.finditer(text):
