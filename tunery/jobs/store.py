@@ -273,6 +273,20 @@ class JobStore:
                               (job_id,)).fetchall()
         return [dict(r) for r in rows]
 
+    def loss_curves(self, points: int = 24) -> dict[str, list[float]]:
+        """Every job's training loss averaged into at most `points` buckets of steps, in one query (the web
+        console's jobs page draws a sparkline per job; one query per job would not stay fast at hundreds)."""
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT m.job_id, CAST((m.step - 1) * ? / t.top AS INTEGER) AS bucket, AVG(m.loss) FROM metrics m "
+                "JOIN (SELECT job_id, MAX(step) AS top FROM metrics WHERE loss IS NOT NULL GROUP BY job_id) t "
+                "ON t.job_id = m.job_id WHERE m.loss IS NOT NULL GROUP BY m.job_id, bucket "
+                "ORDER BY m.job_id, bucket", (points,)).fetchall()
+        curves: dict[str, list[float]] = {}
+        for job_id, _, loss in rows:
+            curves.setdefault(job_id, []).append(loss)
+        return curves
+
     def heartbeat(self, worker: str, pid: int, host: str) -> None:
         with self._db() as db:
             db.execute("INSERT OR REPLACE INTO workers VALUES (?,?,?,?)", (worker, pid, host, time.time()))

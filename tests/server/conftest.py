@@ -1,0 +1,50 @@
+"""The console under FastAPI's TestClient: an app over a fresh TUNERY_HOME, and jobs written straight into its
+store (no worker runs them)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tunery.config import RunConfig
+from tunery.jobs.store import Job, JobStore
+from tunery.server.app import create_app
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("TUNERY_HOME", str(home))  # create_app sets it too: restored after the test
+    return home
+
+
+@pytest.fixture
+def client(home: Path) -> TestClient:
+    return TestClient(create_app(home, upload_limit=2**20))
+
+
+def fake_job(home: Path, name: str, state: str = "succeeded", steps: int = 0, total: int = 10,
+             model: str = "Qwen/Qwen2.5-0.5B-Instruct") -> Job:
+    """A job in the store with a run folder holding its config and `steps` metrics lines (nothing trains)."""
+    store = JobStore(home / "jobs.sqlite")
+    run = home / "runs" / name
+    run.mkdir(parents=True)
+    RunConfig(model=model, data="data.jsonl", name=name).to_yaml(run / "config.yaml")
+    job = store.add(name=name, model=model, backend="local", flavor="local", run_dir=str(run), timeout_s=None,
+                    budget_usd=None, usd_per_hour=0.0, estimate="estimate: ~1 min", secret_names=[])
+    write_metrics(run, range(1, steps + 1), total)
+    if steps:
+        store.ingest_metrics(job)
+    if state != "queued":
+        store.set_state(job.id, state, "set by the test")
+    return store.get(job.id)
+
+
+def write_metrics(run: Path, steps, total: int) -> None:
+    with open(run / "metrics.jsonl", "a") as fh:
+        for step in steps:
+            fh.write(json.dumps({"step": step, "total_steps": total, "loss": 3.0 / step, "lr": 1e-3,
+                                 "tokens_per_s": 100.0}) + "\n")

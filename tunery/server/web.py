@@ -1,0 +1,92 @@
+"""What every page of the console shares: its settings, the templates and their formatting filters."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse
+from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
+
+from tunery.jobs.flavors import money
+
+PACKAGE = files("tunery.server")
+
+
+@dataclass
+class Settings:
+    """How `tunery ui` was started: TUNERY_HOME, the access token (None: none needed), the upload limit in
+    bytes, the folder new runs go in, and the folders whose model folders the model picker lists."""
+
+    home: Path
+    token: str | None
+    upload_limit: int
+    runs_dir: Path
+    model_dirs: tuple[Path, ...] = ()
+    started: float = field(default_factory=time.time)
+
+    @property
+    def uploads(self) -> Path:
+        return self.home / "uploads"
+
+
+def settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def when(timestamp: float | None) -> str:
+    if not timestamp:
+        return "-"
+    return dt.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def number(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def spark(values: list[float], width: int = 90, height: int = 20) -> Markup:
+    """A loss sparkline as inline SVG (no script: a page of 500 jobs draws 500 of them)."""
+    if len(values) < 2:
+        return Markup("")
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    step = width / (len(values) - 1)
+    points = " ".join(f"{i * step:.1f},{height - 1 - (v - low) / span * (height - 2):.1f}"
+                      for i, v in enumerate(values))
+    return Markup(f'<svg class="spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+                  f'aria-label="loss from {values[0]:.3f} to {values[-1]:.3f}"><polyline points="{points}"/></svg>')
+
+
+def as_json(value: Any) -> Markup:
+    """JSON for a <script type="application/json"> block: `</` cannot close the block early."""
+    return Markup(json.dumps(value, default=str).replace("</", "<\\/"))
+
+
+TEMPLATES = Jinja2Templates(directory=str(PACKAGE / "templates"))
+TEMPLATES.env.filters.update(duration=duration, money=money, when=when, number=number, spark=spark,
+                             as_json=as_json)
+
+
+def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+    """Render a template; htmx requests get the same template (pages keep partials in their own files)."""
+    return TEMPLATES.TemplateResponse(request, name, context, status_code=status)
