@@ -48,3 +48,23 @@ def write_metrics(run: Path, steps, total: int) -> None:
         for step in steps:
             fh.write(json.dumps({"step": step, "total_steps": total, "loss": 3.0 / step, "lr": 1e-3,
                                  "tokens_per_s": 100.0}) + "\n")
+
+
+REVIEWS = [("great", "positive"), ("awful", "negative"), ("lovely", "positive"), ("boring", "negative")]
+
+
+def alpaca_rows(n: int = 40) -> list[dict]:
+    """Alpaca rows of a small sentiment task, all different."""
+    things = ["film", "book", "meal", "hotel", "song"]
+    return [{"instruction": "Is this review positive or negative?",
+             "input": f"The {things[i % 5]} number {i} was {REVIEWS[i % 4][0]}.", "output": REVIEWS[i % 4][1]}
+            for i in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from tunery.models.tiny import TinySpec, build_tiny_model, corpus_of
+
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", corpus_of(alpaca_rows()),
+                            TinySpec(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
+                                     vocab_size=300))

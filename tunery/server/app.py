@@ -19,7 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from tunery.errors import TuneryError
 from tunery.paths import tunery_home
 from tunery.server.guard import Guard, UploadTooLarge
-from tunery.server.routes import jobs
+from tunery.server.routes import jobs, new
 from tunery.server.web import PACKAGE, Settings, page
 
 DEFAULT_UPLOAD_LIMIT = 512 * 2**20
@@ -39,7 +39,7 @@ def create_app(home: Path | None = None, token: str | None = None, upload_limit:
                                   runs_dir=Path(runs_dir or home / "runs").expanduser().resolve(),
                                   model_dirs=(home / "models", *(Path(d).expanduser().resolve() for d in model_dirs)))
     app.mount("/static", StaticFiles(directory=str(PACKAGE / "static")), name="static")
-    for module in (jobs,):
+    for module in (jobs, new):
         app.include_router(module.router)
     app.add_exception_handler(TuneryError, _tunery_error)
     app.add_exception_handler(UploadTooLarge, _too_large)

@@ -74,7 +74,7 @@ const tunery = (() => {
         target.innerHTML = xhr.responseText || `<div class="problem">upload failed (${xhr.status})</div>`;
         target.dataset.status = String(xhr.status);
         const stored = xhr.getResponseHeader("X-Tunery-Data");
-        if (stored) { pathInput.value = stored; pathInput.dispatchEvent(new Event("change", {bubbles: true})); }
+        if (stored) { pathInput.value = stored; extra.dispatchEvent(new Event("change")); }  // the estimate, not a second report
         htmx.process(target);
       };
       xhr.onerror = () => { target.innerHTML = `<div class="problem">the upload did not reach the console; is it still running?</div>`; };
