@@ -68,3 +68,16 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", corpus_of(alpaca_rows()),
                             TinySpec(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
                                      vocab_size=300))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_model) -> Path:
+    """A finished 6-step LoRA run of the tiny model on the review rows (trained here, in this process)."""
+    from tunery.train import train
+
+    root = tmp_path_factory.mktemp("trained")
+    data = root / "reviews.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in alpaca_rows(40)))
+    cfg = RunConfig(model=str(tiny_model), data=str(data), output_dir=str(root / "runs"), name="tiny-run",
+                    max_steps=6, batch_size=4, max_seq_len=64, eval_samples=4, max_new_tokens=4, save_every=0)
+    return train(cfg)

@@ -18,9 +18,11 @@ from fastapi.staticfiles import StaticFiles
 
 from tunery.errors import TuneryError
 from tunery.paths import tunery_home
+from tunery.server.chat import ChatModels
 from tunery.server.guard import Guard, UploadTooLarge
-from tunery.server.routes import jobs, new
-from tunery.server.web import PACKAGE, Settings, page
+from tunery.server.routes import jobs, new, runs
+from tunery.server.tasks import Tasks
+from tunery.server.web import PACKAGE, NotFound, Settings, page
 
 DEFAULT_UPLOAD_LIMIT = 512 * 2**20
 
@@ -38,8 +40,9 @@ def create_app(home: Path | None = None, token: str | None = None, upload_limit:
     app.state.settings = Settings(home=home, token=token or None, upload_limit=upload_limit,
                                   runs_dir=Path(runs_dir or home / "runs").expanduser().resolve(),
                                   model_dirs=(home / "models", *(Path(d).expanduser().resolve() for d in model_dirs)))
+    app.state.tasks, app.state.chat = Tasks(home), ChatModels()
     app.mount("/static", StaticFiles(directory=str(PACKAGE / "static")), name="static")
-    for module in (jobs, new):
+    for module in (jobs, new, runs):
         app.include_router(module.router)
     app.add_exception_handler(TuneryError, _tunery_error)
     app.add_exception_handler(UploadTooLarge, _too_large)
@@ -49,7 +52,7 @@ def create_app(home: Path | None = None, token: str | None = None, upload_limit:
 
 def _tunery_error(request: Request, error: Exception) -> Response:
     """A user-facing error as the page or fragment that asked: what went wrong and what to do, never a 500."""
-    status = 404 if isinstance(error, jobs.NotFound) else 400
+    status = 404 if isinstance(error, NotFound) else 400
     if request.url.path.startswith("/api/"):
         return PlainTextResponse(str(error), status_code=status)
     name = "_error.html" if request.headers.get("hx-request") else "error.html"

@@ -15,9 +15,14 @@ from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
 
+from tunery.errors import TuneryError
 from tunery.jobs.flavors import money
 
 PACKAGE = files("tunery.server")
+
+
+class NotFound(TuneryError):
+    """A job, run or file the console does not know (404)."""
 
 
 @dataclass

@@ -23,16 +23,12 @@ from tunery.jobs.store import FINAL, Job, JobStore
 from tunery.run import trained_weights
 from tunery.server.listing import entries, run_keys
 from tunery.server.tail import Tail, last_record, records
-from tunery.server.web import page, settings
+from tunery.server.web import NotFound, page, settings
 
 router = APIRouter()
 
 LOG_TAIL_BYTES = 64 * 1024  # a job page opens on this much of the end of a long log
 KEEPALIVE_S = 15.0
-
-
-class NotFound(TuneryError):
-    """A job or run the console does not know (404)."""
 
 
 def find_job(store: JobStore, job_id: str) -> Job:
