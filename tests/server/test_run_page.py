@@ -67,3 +67,18 @@ def test_hub_preview_shows_the_plan_and_card_without_pushing(run_client):
     assert response.status_code == 200
     assert "would push to https://huggingface.co/me/tiny-reviews" in response.text
     assert "README.md" in response.text and "tunery train" in response.text
+
+
+def test_compare_puts_runs_metrics_in_one_table_with_their_differences(run_client, home, trained_run):
+    import yaml
+
+    other = home / "runs" / "tiny-run-2"
+    shutil.copytree(trained_run, other)
+    cfg = yaml.safe_load((other / "config.yaml").read_text())
+    (other / "config.yaml").write_text(yaml.safe_dump({**cfg, "name": "tiny-run-2", "lr": 0.001}))
+    page = run_client.get("/compare?run=tiny-run&run=tiny-run-2")
+    assert page.status_code == 200
+    assert 'data-run="tiny-run"' in page.text and 'data-run="tiny-run-2"' in page.text
+    assert "<td>lr</td>" in page.text and "<td>name</td>" in page.text  # the settings that differ
+    assert 'id="compare-curves"' in page.text
+    assert "Pick two or more" in run_client.get("/compare").text

@@ -20,7 +20,7 @@ from tunery.errors import TuneryError
 from tunery.paths import tunery_home
 from tunery.server.chat import ChatModels
 from tunery.server.guard import Guard, UploadTooLarge
-from tunery.server.routes import jobs, new, runs
+from tunery.server.routes import compare, jobs, new, runs
 from tunery.server.tasks import Tasks
 from tunery.server.web import PACKAGE, NotFound, Settings, page
 
@@ -42,7 +42,7 @@ def create_app(home: Path | None = None, token: str | None = None, upload_limit:
                                   model_dirs=(home / "models", *(Path(d).expanduser().resolve() for d in model_dirs)))
     app.state.tasks, app.state.chat = Tasks(home), ChatModels()
     app.mount("/static", StaticFiles(directory=str(PACKAGE / "static")), name="static")
-    for module in (jobs, new, runs):
+    for module in (jobs, new, runs, compare):
         app.include_router(module.router)
     app.add_exception_handler(TuneryError, _tunery_error)
     app.add_exception_handler(UploadTooLarge, _too_large)
