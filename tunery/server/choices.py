@@ -10,6 +10,7 @@ from tunery.jobs.flavors import flavors, money
 from tunery.jobs.store import Job
 from tunery.jobs.submit import BACKENDS, model_size_b
 from tunery.models.catalog import KNOWN_MODELS
+from tunery.server.web import params
 
 
 @dataclass(frozen=True)
@@ -23,12 +24,20 @@ def model_choices(model_dirs: tuple[Path, ...], jobs: list[Job]) -> list[Choice]
     """Local model folders first (what works offline), then the catalogue with size, licence and base/instruct."""
     local = []
     for folder in _local_models(model_dirs, jobs):
-        local.append(Choice(str(folder), f"{folder.name} · local folder · ~{model_size_b(str(folder)):.2g}B params",
-                            "Local folders"))
+        size = params(model_size_b(str(folder)))
+        local.append(Choice(str(folder), f"{folder.name} · local folder · ~{size} parameters", "Local folders"))
     catalogue = [Choice(m.hub_id, f"{m.hub_id} · {m.params_b:g}B · {m.license} · "
                                   f"{'instruct' if m.instruct else 'base'}", "Catalogue (Hugging Face Hub)")
                  for m in KNOWN_MODELS]
     return local + catalogue
+
+
+def grouped(choices: list[Choice]) -> list[tuple[str, list[Choice]]]:
+    """Choices by group, in the order they come (Jinja's groupby would sort the groups)."""
+    groups: dict[str, list[Choice]] = {}
+    for c in choices:
+        groups.setdefault(c.group, []).append(c)
+    return list(groups.items())
 
 
 def _local_models(model_dirs: tuple[Path, ...], jobs: list[Job]) -> list[Path]:

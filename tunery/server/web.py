@@ -69,6 +69,14 @@ def number(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def params(billions: float) -> str:
+    """A parameter count as people say it: 7.6B, 494M, 130K."""
+    for scale, unit in ((1, "B"), (1e-3, "M"), (1e-6, "K")):
+        if billions >= scale:
+            return f"{billions / scale:.3g}{unit}"
+    return f"{billions * 1e9:.0f}"
+
+
 def spark(values: list[float], width: int = 90, height: int = 20) -> Markup:
     """A loss sparkline as inline SVG (no script: a page of 500 jobs draws 500 of them)."""
     if len(values) < 2:
@@ -89,7 +97,7 @@ def as_json(value: Any) -> Markup:
 
 TEMPLATES = Jinja2Templates(directory=str(PACKAGE / "templates"))
 TEMPLATES.env.filters.update(duration=duration, money=money, when=when, number=number, spark=spark,
-                             as_json=as_json)
+                             as_json=as_json, params=params)
 
 
 def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
