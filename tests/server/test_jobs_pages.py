@@ -93,3 +93,20 @@ def test_tail_reads_only_the_bytes_appended_since_its_last_read(tmp_path):
     replacement.replace(path)  # a resume rewrites the file under a new inode
     data, reset = tail.read()
     assert reset and data == b'{"step": 1}\n'
+
+
+def test_a_sparkline_is_read_again_only_when_its_job_moved(client, home, monkeypatch):
+    done = fake_job(home, "done", state="succeeded", steps=10)
+    moving = fake_job(home, "moving", state="queued", steps=3)
+    client.get("/jobs/table")
+    asked: list = []
+    original = JobStore.loss_curves
+    monkeypatch.setattr(JobStore, "loss_curves", lambda self, ids=None, points=24: asked.append(ids) or
+                        original(self, ids, points))
+    client.get("/jobs/table")
+    assert asked == []  # nothing moved: nothing read
+    write_metrics(home / "runs" / "moving", [4, 5], 10)
+    JobStore(home / "jobs.sqlite").ingest_metrics(moving)
+    page = client.get("/jobs/table")
+    assert asked == [[moving.id]] and done.id not in asked[0]
+    assert "5/10" in page.text and "0.6000" in page.text

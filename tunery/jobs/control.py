@@ -20,12 +20,16 @@ RETRYABLE = tuple(s for s in FINAL if s != "succeeded")
 
 
 def open_store() -> JobStore:
-    """The job store, reconciled first: a local job left 'running' by a worker that is gone is settled (queued
-    again, or succeeded if its training had finished), and a worker is started to resume what was queued."""
+    """The job store, reconciled first (see `settle`)."""
+    return settle(JobStore())
+
+
+def settle(store: JobStore) -> JobStore:
+    """Reconcile the store: a local job left 'running' by a worker that is gone is settled (queued again, or
+    succeeded if its training had finished), and a worker is started to resume what was queued."""
     from tunery.jobs import submit
     from tunery.jobs.worker import reconcile
 
-    store = JobStore()
     if reconcile(store) and any(j.state == "queued" and j.backend == "local" for j in store.list(limit=1000)):
         submit.ensure_worker()
     return store

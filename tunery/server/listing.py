@@ -44,12 +44,26 @@ class Entry:
 def entries(store: JobStore, runs_dir: Path) -> list[Entry]:
     """Jobs and job-less run folders, newest first."""
     jobs = store.list(limit=100_000)
-    curves = store.loss_curves()
+    curves = loss_curves(store, jobs)
     keys = run_keys(jobs, runs_dir)
     by_dir = {Path(j.run_dir): j for j in jobs}
     out = [_job_entry(j, keys.get(Path(j.run_dir), Path(j.run_dir).name), curves.get(j.id, [])) for j in jobs]
     out += [_run_entry(path, key) for path, key in keys.items() if path not in by_dir]
     return sorted(out, key=lambda e: e.created, reverse=True)
+
+
+_CURVES: dict[tuple[Path, str], tuple[int, list[float]]] = {}  # (store, job id) -> (its step then, its curve)
+
+
+def loss_curves(store: JobStore, jobs: list[Job]) -> dict[str, list[float]]:
+    """Every job's sparkline; only the curves of jobs whose step moved since the last call are read again (a page
+    of hundreds of finished jobs refreshed every few seconds reads almost nothing)."""
+    stale = [j.id for j in jobs if _CURVES.get((store.path, j.id), (None,))[0] != j.step]
+    if stale:
+        fresh = store.loss_curves(stale if len(stale) < len(jobs) else None)
+        step = {j.id: j.step for j in jobs}
+        _CURVES.update({(store.path, i): (step[i], fresh.get(i, [])) for i in stale})
+    return {j.id: _CURVES[(store.path, j.id)][1] for j in jobs}
 
 
 def run_keys(jobs: list[Job], runs_dir: Path) -> dict[Path, str]:

@@ -16,7 +16,9 @@ from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
 
 from tunery.errors import TuneryError
+from tunery.jobs import control
 from tunery.jobs.flavors import money
+from tunery.jobs.store import JobStore
 
 PACKAGE = files("tunery.server")
 
@@ -44,6 +46,25 @@ class Settings:
 
 def settings(request: Request) -> Settings:
     return request.app.state.settings
+
+
+def job_store(request: Request) -> JobStore:
+    """The console's job store, reconciled as every CLI command that reads it reconciles it. Opened (and its file
+    checked) once, and again when the file is replaced, not on every request: the check reads the whole file."""
+    path = settings(request).home / "jobs.sqlite"
+    cached = getattr(request.app.state, "store", None)
+    if cached is None or cached[0] != _identity(path):
+        opened = JobStore(path)
+        request.app.state.store = cached = (_identity(path), opened)
+    return control.settle(cached[1])
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def duration(seconds: float | None) -> str:

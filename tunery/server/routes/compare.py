@@ -10,17 +10,16 @@ from fastapi.responses import HTMLResponse
 
 from tunery.config import RunConfig
 from tunery.errors import TuneryError
-from tunery.jobs import control
 from tunery.run import open_run
 from tunery.server.listing import entries, metrics_of, read_json
-from tunery.server.web import page, settings
+from tunery.server.web import job_store, page, settings
 
 router = APIRouter()
 
 
 @router.get("/compare", response_class=HTMLResponse)
 def compare_page(request: Request, run: list[str] = Query(default=[])) -> HTMLResponse:
-    listed = [e for e in entries(control.open_store(), settings(request).runs_dir) if e.run_dir.is_dir()]
+    listed = [e for e in entries(job_store(request), settings(request).runs_dir) if e.run_dir.is_dir()]
     chosen = [e for e in listed if e.key in run]
     rows = [_row(e.key, e.run_dir) for e in chosen]
     rows = [r for r in rows if r is not None]

@@ -23,7 +23,7 @@ from tunery.jobs.store import FINAL, Job, JobStore
 from tunery.run import trained_weights
 from tunery.server.listing import entries, run_keys
 from tunery.server.tail import Tail, last_record, records
-from tunery.server.web import NotFound, page, settings
+from tunery.server.web import NotFound, job_store, page, settings
 
 router = APIRouter()
 
@@ -40,37 +40,37 @@ def find_job(store: JobStore, job_id: str) -> Job:
 
 @router.get("/", response_class=HTMLResponse)
 def jobs_page(request: Request) -> HTMLResponse:
-    return page(request, "jobs.html", entries=entries(control.open_store(), settings(request).runs_dir))
+    return page(request, "jobs.html", entries=entries(job_store(request), settings(request).runs_dir))
 
 
 @router.get("/jobs/table", response_class=HTMLResponse)
 def jobs_table(request: Request) -> HTMLResponse:
-    return page(request, "_jobs_table.html", entries=entries(control.open_store(), settings(request).runs_dir))
+    return page(request, "_jobs_table.html", entries=entries(job_store(request), settings(request).runs_dir))
 
 
 @router.get("/api/jobs")
 def jobs_json(request: Request) -> list[dict]:
     return [{"id": e.job.id if e.job else None, "run": e.key, "name": e.name, "state": e.state, "model": e.model,
              "step": e.step, "total_steps": e.total_steps, "last_loss": e.last_loss, "elapsed_s": e.elapsed,
-             "cost_usd": e.cost} for e in entries(control.open_store(), settings(request).runs_dir)]
+             "cost_usd": e.cost} for e in entries(job_store(request), settings(request).runs_dir)]
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 def job_page(request: Request, job_id: str) -> HTMLResponse:
-    store = control.open_store()
+    store = job_store(request)
     job = find_job(store, job_id)
     return page(request, "job.html", **_summary(request, store, job))
 
 
 @router.get("/jobs/{job_id}/summary", response_class=HTMLResponse)
 def job_summary(request: Request, job_id: str) -> HTMLResponse:
-    store = JobStore()
+    store = job_store(request)
     return page(request, "_job_summary.html", **_summary(request, store, _fresh(find_job(store, job_id))))
 
 
 @router.post("/jobs/{job_id}/cancel", response_class=HTMLResponse)
 def cancel_job(request: Request, job_id: str) -> HTMLResponse:
-    store = control.open_store()
+    store = job_store(request)
     job = find_job(store, job_id)
     outcome = control.cancel(store, job.id)
     note = "cancelled" if outcome == "cancelled" else "cancel requested: the job stops within seconds"
@@ -81,7 +81,7 @@ def cancel_job(request: Request, job_id: str) -> HTMLResponse:
 async def retry_job(request: Request, job_id: str) -> HTMLResponse:
     form = await request.form()
     timeout, budget = str(form.get("timeout") or "").strip(), str(form.get("budget") or "").strip()
-    store = control.open_store()
+    store = job_store(request)
     job = control.retry(store, find_job(store, job_id).id, timeout_s=parse_duration(timeout) if timeout else None,
                         budget_usd=parse_money(budget) if budget else None)
     return page(request, "_job_summary.html", note="queued again: it resumes from its last checkpoint",
@@ -121,7 +121,7 @@ async def job_events(request: Request, job_id: str, tick: float = 1.0) -> Stream
     """Server-sent events: `metrics` (new metrics.jsonl records), `log` (new job.log text), `state`, `reset` (the
     metrics file was rewritten by a resume: draw again), `end`. Each tick reads only the bytes added since the
     last; the event id is where the stream is, so a reconnect (Last-Event-ID) resumes there."""
-    store = JobStore()
+    store = job_store(request)
     job = find_job(store, job_id)
     metrics_at, _, log_at = request.headers.get("last-event-id", "").partition("|")
     metrics = Tail.from_cursor(Path(job.run_dir) / "metrics.jsonl", metrics_at)

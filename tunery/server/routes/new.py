@@ -20,10 +20,9 @@ from tunery.data.inspect import Inspection, histogram, inspect_file
 from tunery.errors import ModelError, TuneryError
 from tunery.jobs import control, submit
 from tunery.jobs.flavors import money, parse_duration, parse_money
-from tunery.jobs.store import JobStore
 from tunery.server.choices import backend_choices, flavor_choices, grouped, model_choices
 from tunery.server.forms import config_from_form, form_sections, partial_config
-from tunery.server.web import Settings, page, settings
+from tunery.server.web import Settings, job_store, page, settings
 
 router = APIRouter()
 log = logging.getLogger(__name__)
@@ -42,7 +41,7 @@ class UploadRefused(TuneryError):
 @router.get("/new", response_class=HTMLResponse)
 def new_page(request: Request) -> HTMLResponse:
     s = settings(request)
-    models = grouped(model_choices(s.model_dirs, JobStore().list(200)))
+    models = grouped(model_choices(s.model_dirs, job_store(request).list(200)))
     return page(request, "new.html", sections=form_sections(), models=models,
                 flavors=flavor_choices(), backends=backend_choices(), runs_dir=s.runs_dir,
                 upload_limit=s.upload_limit, suffixes=DATA_SUFFIXES, inspect_fields=INSPECT_FIELDS)

@@ -18,10 +18,9 @@ from starlette.background import BackgroundTask
 from tunery.config import RunConfig
 from tunery.errors import TuneryError
 from tunery.export.pipeline import SMALLEST_FIRST
-from tunery.jobs.store import JobStore
 from tunery.run import open_run, trained_weights
 from tunery.server.listing import metrics_of, read_json, run_keys
-from tunery.server.web import NotFound, page, settings
+from tunery.server.web import NotFound, job_store, page, settings
 
 router = APIRouter()
 
@@ -31,7 +30,7 @@ EXAMPLES_SHOWN = 20
 
 def find_run(request: Request, key: str) -> Path:
     """The run folder named `key` (tunery/server/listing.py names them)."""
-    keys = run_keys(JobStore().list(limit=100_000), settings(request).runs_dir)
+    keys = run_keys(job_store(request).list(limit=100_000), settings(request).runs_dir)
     found = next((path for path, k in keys.items() if k == key), None)
     if found is None or not (found / "config.yaml").is_file():
         raise NotFound(f"no run {key!r} here; runs are listed on the runs and jobs page")
@@ -54,7 +53,7 @@ def run_page(request: Request, key: str) -> HTMLResponse:
     defaults = RunConfig()
     rows = [(f.name, getattr(cfg, f.name), getattr(cfg, f.name) != getattr(defaults, f.name))
             for f in dataclasses.fields(RunConfig) if f.name != "fast_path"]
-    job = next((j for j in JobStore().list(limit=100_000) if Path(j.run_dir) == run), None)
+    job = next((j for j in job_store(request).list(limit=100_000) if Path(j.run_dir) == run), None)
     return page(request, "run.html", **c, **_eval_context(request, run), **_export_context(request, c),
                 settings_rows=rows, fast_changed=cfg.fast_path.changed(), job=job,
                 manifest=read_json(run / "manifest.json"), result=read_json(run / "result.json"),
