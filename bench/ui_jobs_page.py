@@ -61,7 +61,7 @@ def main() -> None:
         fill(home, args.jobs, args.steps)
         print(f"filled {args.jobs} jobs x {args.steps} metrics rows in {time.perf_counter() - t0:.1f}s",
               file=sys.stderr)
-        client = TestClient(create_app(home))
+        client = TestClient(create_app(home), base_url="http://127.0.0.1")
         for path in ("/", "/jobs/table"):
             start = time.perf_counter()
             first = client.get(path)

@@ -23,7 +23,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def client(home: Path) -> TestClient:
-    return TestClient(create_app(home, upload_limit=2**20))
+    return TestClient(create_app(home, upload_limit=2**20), base_url="http://localhost")
 
 
 def fake_job(home: Path, name: str, state: str = "succeeded", steps: int = 0, total: int = 10,

@@ -20,7 +20,7 @@ def run_client(home, trained_run):
     runs = home / "runs"
     runs.mkdir(parents=True)
     shutil.copytree(trained_run, runs / trained_run.name)
-    return TestClient(create_app(home))
+    return TestClient(create_app(home), base_url="http://127.0.0.1:7860")
 
 
 def test_the_run_page_shows_settings_manifest_and_loss(run_client):

@@ -23,4 +23,10 @@ def test_with_a_token_every_page_api_and_file_needs_it(home):
 def test_a_post_from_another_site_is_refused(client):
     response = client.post("/jobs/x/cancel", headers={"Origin": "https://evil.example"})
     assert response.status_code == 403
-    assert client.post("/jobs/x/cancel", headers={"Origin": "http://testserver"}).status_code == 404
+    assert client.post("/jobs/x/cancel", headers={"Origin": "http://localhost"}).status_code == 404
+
+
+def test_without_a_token_only_loopback_names_are_answered(client):
+    assert client.get("/", headers={"Host": "evil.example:7860"}).status_code == 403  # DNS rebinding
+    for host in ("localhost:7860", "127.0.0.1:7860", "[::1]:7860", "localhost"):
+        assert client.get("/api/jobs", headers={"Host": host}).status_code == 200, host

@@ -3,7 +3,9 @@
 - **Token.** When set, every request needs it: the `tunery_token` cookie (set when the URL `tunery ui` printed,
   `...?token=T`, is opened), an `Authorization: Bearer T` header, or `?token=T`. Anything else gets 401.
 - **Cross-site.** A state-changing request (POST, PUT, PATCH, DELETE) whose Origin is another site is refused
-  (403): a page elsewhere cannot start jobs on a console open on this machine.
+  (403): a page elsewhere cannot start jobs on a console open on this machine. Without a token, the console answers
+  only to loopback names (localhost, 127.0.0.1, [::1]): a site whose name is made to point at 127.0.0.1 (DNS
+  rebinding) cannot read it either.
 - **Uploads.** A body over the limit gets 413 with the limit in the message: at once when its Content-Length
   says so, or as soon as that many bytes have arrived.
 """
@@ -59,6 +61,10 @@ class Guard:
                           "(it ends in ?token=...), or send the header 'Authorization: Bearer TOKEN'.")(scope, receive,
                                                                                                    send)
             return
+        if not self.token and not _loopback_name(headers.get("host", "")):
+            await _refuse(403, "403: without a token this console answers only to localhost and 127.0.0.1; open it "
+                          "by that name, or restart it with --token")(scope, receive, send)
+            return
         if self.token and _query_token(scope) and scope["method"] == "GET":
             await self._remember(scope, send)  # the cookie keeps it; the token leaves the address bar
             return
@@ -89,6 +95,11 @@ class Guard:
 
 def _query_token(scope: Scope) -> str:
     return dict(parse_qsl(scope.get("query_string", b"").decode())).get("token", "")
+
+
+def _loopback_name(host: str) -> bool:
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    return name.strip("[]") in ("localhost", "127.0.0.1", "::1") or name.startswith("127.")
 
 
 def _cross_site(headers: Headers) -> bool:
