@@ -110,3 +110,14 @@ def test_a_sparkline_is_read_again_only_when_its_job_moved(client, home, monkeyp
     page = client.get("/jobs/table")
     assert asked == [[moving.id]] and done.id not in asked[0]
     assert "5/10" in page.text and "0.6000" in page.text
+
+
+def test_retry_from_the_console_queues_the_job_again_with_a_new_timeout(client, home, monkeypatch):
+    monkeypatch.setattr("tunery.jobs.submit.ensure_worker", lambda *a, **k: False)
+    job = fake_job(home, "zeta", state="failed", steps=2)
+    response = client.post(f"/jobs/{job.id}/retry", data={"timeout": "45m", "budget": ""})
+    assert response.status_code == 200 and "queued again" in response.text
+    again = JobStore(home / "jobs.sqlite").get(job.id)
+    assert again.state == "queued" and again.timeout_s == 45 * 60
+    (home / "runs" / "zeta" / "job.log").write_text("the whole log\n")
+    assert client.get(f"/jobs/{job.id}/log").text == "the whole log\n"

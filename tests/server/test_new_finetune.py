@@ -123,3 +123,24 @@ def test_start_refuses_past_the_budget_unless_told(client, home, tiny_model, tmp
     assert JobStore(home / "jobs.sqlite").list() == []
     started = client.post("/new/start", data={**form, "over_budget": "on"})
     assert started.status_code == 200 and len(JobStore(home / "jobs.sqlite").list()) == 1
+
+
+def test_the_form_shows_itself_as_yaml_and_the_submit_command(client, tiny_model):
+    response = client.post("/new/yaml", data={"model": str(tiny_model), "data": "/d/train.jsonl", "lr": "1e-3",
+                                              "flavor": "local", "backend": "local", "timeout": "30m"})
+    assert response.status_code == 200
+    assert "lr: 0.001" in response.text and "data: /d/train.jsonl" in response.text
+    assert "tunery submit --config run.yaml --timeout 30m" in response.text
+    assert "lora_r" not in response.text  # only what differs from the defaults
+
+
+def test_fine_tune_again_fills_the_form_from_a_run(client, home):
+    run = home / "runs" / "earlier"
+    run.mkdir(parents=True)
+    RunConfig(model="Qwen/Qwen2.5-0.5B", data="/d/train.jsonl", name="earlier", lr=5e-4, lora_r=8,
+              gradient_checkpointing=True).to_yaml(run / "config.yaml")
+    page = client.get("/new?from=earlier")
+    assert page.status_code == 200 and "Settings, data and model from" in page.text
+    assert 'value="/d/train.jsonl"' in page.text and 'value="0.0005"' in page.text and 'value="8"' in page.text
+    assert '<option value="Qwen/Qwen2.5-0.5B" selected>' in page.text
+    assert 'name="gradient_checkpointing" class="" checked' in page.text

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from tunery.config import RunConfig
-from tunery.kernels.options import FastPathOptions
 
 # shown first, in this order; the rest of RunConfig goes under "advanced"
 COMMON = ("method", "max_steps", "epochs", "lr", "batch_size", "grad_accum", "lora_r", "lora_alpha", "max_seq_len",
@@ -23,6 +22,7 @@ READING = ("sheet", "columns", "json_values")
 # chosen in steps of their own (model, data) or a group of their own (fast_path)
 OWN_STEP = ("model", "data", "fast_path")
 FAST = "fast_path."  # the form name prefix of FastPathOptions fields
+FAST_PATH_OPTIONS = typing.get_type_hints(RunConfig)["fast_path"]  # its dataclass, as RunConfig declares it
 
 
 @dataclass(frozen=True)
@@ -35,14 +35,30 @@ class Field:
     choices: tuple = ()
     optional: bool = False
 
+    def value_in(self, values: Mapping[str, Any]) -> Any:
+        """This field's value in `values` (a run's settings, see `form_values`), else its default."""
+        return values.get(self.name, self.default)
+
     @property
     def shown(self) -> str:
-        """The default as the input shows it."""
-        if self.default is None:
-            return ""
-        if isinstance(self.default, list):
-            return ",".join(self.default)
-        return str(self.default)
+        return shown(self.default)
+
+
+def shown(value: Any) -> str:
+    """A value as its text input shows it."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return ",".join(value)
+    return str(value)
+
+
+def form_values(cfg: RunConfig) -> dict[str, Any]:
+    """The form's inputs filled from a run's settings ("fine-tune again"), by input name; a new run needs a new
+    name, so the name is left out."""
+    values = {k: v for k, v in cfg.to_dict().items() if k not in ("fast_path", "name")}
+    values.update({FAST + k: v for k, v in cfg.fast_path.to_dict().items()})
+    return values
 
 
 def _fields(cls: type, prefix: str = "") -> dict[str, Field]:
@@ -77,7 +93,7 @@ def form_sections() -> dict[str, list[Field]]:
     return {"reading": [run[n] for n in READING],
             "common": [run[n] for n in COMMON],
             "advanced": [f for n, f in run.items() if n not in (*COMMON, *READING, *OWN_STEP)],
-            "fast_path": list(_fields(FastPathOptions, FAST).values())}
+            "fast_path": list(_fields(FAST_PATH_OPTIONS, FAST).values())}
 
 
 def config_from_form(form: Mapping[str, Any], model: str | None, data: str | None) -> RunConfig:

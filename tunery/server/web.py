@@ -19,6 +19,8 @@ from tunery.errors import TuneryError
 from tunery.jobs import control
 from tunery.jobs.flavors import money
 from tunery.jobs.store import JobStore
+from tunery.server.forms import shown
+from tunery.server.listing import run_keys
 
 PACKAGE = files("tunery.server")
 
@@ -118,9 +120,18 @@ def as_json(value: Any) -> Markup:
 
 TEMPLATES = Jinja2Templates(directory=str(PACKAGE / "templates"))
 TEMPLATES.env.filters.update(duration=duration, money=money, when=when, number=number, spark=spark,
-                             as_json=as_json, params=params)
+                             as_json=as_json, params=params, shown=shown)
 
 
 def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
     """Render a template; htmx requests get the same template (pages keep partials in their own files)."""
     return TEMPLATES.TemplateResponse(request, name, context, status_code=status)
+
+
+def find_run(request: Request, key: str) -> Path:
+    """The run folder named `key` in the console's URLs (tunery/server/listing.py names them)."""
+    keys = run_keys(job_store(request).list(limit=100_000), settings(request).runs_dir)
+    found = next((path for path, k in keys.items() if k == key), None)
+    if found is None or not (found / "config.yaml").is_file():
+        raise NotFound(f"no run {key!r} here; runs are listed on the runs and jobs page")
+    return found

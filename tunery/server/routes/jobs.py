@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
 
 from tunery.errors import TuneryError
 from tunery.jobs import control
@@ -66,6 +66,16 @@ def job_page(request: Request, job_id: str) -> HTMLResponse:
 def job_summary(request: Request, job_id: str) -> HTMLResponse:
     store = job_store(request)
     return page(request, "_job_summary.html", **_summary(request, store, _fresh(find_job(store, job_id))))
+
+
+@router.get("/jobs/{job_id}/log")
+def job_log(request: Request, job_id: str) -> FileResponse:
+    """The whole job.log (the page streams its end)."""
+    job = find_job(job_store(request), job_id)
+    path = Path(job.run_dir) / "job.log"
+    if not path.is_file():
+        raise NotFound(f"job {job.id} has no log yet")
+    return FileResponse(path, filename=f"{job.id}.log", media_type="text/plain")
 
 
 @router.post("/jobs/{job_id}/cancel", response_class=HTMLResponse)

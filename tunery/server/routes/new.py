@@ -10,7 +10,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, Response
 from starlette.datastructures import FormData, UploadFile
@@ -20,9 +20,10 @@ from tunery.data.inspect import Inspection, histogram, inspect_file
 from tunery.errors import ModelError, TuneryError
 from tunery.jobs import control, submit
 from tunery.jobs.flavors import money, parse_duration, parse_money
+from tunery.run import open_run
 from tunery.server.choices import backend_choices, flavor_choices, grouped, model_choices
-from tunery.server.forms import config_from_form, form_sections, partial_config
-from tunery.server.web import Settings, job_store, page, settings
+from tunery.server.forms import config_from_form, form_sections, form_values, partial_config
+from tunery.server.web import Settings, find_run, job_store, page, settings
 
 router = APIRouter()
 log = logging.getLogger(__name__)
@@ -39,11 +40,18 @@ class UploadRefused(TuneryError):
 
 
 @router.get("/new", response_class=HTMLResponse)
-def new_page(request: Request) -> HTMLResponse:
+def new_page(request: Request, source: str | None = Query(None, alias="from")) -> HTMLResponse:
+    """The form; `?from=RUN` fills it from that run's settings, data and model."""
     s = settings(request)
-    models = grouped(model_choices(s.model_dirs, job_store(request).list(200)))
-    return page(request, "new.html", sections=form_sections(), models=models,
-                flavors=flavor_choices(), backends=backend_choices(), runs_dir=s.runs_dir,
+    choices = model_choices(s.model_dirs, job_store(request).list(200))
+    values = {"output_dir": str(s.runs_dir)}
+    if source:
+        _, cfg = open_run(find_run(request, source))
+        values.update(form_values(cfg))
+    offered = {c.value for c in choices}
+    model_other = values.get("model") if values.get("model") not in offered else ""
+    return page(request, "new.html", sections=form_sections(), models=grouped(choices), values=values,
+                model_other=model_other or "", source=source, flavors=flavor_choices(), backends=backend_choices(),
                 upload_limit=s.upload_limit, suffixes=DATA_SUFFIXES, inspect_fields=INSPECT_FIELDS)
 
 
@@ -169,6 +177,35 @@ def _job_settings(s: Settings, form: FormData) -> tuple[RunConfig, str, str, dic
               "budget_usd": parse_money(budget) if budget else None,
               "secrets": [n.strip() for n in str(form.get("secrets") or "").split(",") if n.strip()]}
     return cfg, str(form.get("flavor") or "local"), str(form.get("backend") or "local"), limits
+
+
+@router.post("/new/yaml", response_class=HTMLResponse)
+async def as_yaml(request: Request) -> HTMLResponse:
+    """The form as the config.yaml and the `tunery submit` command that would start the same job from a shell."""
+    import shlex
+
+    import yaml
+
+    form = await request.form()
+    cfg, flavor, backend, limits = await run_in_threadpool(_job_settings, settings(request), form)
+    changed = {k: v for k, v in cfg.to_dict().items() if k == "model" or v != getattr(RunConfig(), k)}
+    changed["fast_path"] = cfg.fast_path.changed()
+    if not changed["fast_path"]:
+        del changed["fast_path"]
+    return page(request, "_yaml.html", text=yaml.safe_dump(changed, sort_keys=False),
+                command=shlex.join(_submit_command(form, flavor, backend, limits["secrets"])))
+
+
+def _submit_command(form: FormData, flavor: str, backend: str, secret_names: list[str]) -> list[str]:
+    command = ["tunery", "submit", "--config", "run.yaml"]
+    if backend != "local":
+        command += ["--backend", backend]
+    if flavor != "local":
+        command += ["--flavor", flavor]
+    for key in ("timeout", "budget"):
+        if str(form.get(key) or "").strip():
+            command += [f"--{key}", str(form[key]).strip()]
+    return command + [a for name in secret_names for a in ("--secret", name)]
 
 
 @router.post("/new/start")

@@ -19,22 +19,13 @@ from tunery.config import RunConfig
 from tunery.errors import TuneryError
 from tunery.export.pipeline import SMALLEST_FIRST
 from tunery.run import open_run, trained_weights
-from tunery.server.listing import metrics_of, read_json, run_keys
-from tunery.server.web import NotFound, job_store, page, settings
+from tunery.server.listing import metrics_of, read_json
+from tunery.server.web import NotFound, find_run, job_store, page
 
 router = APIRouter()
 
 QUANTS = SMALLEST_FIRST  # every GGUF type `tunery export --gguf` writes
 EXAMPLES_SHOWN = 20
-
-
-def find_run(request: Request, key: str) -> Path:
-    """The run folder named `key` (tunery/server/listing.py names them)."""
-    keys = run_keys(job_store(request).list(limit=100_000), settings(request).runs_dir)
-    found = next((path for path, k in keys.items() if k == key), None)
-    if found is None or not (found / "config.yaml").is_file():
-        raise NotFound(f"no run {key!r} here; runs are listed on the runs and jobs page")
-    return found
 
 
 def _context(request: Request, key: str) -> dict:
