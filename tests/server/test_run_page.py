@@ -3,7 +3,10 @@ the run folder, the Hub dry-run preview."""
 
 from __future__ import annotations
 
+import html
 import io
+import json
+import re
 import shutil
 import time
 import zipfile
@@ -37,6 +40,11 @@ def test_chat_answers_with_both_models_side_by_side(run_client):
     assert response.status_code == 200
     assert 'data-model="base"' in response.text and 'data-model="fine-tuned"' in response.text
     assert "adapter off" in response.text
+    history = html.unescape(re.search(r'id="chat-history" name="history" value="([^"]*)"', response.text)[1])
+    assert [t["user"] for t in json.loads(history)] == ["Is this review positive or negative?"]
+    second = run_client.post("/runs/tiny-run/chat", data={"prompt": "And this one?", "history": history,
+                                                           "max_new_tokens": "4"})
+    assert second.text.count('class="chat-user"') == 4  # two turns, in each column
     empty = run_client.post("/runs/tiny-run/chat", data={"prompt": " "}, headers={"HX-Request": "true"})
     assert empty.status_code == 400 and "type a message" in empty.text
 

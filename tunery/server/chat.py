@@ -26,18 +26,26 @@ class ChatModels:
         self._loaded: _Loaded | None = None
         self._lock = threading.Lock()  # one generation at a time: switching the adapter off is model state
 
-    def replies(self, run: Path, messages: list[dict], max_new_tokens: int) -> dict[str, str]:
-        """{"base": reply, "fine_tuned": reply} to `messages` (greedy, with the run's chat template)."""
+    def replies(self, run: Path, turns: list[dict], prompt: str, system: str | None,
+                max_new_tokens: int) -> dict[str, str]:
+        """{"base": reply, "fine_tuned": reply} to `prompt` after the earlier `turns` ({"user", "base",
+        "fine_tuned"}: each model sees its own earlier answers), greedy, with the run's chat template."""
         from tunery.eval.generate import generate_replies
+
+        def conversation(side: str) -> list[dict]:
+            messages = [{"role": "system", "content": system}] if system else []
+            for turn in turns:
+                messages += [{"role": "user", "content": turn["user"]}, {"role": "assistant", "content": turn[side]}]
+            return messages + [{"role": "user", "content": prompt}]
 
         with self._lock:
             m = self._load(run)
-            tuned = generate_replies(m.tuned, m.tokenizer, [messages], max_new_tokens, m.device)[0]
+            tuned = generate_replies(m.tuned, m.tokenizer, [conversation("fine_tuned")], max_new_tokens, m.device)[0]
             if hasattr(m.tuned, "disable_adapter"):
                 with m.tuned.disable_adapter():
-                    base = generate_replies(m.tuned, m.tokenizer, [messages], max_new_tokens, m.device)[0]
+                    base = generate_replies(m.tuned, m.tokenizer, [conversation("base")], max_new_tokens, m.device)[0]
             else:
-                base = generate_replies(m.base, m.tokenizer, [messages], max_new_tokens, m.device)[0]
+                base = generate_replies(m.base, m.tokenizer, [conversation("base")], max_new_tokens, m.device)[0]
         return {"base": base, "fine_tuned": tuned}
 
     def _load(self, run: Path) -> _Loaded:

@@ -5,6 +5,7 @@ downloads. Eval and export run as background tasks (tunery/server/tasks.py) that
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import shutil
 import tempfile
@@ -94,10 +95,29 @@ async def chat(request: Request, key: str) -> HTMLResponse:
     if c["kind"] is None:
         raise TuneryError("this run has no trained weights yet; chat opens when its training has finished")
     system = str(form.get("system") or "").strip() or c["cfg"].system_prompt
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    limit = int(str(form.get("max_new_tokens") or c["cfg"].max_new_tokens))
-    replies = await run_in_threadpool(request.app.state.chat.replies, c["run"], messages, limit)
-    return page(request, "_chat_replies.html", **c, prompt=prompt, replies=replies)
+    turns = _turns(str(form.get("history") or "[]"))
+    limit = _positive(str(form.get("max_new_tokens") or c["cfg"].max_new_tokens), "max new tokens")
+    replies = await run_in_threadpool(request.app.state.chat.replies, c["run"], turns, prompt, system, limit)
+    turns.append({"user": prompt, **replies})
+    return page(request, "_chat_replies.html", **c, turns=turns)
+
+
+def _turns(text: str) -> list[dict]:
+    """The conversation so far, as the page keeps it; anything malformed starts a new one."""
+    try:
+        turns = json.loads(text)
+    except json.JSONDecodeError:
+        return []
+    keys = ("user", "base", "fine_tuned")
+    ok = isinstance(turns, list) and all(isinstance(t, dict) and all(isinstance(t.get(k), str) for k in keys)
+                                         for t in turns)
+    return [{k: t[k] for k in keys} for t in turns] if ok else []
+
+
+def _positive(text: str, what: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise TuneryError(f"{what} must be a whole number above 0, not {text!r}")
+    return int(text)
 
 
 # --- export --------------------------------------------------------------------------------------------------
