@@ -39,7 +39,10 @@ def ui_command(
     url = f"http://{'[' + shown + ']' if ':' in shown else shown}:{port}/" + (f"?token={token}" if token else "")
     console.print(f"tunery console on [bold]{url}[/] (TUNERY_HOME {app.state.settings.home}); Ctrl-C stops it, "
                   "not the jobs", highlight=False, soft_wrap=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    app.state.server = server  # the live streams end when it is told to stop: Ctrl-C is not held up by open pages
+    server.run()
 
 
 def loopback(host: str) -> bool:

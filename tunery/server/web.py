@@ -50,6 +50,12 @@ def settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
+def stopping(request: Request) -> bool:
+    """Whether the server running the console was told to stop (live streams end then; their pages reconnect)."""
+    server = getattr(request.app.state, "server", None)
+    return bool(server and server.should_exit)
+
+
 def job_store(request: Request) -> JobStore:
     """The console's job store, reconciled as every CLI command that reads it reconciles it. Opened (and its file
     checked) once, and again when the file is replaced, not on every request: the check reads the whole file."""

@@ -23,7 +23,7 @@ from tunery.jobs.store import FINAL, Job, JobStore
 from tunery.run import trained_weights
 from tunery.server.listing import entries, run_keys
 from tunery.server.tail import Tail, last_record, records
-from tunery.server.web import NotFound, job_store, page, settings
+from tunery.server.web import NotFound, job_store, page, settings, stopping
 
 router = APIRouter()
 
@@ -147,7 +147,7 @@ async def _events(request: Request, store: JobStore, job: Job, metrics: Tail, lo
                   tick: float) -> AsyncIterator[str]:
     decode = codecs.getincrementaldecoder("utf-8")(errors="replace")
     state, quiet_since = None, time.time()
-    while not await request.is_disconnected():
+    while not await request.is_disconnected() and not stopping(request):
         job = store.get(job.id)
         new, reset = metrics.read()
         text = decode.decode(log.read()[0])
