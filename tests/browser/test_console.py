@@ -3,6 +3,7 @@ reopened page, eval, chat, GGUF + Modelfile export; CLI jobs in the page and can
 names, sizes and damaged files.
 
     pytest -m browser tests/browser -q        (needs Debian's chromium: make tools)
+    TUNERY_SCREENSHOT_DIR=docs pytest -m browser tests/browser -k flow    (the README's screenshots)
 """
 
 from __future__ import annotations
@@ -70,7 +71,6 @@ def test_upload_train_watch_evaluate_chat_and_export(page, console, tmp_path):
         page.fill(f"#f-{name}", value)
     page.select_option("#f-scheduler", "linear")
     expect(page.locator("#estimate-text")).to_contain_text("Estimate:", timeout=60_000)
-    _screenshot(page, "console-new.png", tmp_path)
     page.click("#start")
     page.wait_for_url(f"{base}/jobs/*", timeout=60_000)
     job_url = page.url

@@ -15,7 +15,8 @@ def test_with_a_token_every_page_api_and_file_needs_it(home):
         assert "token" in response.text
     assert client.get("/api/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.get("/api/jobs", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
-    opened = client.get("/?token=s3cret-token", follow_redirects=False)
+    assert client.get("/api/jobs?token=s3cret-token").status_code == 200  # a script: no redirect, no cookie
+    opened = client.get("/?token=s3cret-token", headers={"Accept": "text/html"}, follow_redirects=False)
     assert opened.status_code == 303 and opened.headers["location"] == "/"  # the token leaves the address bar
     assert client.get("/").status_code == 200  # the cookie carries it from now on
 

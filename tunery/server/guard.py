@@ -65,8 +65,8 @@ class Guard:
             await _refuse(403, "403: without a token this console answers only to localhost and 127.0.0.1; open it "
                           "by that name, or restart it with --token")(scope, receive, send)
             return
-        if self.token and _query_token(scope) and scope["method"] == "GET":
-            await self._remember(scope, send)  # the cookie keeps it; the token leaves the address bar
+        if self.token and _query_token(scope) and scope["method"] == "GET" and "text/html" in headers.get("accept", ""):
+            await self._remember(scope, send)  # a page opened by its URL: the cookie keeps the token from now on
             return
         if scope["method"] in UNSAFE and _cross_site(headers):
             await _refuse(403, "403: a request from another site was refused; use the console itself")(scope, receive,
