@@ -21,9 +21,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# the extras the tests exercise: Ray (jobs backend), GGUF export (builds llama.cpp), QLoRA (bitsandbytes)
+# the extras the tests exercise: Ray (jobs backend), GGUF export (builds llama.cpp), QLoRA (bitsandbytes), the web
+# console (FastAPI)
 $(FULL): $(STAMP)
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -e '.[dev,ray,gguf,qlora]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -e '.[dev,ray,gguf,qlora,ui]'
 	touch $(FULL)
 
 install: $(FULL)
@@ -31,9 +32,11 @@ install: $(FULL)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/tunery demo
 
-# Go runs the Ollama template parity tests (a real text/template renderer)
+# Go runs the Ollama template parity tests (a real text/template renderer); Chromium runs the browser tests
+# (tests/browser, through Playwright: its own browser download is not needed)
 tools:
 	@command -v go >/dev/null || (apt-get update -qq && apt-get install -y -qq golang-go >/dev/null)
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
 test: $(FULL) tools
 	$(BIN)/ruff check tunery tests bench

@@ -48,3 +48,9 @@ def test_the_public_training_api_is_what_it_says():
 
     assert sorted(tunery.train.__all__) == ["held_out_loss", "train"]
     assert all(callable(getattr(tunery.train, name)) for name in tunery.train.__all__)
+
+
+def test_the_web_console_holds_no_training_logic():
+    """server/ calls data, jobs, eval, export and the run folder; training itself only ever runs as a job."""
+    reached = [i for i in _imports("server") if i[1].startswith(("tunery.train", "tunery.kernels"))]
+    assert not reached, reached

@@ -86,6 +86,14 @@ def test_preview_marks_trained_pieces(tmp_path, tiny_tokenizer):
     assert insp.to_dict()["preview"] == [{"text": t, "trained": on} for t, on in insp.preview]  # in --json too
 
 
+def test_several_rows_are_previewed_by_row_number(tmp_path, tiny_tokenizer):
+    insp = inspect_file(_write(tmp_path / "d.jsonl", ROWS), tiny_tokenizer, preview_rows=3)
+    assert [row for row, _ in insp.previews] == [1, 2, 3]
+    assert insp.previews[0][1] == insp.preview
+    assert [t for t, on in insp.previews[1][1] if on] == ["Blue.<|im_end|>\n"]
+    assert insp.to_dict()["previews"][2]["row"] == 3
+
+
 def test_the_printed_preview_marks_trained_tokens_without_colour(tmp_path, tiny_tokenizer, capsys):
     from tunery.cli.data import _show
 

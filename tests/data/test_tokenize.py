@@ -235,3 +235,16 @@ def test_token_cache_is_reused_and_keyed_on_settings_and_content(tmp_path, tuner
     _write_chat(data, 11)
     with pytest.raises(_Retokenized):
         prepare_data(_config(data), tiny_tokenizer)
+
+
+def test_threads_of_one_process_fill_the_token_cache_at_once(tmp_path, tunery_home, tiny_tokenizer):
+    """The web console inspects and estimates the same file in two threads: neither may break the other's write."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = tmp_path / "chat.jsonl"
+    _write_chat(data, 200)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: prepare_data(_config(data), tiny_tokenizer), range(4)))
+    assert all(r.train == results[0].train for r in results)
+    assert [p.name for p in (tunery_home / "cache" / "tokenized").iterdir()] == [p.name for p in (
+        tunery_home / "cache" / "tokenized").iterdir() if ".tmp" not in p.name]  # no folder left half-written

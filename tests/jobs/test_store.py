@@ -52,3 +52,14 @@ def test_claim_is_atomic_and_transitions_are_recorded(tmp_path):
     assert store.set_state(first, "succeeded", "done", expect=("running",))
     assert [t["state"] for t in store.transitions(first)] == ["queued", "running", "succeeded"]
     assert store.get(first).state == "succeeded" and store.get(second).state == "running"
+
+
+def test_loss_curves_average_each_jobs_loss_into_buckets_in_one_query(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    long, short, none = (_add(store, tmp_path) for _ in range(3))
+    store.add_metrics(long, [{"step": s, "loss": float(s)} for s in range(1, 101)])
+    store.add_metrics(short, [{"step": s, "loss": 1.0 / s} for s in (10, 20, 30)])  # logged every 10 steps
+    curves = store.loss_curves(points=10)
+    assert curves[long] == [sum(range(10 * b + 1, 10 * b + 11)) / 10 for b in range(10)]
+    assert curves[short] == [1.0 / 10, 1.0 / 20, 1.0 / 30] and none not in curves
+    assert set(store.loss_curves([short])) == {short}

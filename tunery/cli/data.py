@@ -44,6 +44,7 @@ def inspect_command(
     import json
 
     from tunery.data.inspect import inspect_file
+    from tunery.models.load import embedding_rows
 
     tokenizer = None
     if model:
@@ -57,7 +58,7 @@ def inspect_command(
     insp = inspect_file(str(file), tokenizer, max_seq_len, train_on.value, str(eval_data) if eval_data else None,
                         sheet=sheet, json_values=json_values,
                         columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else None,
-                        embedding_rows=_vocab_size(model) if model else None)
+                        embedding_rows=embedding_rows(model) if model else None)
     if as_json:
         print(json.dumps(insp.to_dict(), indent=2))
     else:
@@ -141,14 +142,4 @@ def _show_lengths(title: str, lengths: list[int]) -> None:
     for low, high, count in hist:
         console.print(f"  {low:>7}-{high:<7} {'█' * max(1 if count else 0, round(30 * count / peak)):<30} {count}")
 
-
-def _vocab_size(model: str) -> int | None:
-    """The model's embedding rows from its config (no weights loaded); None when it cannot be read."""
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model)
-        return getattr(config.get_text_config(), "vocab_size", None)
-    except (OSError, ValueError):
-        return None
 

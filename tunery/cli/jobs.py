@@ -50,7 +50,7 @@ def submit_command(
 ) -> None:
     """Queue a training job; prints its id and the estimated time and cost first."""
     from tunery.config import RunConfig
-    from tunery.jobs import submit
+    from tunery.jobs import control, submit
     from tunery.jobs.flavors import money, parse_duration, parse_money
 
     cfg = RunConfig.from_yaml(config)
@@ -64,43 +64,19 @@ def submit_command(
         console.print(f"[red]refused:[/] the estimate {money(est.usd)} exceeds the budget {money(budget_usd)}; "
                       "raise --budget, pick a cheaper --flavor, or pass --yes to start anyway")
         raise typer.Exit(3)
-    job = submit.queue(cfg, run_dir, est, flavor=flavor, backend=backend, timeout_s=timeout_s,
-                       budget_usd=budget_usd, secrets=list(secret))
-    if backend != "local":
-        _submit_remote(job, address=address, output_repo=output_repo)
-    # a remote job is watched by the worker too: its metrics come here, and it is stopped past its budget
-    if not no_worker and submit.ensure_worker():
+    job, started = control.launch(cfg, run_dir, est, flavor=flavor, backend=backend, timeout_s=timeout_s,
+                                  budget_usd=budget_usd, secrets=list(secret), address=address,
+                                  output_repo=output_repo, start_worker=not no_worker)
+    if started:
         console.print("started a background worker (log: TUNERY_HOME/worker.log)")
     out.print(job.id)
     console.print(f"queued job {job.id} ({job.run_dir}); follow it with `tunery logs {job.id} -f`")
 
 
 def _store():
-    """The job store, reconciled first: a local job left 'running' by a worker that is gone is settled (queued
-    again, or succeeded if its training had finished), and a worker is started to resume what was queued."""
-    from tunery.jobs import submit
-    from tunery.jobs.store import JobStore
-    from tunery.jobs.worker import reconcile
+    from tunery.jobs.control import open_store
 
-    store = JobStore()
-    if reconcile(store) and any(j.state == "queued" and j.backend == "local" for j in store.list(limit=1000)):
-        submit.ensure_worker()
-    return store
-
-
-def _submit_remote(job, address: str | None = None, output_repo: str | None = None) -> None:
-    """Hand a queued job to its remote backend; any failure (a network error too) marks it failed, with why."""
-    from tunery.errors import TuneryError
-    from tunery.jobs.backends import get_backend
-    from tunery.jobs.store import JobStore
-
-    try:
-        get_backend(job.backend, address=address, output_repo=output_repo).submit(job)
-    except Exception as e:  # noqa: BLE001 - httpx, requests and Ray raise their own types: none may leave it queued
-        why = str(e) if isinstance(e, TuneryError) else f"{type(e).__name__}: {e}"
-        JobStore().set_state(job.id, "failed", f"submission to {job.backend} failed: {why}", expect=("queued",))
-        raise TuneryError(f"submission to {job.backend} failed: {why}; the job is marked failed (`tunery retry "
-                          f"{job.id}` tries again)") from None
+    return open_store()
 
 
 @app.callback()
@@ -155,29 +131,11 @@ def retry_job(
 ) -> None:
     """Queue a finished (failed, cancelled, timed-out) job again; it resumes from its last checkpoint, with a
     fresh allowance: its timeout and budget count from the new attempt."""
-    from tunery.errors import TuneryError
-    from tunery.jobs import submit
+    from tunery.jobs import control
     from tunery.jobs.flavors import parse_duration, parse_money
-    from tunery.jobs.secrets import store_secrets
-    from tunery.jobs.store import FINAL, JobStore
 
-    store = JobStore()
-    job = store.get(job_id)
-    retryable = tuple(s for s in FINAL if s != "succeeded")
-    if job.state not in retryable:
-        raise TuneryError(f"job {job.id} is {job.state}; only failed, cancelled or timed-out jobs can be retried")
-    if job.backend == "local":  # the secrets as this shell has them now: a rotated token takes effect
-        store_secrets(job.id, job.secret_names)
-    # a fresh allowance: the timeout and the budget count from this attempt (`--timeout`/`--budget` of submit)
-    limits = {**({"timeout_s": parse_duration(timeout)} if timeout else {}),
-              **({"budget_usd": parse_money(budget)} if budget is not None else {})}
-    if not store.set_state(job.id, "queued", "retried by user", expect=retryable, cancel_requested=0,
-                           finished=None, used_s=0.0, returncode=None, **limits):
-        raise TuneryError(f"job {job.id} changed state meanwhile ({store.get(job.id).state}); look again")
-    if job.backend != "local":  # nothing polls a remote backend's queue: the job goes to the backend again now
-        address = (job.external_id or "").rsplit("#", 1)[0] if job.backend == "ray" and job.external_id else None
-        _submit_remote(store.get(job.id), address=address or None)
-    submit.ensure_worker()
+    job = control.retry(_store(), job_id, timeout_s=parse_duration(timeout) if timeout else None,
+                        budget_usd=parse_money(budget) if budget is not None else None)
     console.print(f"job {job.id} queued again")
 
 
@@ -214,17 +172,9 @@ def logs_command(
 
 
 def _refreshed(job):
-    """A remote job with its state brought up to date (left as stored when the backend is unreachable)."""
-    if job.backend == "local" or job.state != "running":
-        return job
-    from tunery.errors import TuneryError
-    from tunery.jobs.backends import get_backend
+    from tunery.jobs.control import refreshed
 
-    try:
-        return get_backend(job.backend).refresh(job)
-    except (TuneryError, OSError) as e:
-        console.print(f"[yellow]could not refresh {job.id} from {job.backend}: {e}[/]")
-        return job
+    return refreshed(job, warn=lambda text: console.print(f"[yellow]{text}[/]"))
 
 
 def _remote_logs(job, follow: bool) -> None:
@@ -249,23 +199,13 @@ def _remote_logs(job, follow: bool) -> None:
 
 def cancel_command(job_id: str = typer.Argument(..., help="Job id (a unique prefix is enough).")) -> None:
     """Cancel a queued job at once, or ask the worker to stop a running one (within seconds)."""
-    from tunery.errors import TuneryError
-    from tunery.jobs.secrets import drop_secrets
+    from tunery.jobs.control import cancel
 
     store = _store()
     job = store.get(job_id)
-    outcome = store.cancel(job.id)
-    if outcome == "cancelled":
-        drop_secrets(job.id)
+    if cancel(store, job.id) == "cancelled":
         console.print(f"job {job.id} cancelled")
         return
-    if outcome != "requested":
-        raise TuneryError(f"job {job.id} has already ended ({outcome}); nothing to cancel")
-    if job.backend != "local":
-        from tunery.jobs.backends import get_backend
-
-        get_backend(job.backend).cancel(job)
-        store.set_state(job.id, "cancelled", "cancelled by user", expect=("running",))
     console.print(f"cancel requested for job {job.id}")
 
 

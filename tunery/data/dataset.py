@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,7 +148,9 @@ def _cached_tokens(key: str, examples: list[Example | None], tokenizer, max_seq_
     ds = datasets.Dataset.from_dict({"row": [r for r, _ in kept], "input_ids": [t.input_ids for _, t in kept],
                                      "labels": [t.labels for _, t in kept],
                                      "truncated": [t.truncated for _, t in kept]})
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    # a name of its own per writer: two threads of one process (the web console inspecting and estimating the same
+    # file at once) must not write into one folder
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
     ds.save_to_disk(str(tmp))
     (tmp / "refused.json").write_text(json.dumps(refused))
     shutil.rmtree(folder, ignore_errors=True)  # a half-written folder from a crash; complete ones are skipped

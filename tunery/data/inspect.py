@@ -27,7 +27,8 @@ class Inspection:
     no_trainable: int
     overlap: int  # eval rows equal to a training row up to `normalise_text` (case, whitespace, end punctuation)
     overlap_against: str  # the eval file, or the seeded split of this file
-    preview: list[tuple[str, bool]] = field(default_factory=list)  # (text piece, trained?)
+    preview: list[tuple[str, bool]] = field(default_factory=list)  # (text piece, trained?) of the first usable row
+    previews: list[tuple[int, list[tuple[str, bool]]]] = field(default_factory=list)  # (1-based row, its pieces)
     too_long_rows: list[int] = field(default_factory=list)  # 1-based row numbers cut at max_seq_len
     template_notes: dict[str, int] = field(default_factory=dict)  # reshaped to fit the chat template -> rows
     added_tokens: dict[str, int] = field(default_factory=dict)  # tokens added to the vocabulary -> rows using them
@@ -50,8 +51,10 @@ class Inspection:
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        out = {k: v for k, v in self.__dict__.items() if k != "preview"}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("preview", "previews")}
         out["preview"] = [{"text": piece, "trained": trained} for piece, trained in self.preview]
+        out["previews"] = [{"row": row, "pieces": [{"text": p, "trained": t} for p, t in pieces]}
+                           for row, pieces in self.previews]
         return out
 
 
@@ -144,9 +147,10 @@ def histogram(lengths: list[int], bins: int = 8) -> list[tuple[int, int, int]]:
 def inspect_file(path: str, tokenizer=None, max_seq_len: int = 2048, train_on: str = "assistant",
                  eval_data: str | None = None, eval_split: float = 0.1, seed: int = 42, sheet: str | None = None,
                  json_values: bool = False, columns: list[str] | None = None,
-                 embedding_rows: int | None = None) -> Inspection:
+                 embedding_rows: int | None = None, preview_rows: int = 1) -> Inspection:
     """What training would make of the file. `embedding_rows`: the model's vocabulary size, when known, to
-    name the added tokens it has no embedding rows for."""
+    name the added tokens it has no embedding rows for. `preview_rows`: how many usable rows to render, marked
+    trained or not (with a tokenizer)."""
     fmt, examples, reasons, tokens, template_notes = _read(path, tokenizer, max_seq_len, train_on, sheet,
                                                            json_values, columns)
     kept = [i for i, e in enumerate(examples) if e is not None]
@@ -157,9 +161,10 @@ def inspect_file(path: str, tokenizer=None, max_seq_len: int = 2048, train_on: s
         _token_stats(insp, [tokens[i] for i in kept])
         insp.too_long_rows = [i + 1 for i in kept if tokens[i] is not None and tokens[i].truncated]
         _added_tokens(insp, tokenizer, [tokens[i] for i in kept if tokens[i] is not None], embedding_rows)
-        first = next((i for i in kept if tokens[i] is not None), None)
-        if first is not None:
-            insp.preview = _preview(tokenizer, tokens[first])
+        shown = [i for i in kept if tokens[i] is not None][:preview_rows]
+        insp.previews = [(i + 1, _preview(tokenizer, tokens[i])) for i in shown]
+        if insp.previews:
+            insp.preview = insp.previews[0][1]
     else:
         insp.length_unit = "characters"
     insp.lengths = _lengths(examples, tokens, kept, tokenizer)

@@ -273,6 +273,22 @@ class JobStore:
                               (job_id,)).fetchall()
         return [dict(r) for r in rows]
 
+    def loss_curves(self, job_ids: list[str] | None = None, points: int = 24) -> dict[str, list[float]]:
+        """The training loss of the jobs `job_ids` (None: all) averaged into at most `points` buckets of steps, in
+        one query: the web console draws a sparkline per job, and one query per job would not stay fast."""
+        ids = tuple(job_ids or ())
+        only = f"AND job_id IN ({','.join('?' * len(ids))})" if job_ids is not None else ""
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT m.job_id, CAST((m.step - 1) * ? / t.top AS INTEGER) AS bucket, AVG(m.loss) FROM metrics m "
+                f"JOIN (SELECT job_id, MAX(step) AS top FROM metrics WHERE loss IS NOT NULL {only} GROUP BY job_id) t "
+                "ON t.job_id = m.job_id WHERE m.loss IS NOT NULL GROUP BY m.job_id, bucket ORDER BY m.job_id, bucket",
+                (points, *ids)).fetchall()
+        curves: dict[str, list[float]] = {}
+        for job_id, _, loss in rows:
+            curves.setdefault(job_id, []).append(loss)
+        return curves
+
     def heartbeat(self, worker: str, pid: int, host: str) -> None:
         with self._db() as db:
             db.execute("INSERT OR REPLACE INTO workers VALUES (?,?,?,?)", (worker, pid, host, time.time()))

@@ -73,6 +73,17 @@ def load_tokenizer(model: str, revision: str | None = None, trust_remote_code: b
     return tokenizer
 
 
+def embedding_rows(model: str) -> int | None:
+    """The model's embedding rows (its config's vocab_size; no weights loaded), or None when it cannot be read."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
+        return getattr(config.get_text_config(), "vocab_size", None)
+    except (OSError, ValueError):
+        return None
+
+
 def four_bit_config(dtype):
     """NF4 with double quantization, computing in the model's dtype: the QLoRA recipe."""
     import importlib.util

@@ -1,0 +1,1 @@
+"""The web console (`tunery ui`): FastAPI pages over the same modules the CLI uses. See app.py."""
