@@ -85,6 +85,11 @@ class RunConfig:
     max_steps: int | None = _f(None, "Optimizer steps; overrides epochs.")
     batch_size: int = _f(4, "Examples per micro-batch.")
     grad_accum: int = _f(1, "Micro-batches per optimizer step.")
+    micro_batch_tokens: int = _f(0, "Cut each optimizer step's batch_size x grad_accum examples into micro-batches "
+                                    "of about this many tokens instead of batch_size examples each (0 = off): "
+                                    "short examples go many at a time, long ones few, and lengths come from a "
+                                    "fixed ladder, so few batch shapes (compiles, CUDA graphs) cover a run of "
+                                    "varied lengths. The step and its loss are the same; one process only.")
     lr: float = _f(2e-4, "Peak learning rate.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     warmup_ratio: float = _f(0.03, "Fraction of steps spent warming the learning rate up from 0.")
@@ -184,10 +189,14 @@ class RunConfig:
         for name in ("lora_r", "lora_alpha", "max_seq_len", "batch_size", "grad_accum", "log_every", "gpus",
                      "max_new_tokens"):
             _check(getattr(self, name) > 0, name, "must be positive")
-        for name in ("eval_every", "save_every", "keep_checkpoints", "eval_samples", "eval_max_rows"):
+        for name in ("eval_every", "save_every", "keep_checkpoints", "eval_samples", "eval_max_rows",
+                     "micro_batch_tokens"):
             _check(getattr(self, name) >= 0, name, "must be 0 or more")
         _check(self.max_steps is None or self.max_steps > 0, "max_steps", "must be positive")
         _check(self.epochs > 0, "epochs", "must be positive")
+        _check(not (self.micro_batch_tokens and self.gpus > 1), "micro_batch_tokens",
+               "cuts micro-batches by tokens in one process only (ranks would run different numbers of them); "
+               "set it to 0 with gpus > 1")
         _check(self.lr > 0, "lr", "must be positive")
 
         _check(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")

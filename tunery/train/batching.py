@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 from tunery.data.tokenize import IGNORE, Tokenized
 from tunery.kernels.varlen import BOUNDS as DOC_BOUNDS  # a packed row's example bounds: the batch key varlen reads
@@ -41,7 +42,66 @@ def micro_batches(picked: list[Tokenized], batch_size: int, rank: int = 0, world
     return [order[i : i + batch_size] for i in range(rank * batch_size, len(order), batch_size * world)]
 
 
-def collate(batch: list[Tokenized], pad_id: int, device: str, multiple: int = 1, mask: bool = True) -> dict:
+def bucket(n: int, multiple: int = 64) -> int:
+    """The shortest length of a fixed ladder that holds `n` tokens: multiples of `multiple` up to 8 of them,
+    then four lengths per doubling (each about 19% over the last), rounded up to `multiple`. Micro-batches cut
+    by token budget take their lengths from it, so a run meets a dozen shapes, not one per multiple of 64:
+    each new shape costs a compile and a CUDA graph capture. The ladder pads by a quarter at most, a tenth
+    on average."""
+    top = 8 * multiple
+    if n <= top:
+        return max(multiple, -(-n // multiple) * multiple)
+    k = max(0, math.floor(4 * math.log2(n / top)) - 1)  # the loop finds the first ladder length that holds n
+    while True:
+        length = -(-int(math.ceil(top * 2 ** (k / 4))) // multiple) * multiple
+        if length >= n:
+            return length
+        k += 1
+
+
+def token_micro_batches(picked: list[Tokenized], budget: int, packed: bool) -> list[list[Tokenized]]:
+    """One optimizer step's examples as micro-batches of about `budget` tokens each, instead of `batch_size`
+    examples each; every example lands in exactly one, and the step's loss and update are the same sums.
+
+    Padded (`packed` False): the examples sorted by length, each micro-batch as many of them as fit in `budget`
+    tokens once padded to the ladder length of its longest (`bucket`); short examples share a micro-batch by
+    the dozen, long ones go a few at a time. Packed: rows of at most `budget` tokens, filled first-fit with
+    the examples longest first, so rows come out full and of one length. An example longer than `budget` gets
+    a micro-batch of its own. The result is a pure function of the examples (resume rebuilds it)."""
+    if budget <= 0:
+        raise ValueError("a token budget must be positive")
+    if packed:
+        rows: list[list[Tokenized]] = []
+        used: list[int] = []
+        for t in sorted(picked, key=lambda t: -len(t.input_ids)):  # stable: ties keep the step's order
+            n = len(t.input_ids)
+            at = next((i for i, u in enumerate(used) if u + n <= budget), None)
+            if at is None:
+                rows.append([t])
+                used.append(n)
+            else:
+                rows[at].append(t)
+                used[at] += n
+        return rows
+    out: list[list[Tokenized]] = []
+    for t in sorted(picked, key=lambda t: len(t.input_ids)):
+        group = out[-1] if out else None
+        if group and (len(group) + 1) * bucket(len(t.input_ids)) <= budget:
+            group.append(t)
+        else:
+            out.append([t])
+    return out
+
+
+def row_length(tokens: int, budget: int, multiple: int = 64) -> int:
+    """The length a packed row of `tokens` is padded to under a token budget: the ladder's (`bucket`), but never
+    past the budget itself (rounded up to `multiple`), so full rows share one length."""
+    cap = -(-budget // multiple) * multiple
+    return bucket(tokens, multiple) if tokens > cap else min(bucket(tokens, multiple), cap)
+
+
+def collate(batch: list[Tokenized], pad_id: int, device: str, multiple: int = 1, mask: bool = True,
+            length: int | None = None) -> dict:
     """Right-padded input_ids / attention_mask / labels of shape (batch, longest rounded up to `multiple`).
 
     A compiled model sees few distinct lengths when `multiple` > 1, so it recompiles rarely. `mask=False` leaves
@@ -51,6 +111,8 @@ def collate(batch: list[Tokenized], pad_id: int, device: str, multiple: int = 1,
     import torch
 
     longest = -(-max(len(t.input_ids) for t in batch) // multiple) * multiple
+    if length is not None:  # a ladder length (`bucket`) instead
+        longest = max(length, max(len(t.input_ids) for t in batch))
     ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), longest), IGNORE, dtype=torch.long)
     real = torch.zeros((len(batch), longest), dtype=torch.long)  # 1 on each row's tokens, 0 on its padding
@@ -62,7 +124,8 @@ def collate(batch: list[Tokenized], pad_id: int, device: str, multiple: int = 1,
     return {**out, "attention_mask": real.to(device)} if mask else out
 
 
-def pack_batch(batch: list[Tokenized], device: str, multiple: int = 1) -> dict:
+def pack_batch(batch: list[Tokenized], device: str, multiple: int = 1, length: int | None = None,
+               fixed_bounds: bool = False) -> dict:
     """The micro-batch as one row (1, total) with no padding: input_ids, labels and position_ids that restart
     at 0 for each example, no attention_mask, and `doc_bounds` (int32: 0, where each example ends, the row's
     length), which the fast path's varlen attention reads (kernels/varlen.py).
@@ -71,7 +134,10 @@ def pack_batch(batch: list[Tokenized], device: str, multiple: int = 1) -> dict:
     as a new document and builds a block-diagonal causal mask (sdpa, eager, flex) or runs varlen flash
     attention, so no token attends across examples. The first label of each example is IGNORE so that the
     last token of one example is not trained to predict the first of the next. With `multiple` > 1 the tail
-    is filled with one dummy example (labels IGNORE, its own positions) for a compiled model's sake.
+    is filled with one dummy example (labels IGNORE, its own positions) for a compiled model's sake; `length`
+    pads the row to that length instead. `fixed_bounds` repeats the last bound until `doc_bounds` has a power of
+    two entries (at least 8: empty examples at the end, which varlen attention skips), so rows holding
+    different numbers of examples share a shape, which a CUDA graph needs.
     """
     import torch
 
@@ -81,11 +147,13 @@ def pack_batch(batch: list[Tokenized], device: str, multiple: int = 1) -> dict:
         labels += [IGNORE, *t.labels[1:]][: len(t.labels)]  # nothing predicts an example's first token
         positions += range(len(t.input_ids))
     total = len(ids)
-    tail = -(-total // multiple) * multiple - total
+    tail = (max(length, total) if length is not None else -(-total // multiple) * multiple) - total
     # any id would do for the tail: its labels are IGNORE and no real token can attend to it
     row = {"input_ids": ids + [0] * tail, "labels": labels + [IGNORE] * tail,
            "position_ids": positions + list(range(tail))}
     ends = list(itertools.accumulate(len(t.input_ids) for t in batch)) + ([total + tail] if tail else [])
+    if fixed_bounds:
+        ends += [ends[-1]] * (max(8, 1 << len(ends).bit_length()) - len(ends) - 1)
     return {**{k: torch.tensor([v], dtype=torch.long, device=device) for k, v in row.items()},
             DOC_BOUNDS: torch.tensor([0, *ends], dtype=torch.int32, device=device), "real_tokens": total}
 

@@ -12,9 +12,10 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import tunery
 from tunery.config import ConfigError, RunConfig
 from tunery.data.dataset import PreparedData, prepare_data
 from tunery.data.templates import ensure_chat_template
@@ -27,7 +28,17 @@ from tunery.models.lora import apply_lora
 from tunery.progress import console
 from tunery.run import RunLock, manifest, new_run_dir, open_run, started, write_json_atomic
 from tunery.train import checkpoint, distributed
-from tunery.train.batching import collate, micro_batches, pack_batch, packing_problem, step_examples, trained_tokens
+from tunery.train.batching import (
+    bucket,
+    collate,
+    micro_batches,
+    pack_batch,
+    packing_problem,
+    row_length,
+    step_examples,
+    token_micro_batches,
+    trained_tokens,
+)
 from tunery.train.distributed import Dist
 from tunery.train.loss import held_out_loss, summed_loss
 from tunery.train.metrics import MetricsFile, TrainDisplay
@@ -52,6 +63,7 @@ class Trainer:
     forward_model: object = None  # the DDP wrapper when distributed, else `model`
     fast: FastPath | None = None  # fused kernels in use, or the reason there are none
     graphs: StepGraphs | None = None  # runs train_step's micro-batch step eagerly or as a replayed CUDA graph
+    timing: dict = field(default_factory=dict)  # run_loop's: time to first step, loop time, steady tokens/s
 
     def __post_init__(self):
         self.forward_model = self.forward_model or self.model
@@ -135,7 +147,9 @@ def _train_in(cfg: RunConfig, run: Path, resuming: bool, dist: Dist) -> Path:
     result = {"steps": t.total_steps, "final_loss": last.get("loss"), "eval_loss": last.get("eval_loss"),
               # what the steps ran on, as the run ended (a CUDA graph capture that failed mid-run shows here)
               "engine": {"fast_path": t.fast.describe(), "steps": t.graphs.describe(),
-                         "fast_path_options": t.fast.options.to_dict()}}
+                         "fast_path_options": t.fast.options.to_dict()},
+              # this process's steps (after a resume, only those it ran); first_step_s counts from its start
+              "timing": t.timing}
     write_json_atomic(run / "result.json", result)
     console.print(f"done: loss {result['final_loss']:.4f}"
                   + (f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"] is not None else "")
@@ -148,6 +162,7 @@ def run_loop(t: Trainer, start: int, metrics: MetricsFile | None) -> dict:
     cfg, main = t.cfg, metrics is not None
     display = TrainDisplay(t.total_steps, start) if main else None
     t0, tokens, last = time.time(), 0, {}
+    marks = [(t0, 0)]  # (time, tokens so far) after each step of this process: rates now and in steady state
     try:
         for step in range(start, t.total_steps):
             stats = train_step(t, step)
@@ -158,9 +173,14 @@ def run_loop(t: Trainer, start: int, metrics: MetricsFile | None) -> dict:
                                f"inspect`, or use --dtype fp32; `tunery train --resume {t.run}` continues from "
                                "the last checkpoint")
             tokens += stats.pop("tokens")
+            marks.append((time.time(), tokens))
             epoch = done * cfg.batch_size * cfg.grad_accum * t.dist.world / len(t.data.train)
+            # tokens_per_s: since the loop began, warm-up (compiles, captures) included; recent: the last 20 steps
             stats.update(step=done, total_steps=t.total_steps, epoch=round(epoch, 4),
-                         tokens_per_s=tokens / max(time.time() - t0, 1e-9))
+                         tokens_per_s=_rate(marks[0], marks[-1]), tokens_per_s_recent=_rate(marks[-21], marks[-1])
+                         if len(marks) > 21 else _rate(marks[0], marks[-1]), elapsed_s=round(marks[-1][0] - t0, 3))
+            if len(marks) == 2:
+                t.timing["first_step_s"] = round(marks[1][0] - tunery.STARTED, 3)
             last = stats
             if not main:
                 continue
@@ -177,7 +197,16 @@ def run_loop(t: Trainer, start: int, metrics: MetricsFile | None) -> dict:
     finally:
         if display:
             display.close()
+    half = marks[len(marks) // 2] if len(marks) > 4 else marks[0]
+    t.timing.update(loop_s=round(marks[-1][0] - t0, 3), tokens=tokens,
+                    tokens_per_s=round(_rate(marks[0], marks[-1]), 1),
+                    # the second half of the steps: past the compiles and captures of the first shapes
+                    steady_tokens_per_s=round(_rate(half, marks[-1]), 1))
     return last
+
+
+def _rate(a: tuple[float, int], b: tuple[float, int]) -> float:
+    return (b[1] - a[1]) / max(b[0] - a[0], 1e-9)
 
 
 def _eval(t: Trainer, display: TrainDisplay | None = None) -> dict:
@@ -204,16 +233,26 @@ def train_step(t: Trainer, step: int) -> dict:
     cfg, dist = t.cfg, t.dist
     per_step = cfg.batch_size * cfg.grad_accum * dist.world
     picked = [t.data.train[i] for i in step_examples(len(t.data.train), step, per_step, cfg.seed)]
-    # padded micro-batches take the step's examples grouped by length; a packed row has no padding to save
-    micro = micro_batches(picked, cfg.batch_size, dist.rank, dist.world, by_length=not cfg.packing)
     multiple = 64 if t.fast and t.fast.compiled else 1
     # the fast path's families are causal: right-padded rows need no mask, so attention runs sdpa's causal kernel
     # (no mask built, none read back), and a padded batch is captured like an unpadded one (kernels/graphs.py)
     mask = not (t.fast and t.fast.applied)
-    if cfg.packing:
-        batches = [pack_batch(examples, t.device, multiple) for examples in micro]
+    budget, pad = cfg.micro_batch_tokens, t.tokenizer.pad_token_id
+    if budget:  # micro-batches of about `budget` tokens, lengths from the ladder: few shapes
+        micro = token_micro_batches(picked, budget, cfg.packing)
+        if cfg.packing:
+            batches = [pack_batch(ex, t.device, length=row_length(sum(len(e.input_ids) for e in ex), budget),
+                                  fixed_bounds=t.graphs.enabled) for ex in micro]
+        else:
+            batches = [collate(ex, pad, t.device, mask=mask, length=bucket(max(len(e.input_ids) for e in ex)))
+                       for ex in micro]
     else:
-        batches = [collate(examples, t.tokenizer.pad_token_id, t.device, multiple, mask) for examples in micro]
+        # padded micro-batches take the step's examples grouped by length; a packed row has no padding to save
+        micro = micro_batches(picked, cfg.batch_size, dist.rank, dist.world, by_length=not cfg.packing)
+        if cfg.packing:
+            batches = [pack_batch(examples, t.device, multiple) for examples in micro]
+        else:
+            batches = [collate(examples, pad, t.device, multiple, mask) for examples in micro]
     n_tokens = max(1.0, distributed.all_sum(sum(trained_tokens(b) for b in batches), dist))
 
     def forward_backward(batch: dict, scale) -> object:

@@ -58,7 +58,8 @@ class TrainDisplay:
             self._task = self._progress.add_task("training", total=total, completed=start, stats="")
 
     def update(self, step: int, stats: dict) -> None:
-        text = (f"loss {stats['loss']:.4f}  lr {stats['lr']:.2e}  {stats['tokens_per_s']:.0f} tok/s"
+        rate = stats.get("tokens_per_s_recent", stats["tokens_per_s"])  # the last steps' rate, past the warm-up
+        text = (f"loss {stats['loss']:.4f}  lr {stats['lr']:.2e}  {rate:.0f} tok/s"
                 + (f"  eval {stats['eval_loss']:.4f}" if "eval_loss" in stats else ""))
         if self.interactive:
             self._progress.update(self._task, completed=step, stats=text)
