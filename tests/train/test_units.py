@@ -176,7 +176,7 @@ def test_cuda_runs_get_an_expandable_allocator_unless_the_user_set_one(monkeypat
 
     from tunery.models import load
 
-    for var in load.ALLOC_VARS:  # set then unset: monkeypatch records the original state and puts it back
+    for var in (*load.ALLOC_VARS, *load.COMPILE_CACHE_VARS):  # set then unset: monkeypatch puts the originals back
         monkeypatch.setenv(var, "")
         monkeypatch.delenv(var)
     assert load.pick_device("cpu") == "cpu" and not any(v in os.environ for v in load.ALLOC_VARS)
@@ -190,6 +190,21 @@ def test_cuda_runs_get_an_expandable_allocator_unless_the_user_set_one(monkeypat
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # too late once CUDA has started
     assert not load.lean_cuda_allocator() and "PYTORCH_ALLOC_CONF" not in os.environ
+
+
+def test_cuda_runs_keep_compile_caches_under_tunery_home_unless_the_user_set_them(monkeypatch, tmp_path):
+    import os
+
+    from tunery.models import load
+
+    monkeypatch.setenv("TUNERY_HOME", str(tmp_path / "home"))
+    for var in load.COMPILE_CACHE_VARS:
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))
+    assert load.keep_compile_caches() == {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "home/cache/torchinductor")}
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine")
+    assert (tmp_path / "home/cache/torchinductor").is_dir()
 
 
 def test_a_step_groups_its_padded_micro_batches_by_length():

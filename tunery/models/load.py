@@ -17,7 +17,22 @@ def pick_device(requested: str = "auto") -> str:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if requested == "auto" else requested
     if device.startswith("cuda"):
         lean_cuda_allocator()
+        keep_compile_caches()
     return device
+
+
+COMPILE_CACHE_VARS = {"TORCHINDUCTOR_CACHE_DIR": "torchinductor", "TRITON_CACHE_DIR": "triton"}
+
+
+def keep_compile_caches() -> dict[str, str]:
+    """Keep torch.compile's caches (inductor's compiled graphs and autograd graphs, Triton's kernels) under
+    TUNERY_HOME/cache instead of /tmp, so the next run of the same model and shapes loads its compiled blocks
+    instead of compiling them, after a reboot too. Never over a setting of the user's; returns what it set."""
+    from tunery.paths import cache_dir
+
+    chosen = {var: str(cache_dir(name)) for var, name in COMPILE_CACHE_VARS.items() if var not in os.environ}
+    os.environ.update(chosen)
+    return chosen
 
 
 ALLOC_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # torch >= 2.10 reads the first, older the second
