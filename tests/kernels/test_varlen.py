@@ -31,6 +31,8 @@ class StandIn:
                            "scale": scale, "left": left})
         b, outs = bounds.tolist(), []
         for s, e in zip(b, b[1:]):
+            if e == s:  # an empty example (fixed-size bounds): flash attention's loop over it does nothing
+                continue
             i = torch.arange(e - s)
             seen = (i[None, :] <= i[:, None]) & ((i[:, None] - i[None, :] <= left) if left >= 0 else True)
             outs.append(F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1)[None] for t in (q, k, v)),
@@ -144,6 +146,10 @@ def test_the_whole_fast_path_on_a_packed_row(family, tiny_lora, monkeypatch, fre
     assert "varlen" in text and "attention kept for backward" in text and "one region" in text, text
     _assert_close(_loss_and_grads(model, [pack_batch(examples, "cpu", multiple=24)], fast), alone, grad_rtol=1e-4)
     assert len(stand_in.calls) == 2  # the stash keeps attention from forward: the recompute does not call it
+    # a token-budget row: padded to a set length, its bounds to a set size with empty examples at the end
+    row = pack_batch(examples, "cpu", length=48, fixed_bounds=True)
+    assert row["doc_bounds"].tolist() == [0, 9, 12, 26, 32, 48, 48, 48]
+    _assert_close(_loss_and_grads(model, [row], fast), alone, grad_rtol=1e-4)
 
 
 def test_rows_with_a_mask_keep_sdpa(tiny_lora, monkeypatch):
@@ -197,9 +203,11 @@ def test_what_keeps_a_model_off_varlen(tiny_lora, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fixed", [False, True])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
-def test_varlen_attention_matches_the_dense_mask_bf16_gpu(family, tiny_lora, fresh_dynamo):
-    """torch's kernel on a packed row against sdpa with transformers' block-diagonal mask, compiled as trained."""
+def test_varlen_attention_matches_the_dense_mask_bf16_gpu(family, fixed, tiny_lora, fresh_dynamo):
+    """torch's kernel on a packed row against sdpa with transformers' block-diagonal mask, compiled as trained.
+    `fixed`: the row as a token budget packs it (a set length, bounds padded with empty examples)."""
     if not torch.cuda.is_available():
         pytest.fail("needs a CUDA GPU: run on the device")
     results = []
@@ -214,7 +222,9 @@ def test_varlen_attention_matches_the_dense_mask_bf16_gpu(family, tiny_lora, fre
         examples = _examples(model.config.vocab_size, lengths=(300, 45, 700, 130))
         fast = fast_path(model, "cuda", packing=True, varlen_attention=use)
         assert ("varlen" in fast.describe()) == use, fast.describe()
-        results.append(_loss_and_grads(model, [pack_batch(examples, "cuda", multiple=64)], fast))
+        row = (pack_batch(examples, "cuda", length=1280, fixed_bounds=True) if fixed
+               else pack_batch(examples, "cuda", multiple=64))
+        results.append(_loss_and_grads(model, [row], fast))
     _assert_close(results[1], results[0], rtol=1e-2, grad_rtol=5e-2)
 
 
