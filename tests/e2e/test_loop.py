@@ -26,8 +26,13 @@ def test_run_folder_is_complete_and_loss_falls(trained):
     assert manifest["seed"] == 42 and manifest["versions"]["torch"] and manifest["model"]["folder_sha256"]
     assert list(manifest["data_sha256"].values())[0] == __import__("hashlib").sha256(
         trained["data"].read_bytes()).hexdigest()
-    engine = json.loads((run / "result.json").read_text())["engine"]
+    result = json.loads((run / "result.json").read_text())
+    engine, timing = result["engine"], result["timing"]
     assert engine["fast_path"].startswith("reference path") and engine["steps"] == "no CUDA graphs (CPU)"
+    assert 0 < timing["first_step_s"] and 0 < timing["loop_s"] and timing["tokens"] > 0
+    assert timing["tokens_per_s"] > 0 and timing["steady_tokens_per_s"] > 0 and 0 <= timing["padding_share"] < 1
+    assert "peak_gib" not in timing  # a CPU run has no GPU peak to report
+    assert all(m["tokens_per_s_recent"] > 0 and m["elapsed_s"] > 0 for m in metrics(run))
     losses = [m["loss"] for m in metrics(run)]
     assert len(losses) == 80
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5

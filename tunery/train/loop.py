@@ -161,7 +161,7 @@ def run_loop(t: Trainer, start: int, metrics: MetricsFile | None) -> dict:
     """Steps from `start` to the end; only the main rank (metrics is not None) evaluates, logs and saves."""
     cfg, main = t.cfg, metrics is not None
     display = TrainDisplay(t.total_steps, start) if main else None
-    t0, tokens, last = time.time(), 0, {}
+    t0, tokens, last, slots = time.time(), 0, {}, 0
     marks = [(t0, 0)]  # (time, tokens so far) after each step of this process: rates now and in steady state
     try:
         for step in range(start, t.total_steps):
@@ -173,6 +173,7 @@ def run_loop(t: Trainer, start: int, metrics: MetricsFile | None) -> dict:
                                f"inspect`, or use --dtype fp32; `tunery train --resume {t.run}` continues from "
                                "the last checkpoint")
             tokens += stats.pop("tokens")
+            slots += stats.pop("slots")
             marks.append((time.time(), tokens))
             epoch = done * cfg.batch_size * cfg.grad_accum * t.dist.world / len(t.data.train)
             # tokens_per_s: since the loop began, warm-up (compiles, captures) included; recent: the last 20 steps
@@ -201,8 +202,25 @@ def run_loop(t: Trainer, start: int, metrics: MetricsFile | None) -> dict:
     t.timing.update(loop_s=round(marks[-1][0] - t0, 3), tokens=tokens,
                     tokens_per_s=round(_rate(marks[0], marks[-1]), 1),
                     # the second half of the steps: past the compiles and captures of the first shapes
-                    steady_tokens_per_s=round(_rate(half, marks[-1]), 1))
+                    steady_tokens_per_s=round(_rate(half, marks[-1]), 1),
+                    padding_share=round(1 - tokens / max(1, slots * t.dist.world), 4), **_engine_counts(t.device))
     return last
+
+
+def _engine_counts(device: str) -> dict:
+    """What the steps cost the engine: torch.compile's graphs (each a compile) and the peak GPU memory."""
+    import torch
+
+    out = {}
+    try:
+        from torch._dynamo.utils import counters
+
+        out["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
+    except (ImportError, KeyError, TypeError):
+        pass
+    if str(device).startswith("cuda"):
+        out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return out
 
 
 def _rate(a: tuple[float, int], b: tuple[float, int]) -> float:
@@ -277,7 +295,9 @@ def train_step(t: Trainer, step: int) -> dict:
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
     tokens = distributed.all_sum(sum(b["real_tokens"] for b in batches), dist)
-    return {"loss": total, "lr": lr, "grad_norm": float(norm), "tokens": int(tokens)}
+    slots = sum(b["input_ids"].numel() for b in batches)  # this process's tokens with padding: what it computed
+    return {"loss": total, "lr": lr, "grad_norm": float(norm), "tokens": int(tokens), "slots": slots,
+            "micro_batches": len(batches)}
 
 
 def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
