@@ -27,6 +27,12 @@ class Flavor:
     gpu_memory_gb: int
     usd_per_hour: float
     tflops_bf16: float
+    memory_bandwidth_gbs: float = 0.0  # one GPU's (advisor/speed.py); 0 where unknown
+
+    @property
+    def memory_per_gpu_gb(self) -> float:
+        """One GPU's memory: what one data-parallel process may use (the table's gpu_memory_gb is the total)."""
+        return self.gpu_memory_gb / self.gpus if self.gpus else 0.0
 
 
 @functools.cache
