@@ -111,14 +111,19 @@ def shape_for_model(model: str) -> Shape | None:
     from tunery.models.catalog import known_model
 
     known = known_model(model)
-    if known is not None and known.config is not None:
+    if known is not None:
         return shape_of(*known.config)
     config = read_config(model)
     if config is None or "model_type" not in config:
         return None
+    return shape_of_config(config)
+
+
+def shape_of_config(config: dict) -> Shape | None:
+    """The shape of a config.json's values; None for an architecture transformers cannot build here."""
     config = {k: v for k, v in config.items() if k not in ("architectures", "transformers_version", "torch_dtype",
                                                             "dtype", "quantization_config", "auto_map")}
-    model_type = config.pop("model_type")
+    model_type = config.pop("model_type", None)
     try:
         return shape_of(model_type, config)
     except (ModelError, TypeError, ValueError, KeyError):

@@ -12,7 +12,7 @@ import warnings
 
 import typer
 
-from tunery.cli import chat, data, demo, doctor, evaluate, export, jobs, train, ui
+from tunery.cli import chat, data, demo, doctor, evaluate, export, jobs, models, train, ui
 from tunery.errors import TuneryError
 from tunery.progress import console
 
@@ -31,6 +31,7 @@ app.command("logs")(jobs.logs_command)
 app.command("cancel")(jobs.cancel_command)
 app.command("worker")(jobs.worker_command)
 app.command("ui")(ui.ui_command)
+app.command("models")(models.models_command)
 
 
 def main() -> None:
