@@ -12,7 +12,7 @@ import warnings
 
 import typer
 
-from tunery.cli import chat, data, demo, doctor, evaluate, export, jobs, models, train, ui
+from tunery.cli import chat, data, demo, doctor, evaluate, export, jobs, models, plan, train, ui
 from tunery.errors import TuneryError
 from tunery.progress import console
 
@@ -32,6 +32,7 @@ app.command("cancel")(jobs.cancel_command)
 app.command("worker")(jobs.worker_command)
 app.command("ui")(ui.ui_command)
 app.command("models")(models.models_command)
+app.command("plan")(plan.plan_command)
 
 
 def main() -> None:
