@@ -31,9 +31,11 @@ GIB = 2**30
 # bytes a token a block-linear output feature, while one checkpointed block is recomputed and run backward: its
 # outputs, their gradients and the recomputed copies (bf16). Fitted to the recorded peaks (module docstring).
 ACT_BYTES = 6.0
-# the same with no checkpointing, for every block at once: each linear's output and input are saved for backward,
-# with the norms', activation function's and attention's saved tensors (bf16). Counted, not measured.
-ACT_BYTES_KEPT = 8.0
+# the same with no checkpointing, for every block at once: what backward keeps of a Llama block a token, in bf16:
+# the norms' and linears' inputs, q/k/v and attention's output, gate, up and the activation's output, about
+# (7 x hidden + 3 x intermediate) x 2 bytes, ~3.3 bytes a linear output feature, and the norms' fp32 copies.
+# Counted, not measured (the bench rows all checkpoint).
+ACT_BYTES_KEPT = 4.0
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit code, an 8-bit scale per 64 weights, fp32 per 256 scales
 LOSS_CHUNK_BYTES = 2**25 * 2 * 3  # kernels/linear_ce.py: 2**25 logits in bf16, the chunk's peak about 3 times that
 METHODS = ("lora", "qlora", "full")

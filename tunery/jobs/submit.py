@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tunery.advisor.fits import check_fits
 from tunery.config import RunConfig
 from tunery.errors import TuneryError
 from tunery.jobs.flavors import Estimate, estimate, get_flavor
@@ -92,7 +93,9 @@ def prepare(cfg: RunConfig, flavor: str, backend: str, base: Path | None = None)
         raise TuneryError(f"run folder {run_dir} already exists; pick another --name")
     if backend == "local":
         check_local_flavor(flavor)
-    est = estimate(training_tokens(cfg, checked_data(cfg)), model_size_b(cfg.model), get_flavor(flavor))
+    data = checked_data(cfg)
+    check_fits(cfg, get_flavor(flavor), max((len(t.input_ids) for t in data.train), default=None) if data else None)
+    est = estimate(training_tokens(cfg, data), model_size_b(cfg.model), get_flavor(flavor))
     return cfg, run_dir, est
 
 
