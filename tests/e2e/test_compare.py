@@ -42,7 +42,7 @@ def test_compare_two_models_on_one_split(workspace, tmp_path):
         cfg = yaml.safe_load((tmp_path / "runs" / run.rsplit("/", 1)[-1] / "config.yaml").read_text())
         assert (cfg["seed"], cfg["max_steps"], cfg["eval_data"]) == (42, 30, str(out / "heldout.jsonl"))
     # ranked by the measured metric (exact match, then held-out loss)
-    measured = sorted(((-r["fine_tuned"]["exact_match"], r["fine_tuned"]["loss"], r["run"]) for r in reports))
+    measured = sorted((-r["fine_tuned"]["exact_match"], r["fine_tuned"]["loss"], r["run"]) for r in reports)
     report = (out / "report.md").read_text()
     first, second = (m[2].rsplit("/", 1)[-1] for m in measured)
     assert report.index(f"| 1 | {first} |") < report.index(f"| 2 | {second} |")
