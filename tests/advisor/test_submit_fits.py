@@ -52,3 +52,16 @@ def test_what_fits_passes_and_the_suggestions_are_true(tmp_path):
     with pytest.raises(TuneryError):
         check_fits(short, get_flavor("t4-small"))
     assert check_fits(short, get_flavor("t4-small"), longest=256).gib < 16
+
+
+def test_submit_estimates_time_with_the_advisor_model_on_a_gpu_flavor(tmp_path):
+    from tunery.advisor.shape import shape_for_model
+    from tunery.advisor.speed import tokens_per_second
+    from tunery.jobs.submit import prepare
+
+    cfg = RunConfig(model="Qwen/Qwen2.5-7B", data=_data(tmp_path), method="qlora", batch_size=2, max_seq_len=512,
+                    output_dir=str(tmp_path / "runs"), gradient_checkpointing=True)
+    _, _, est = prepare(cfg, "a10g-small", "hf-jobs")
+    shape = shape_for_model("Qwen/Qwen2.5-7B")
+    assert est.tokens_per_s == pytest.approx(tokens_per_second(shape, get_flavor("a10g-small"), "qlora", 512, 2))
+    assert est.usd > 0 and not (tmp_path / "runs").exists()  # prepared, nothing queued

@@ -143,8 +143,10 @@ class Estimate:
                 f"~{self.tokens_per_s:,.0f} tok/s for a {self.params_b:.2g}B model -> ~{span}, ~{money(self.usd)}")
 
 
-def estimate(tokens: int, params_b: float, flavor: Flavor) -> Estimate:
-    tps = tokens_per_second(params_b, flavor)
+def estimate(tokens: int, params_b: float, flavor: Flavor, tokens_per_s: float | None = None) -> Estimate:
+    """Time and cost of `tokens` on `flavor`: at `tokens_per_s` (the advisor's time model, advisor/speed.py,
+    where the model's config is known), else at the size table's rate."""
+    tps = tokens_per_s or tokens_per_second(params_b, flavor)
     startup = 10 if flavor.name == "local" else 120  # remote: image pull, model download, load
     seconds = tokens / max(tps, 1e-9) + startup
     return Estimate(tokens, params_b, tps, seconds, seconds / 3600 * flavor.usd_per_hour, flavor.name)
