@@ -29,7 +29,10 @@ def measured_rows(path: str | None) -> list[tuple[str, str, int, int, str, float
         if not line.startswith("{"):
             continue
         res = json.loads(line)
-        if res["stack"].split()[0] != "tunery" or res.get("err") or "peak_gib" not in res:
+        # tunery's default step only: not HF+PEFT's or Unsloth's, nor a variant that changes memory (the packed
+        # rows' block-mask run, no offload)
+        variant = any(tag in res["stack"] for tag in ("-varlen_attention", "-offload"))
+        if res["stack"].split()[0] != "tunery" or variant or res.get("err") or "peak_gib" not in res:
             continue
         quant = "4bit" if res["quant"].startswith("4bit") else ""
         rows.append((res["stack"], res["arch"], res["bs"], res["seq"], quant, res["peak_gib"]))

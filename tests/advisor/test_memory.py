@@ -82,6 +82,8 @@ def test_memory_model_script_prints_every_row_and_reads_a_bench_output(tmp_path,
     out.write_text(json.dumps({"stack": "tunery", "arch": "llama-8b", "bs": 2, "seq": 2048, "quant": "4bit",
                                "err": None, "peak_gib": 30.0}) + "\n"
                    + json.dumps({"stack": "hf", "arch": "llama-8b", "bs": 2, "seq": 2048, "quant": "bf16",
-                                 "err": None, "peak_gib": 22.4}) + "\n")
+                                 "err": None, "peak_gib": 22.4}) + "\n"
+                   + json.dumps({"stack": "tunery -varlen_attention", "arch": "llama-1b", "bs": 1, "seq": 8192,
+                                 "quant": "bf16, 16 examples packed", "err": None, "peak_gib": 3.93}) + "\n")
     (row,) = script.compare(script.measured_rows(str(out)))
     assert row["weights"] == "4bit" and not row["ok"]  # a wrong measurement is caught, HF's row is skipped
