@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tunery.advisor.models import catalogue, describe
+from tunery.advisor.shape import shape_of
 from tunery.errors import ModelError
 from tunery.models.catalog import FAMILIES, KNOWN_MODELS, LICENCES, architectures, family_of, known_model
 from tunery.models.tiny import TinySpec, make_config, train_tokenizer
@@ -21,9 +22,10 @@ def test_every_known_model_is_complete_and_pairs_are_mutual():
             pair = known_model(m.pair)
             assert pair is not None and pair.pair == m.hub_id and pair.instruct != m.instruct, m.hub_id
         assert m.prequantized == m.hub_id.endswith("bnb-4bit")
-    for info in catalogue():  # the record's size agrees with the config it names (built on the meta device)
-        assert info.params_b == pytest.approx(known_model(info.model).params_b, rel=0.05), info.model
-        assert info.context and info.context >= 32768
+    for m in KNOWN_MODELS:  # the record's size agrees with the config it names (built on the meta device)
+        shape = shape_of(*m.config)
+        assert shape.params_b == pytest.approx(m.params_b, rel=0.05), m.hub_id
+        assert shape.context == describe(m.hub_id).context >= 32768
 
 
 def test_commercial_filter_drops_limited_licences():

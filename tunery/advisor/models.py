@@ -44,13 +44,12 @@ class ModelInfo:
 
 
 def _from_record(m: KnownModel) -> ModelInfo:
-    from tunery.advisor.shape import shape_of
-
+    """A catalogue record as it stands (no model is built: `tunery models` lists in well under a second;
+    tests/advisor/test_models.py checks each record's size against its config)."""
     model_type, values = m.config
-    shape = shape_of(model_type, values)
-    return ModelInfo(m.hub_id, m.family, model_type, round(shape.params_b, 2), "instruct" if m.instruct else "base",
-                     m.pair, m.license, m.licence.commercial, m.licence.terms, shape.context, m.template,
-                     _supported(model_type, m.prequantized), m.prequantized)
+    return ModelInfo(m.hub_id, m.family, model_type, m.params_b, "instruct" if m.instruct else "base", m.pair,
+                     m.license, m.licence.commercial, m.licence.terms, values.get("max_position_embeddings"),
+                     m.template, _supported(model_type, m.prequantized), m.prequantized)
 
 
 def _supported(model_type: str, prequantized: bool) -> dict[str, bool]:
