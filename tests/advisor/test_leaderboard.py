@@ -116,3 +116,16 @@ def test_console_compare_page_shows_the_same_leaderboard(tmp_path, monkeypatch):
                                                                                                 "<td>")
         assert table.index(f"<td>{first}</td>") < table.index(f"<td>{'a' if first == 'b' else 'b'}</td>")
         assert "same 20 held-out rows" in page and 'id="leaderboard-samples"' in page
+
+
+def test_a_refused_comparison_leaves_nothing(tmp_path, monkeypatch):
+    from tunery.advisor.compare import queue_models
+
+    monkeypatch.setenv("TUNERY_HOME", str(tmp_path / "home"))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": "a " * 40}) + "\n" for i in range(40)))
+    base = RunConfig(data=str(data), method="full", batch_size=8, max_seq_len=2048, output_dir=str(tmp_path / "r"))
+    with pytest.raises(TuneryError, match="needs ~"):  # a 7B full fine-tune on one T4: refused before queueing
+        queue_models(["Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-7B"], base, tmp_path / "cmp", flavor="t4-small",
+                     backend="hf-jobs", start_worker=False)
+    assert not (tmp_path / "cmp").exists() and not (tmp_path / "r").exists()

@@ -9,6 +9,7 @@ lists the runs and jobs; `tunery compare FOLDER` ranks them once they finished.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -45,16 +46,22 @@ def queue_models(models: list[str], base: RunConfig, folder: Path, *, flavor: st
     if len(models) < 2:
         raise TuneryError("compare needs two or more models")
     base.require("data")
-    train, held, n_train, n_held = split_once(base.data, folder, base.eval_split, base.seed, base.sheet,
-                                              base.columns)
-    group = folder.name
-    prepared = []
-    for model in models:  # every job checked (data gate, memory) before any is queued
-        name = f"{group}-{Path(model.rstrip('/')).name.lower()}"
-        values = {**base.to_dict(), "model": model, "data": str(train), "eval_data": str(held), "name": name,
-                  "eval_split": 0.0, "columns": [], "sheet": None}  # the split files hold tunery's own fields
-        cfg = RunConfig.from_dict(values)
-        prepared.append(submit.prepare(cfg, flavor, backend))
+    if (folder / COMPARE_FILE).exists():
+        raise TuneryError(f"{folder} already holds a comparison; pick another --out")
+    created = not folder.exists()
+    try:
+        train, held, n_train, n_held = split_once(base.data, folder, base.eval_split, base.seed, base.sheet,
+                                                  base.columns)
+        prepared = []
+        for model in models:  # every job checked (data gate, memory) before any is queued
+            name = f"{folder.name}-{Path(model.rstrip('/')).name.lower()}"
+            values = {**base.to_dict(), "model": model, "data": str(train), "eval_data": str(held), "name": name,
+                      "eval_split": 0.0, "columns": [], "sheet": None}  # the split files hold tunery's own fields
+            prepared.append(submit.prepare(RunConfig.from_dict(values), flavor, backend))
+    except BaseException:
+        if created:  # a comparison refused before any job was queued leaves nothing behind
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     jobs = []
     for cfg, run_dir, est in prepared:
         job, _ = control.launch(cfg, run_dir, est, flavor=flavor, backend=backend, timeout_s=None, budget_usd=None,
