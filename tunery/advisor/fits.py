@@ -37,19 +37,19 @@ def check_fits(cfg: RunConfig, flavor: Flavor, longest: int | None = None) -> Pe
         return None
     seq = min(cfg.max_seq_len, longest or cfg.max_seq_len)
     peak = job_peak(cfg, shape, seq)
-    memory = flavor.memory_per_gpu_gb
+    memory = flavor.memory_per_gpu_gib
     if peak.gib <= memory:
         return peak
     what = "full fine-tune" if cfg.method == "full" else cfg.method.upper()
     why = (f"{cfg.model} {what} needs {peak.describe()} at batch {cfg.batch_size} x {seq:,} tokens; {flavor.name} "
-           f"has {memory:g} GB a GPU")
+           f"has {flavor.memory_per_gpu_gb:g} GB a GPU ({memory:.1f} GiB)")
     raise TuneryError(f"{why}: {'; or '.join(_what_fits(cfg, shape, seq, flavor))}")
 
 
 def _what_fits(cfg: RunConfig, shape: Shape, seq: int, flavor: Flavor) -> list[str]:
     """Changes that would fit, the nearest first: a smaller batch (same effective batch), gradient checkpointing,
     a leaner method, a bigger flavor."""
-    memory, found = flavor.memory_per_gpu_gb, []
+    memory, found = flavor.memory_per_gpu_gib, []
     for batch in (8, 4, 2, 1):
         if batch < cfg.batch_size and job_peak(cfg, shape, seq, batch=batch).gib <= memory:
             accum = math.ceil(cfg.batch_size * cfg.grad_accum / batch)
@@ -64,7 +64,7 @@ def _what_fits(cfg: RunConfig, shape: Shape, seq: int, flavor: Flavor) -> list[s
         peak = job_peak(cfg, shape, seq, method=method)
         if method != cfg.method and peak.gib <= memory:
             found.append(f"method: {method} (--method {method}, ~{peak.gib:.0f} GiB)")
-    bigger = [f for f in flavors().values() if f.gpus and job_peak(cfg, shape, seq).gib <= f.memory_per_gpu_gb]
+    bigger = [f for f in flavors().values() if f.gpus and job_peak(cfg, shape, seq).gib <= f.memory_per_gpu_gib]
     if bigger:
         found.append(f"--flavor {min(bigger, key=lambda f: f.usd_per_hour).name}")
     return found or ["no flavor has enough memory for it: train a smaller model"]

@@ -195,7 +195,7 @@ def fit(shape: Shape, method: str, seq: int, flavor: Flavor, effective: int) -> 
         if batch > effective and batch > 1:
             continue
         peak = predict_peak(shape, method, batch, seq).gib
-        if not flavor.gpus or peak <= HEADROOM * flavor.memory_per_gpu_gb:
+        if not flavor.gpus or peak <= HEADROOM * flavor.memory_per_gpu_gib:
             return batch, math.ceil(effective / batch), peak
     return None
 
@@ -203,7 +203,7 @@ def fit(shape: Shape, method: str, seq: int, flavor: Flavor, effective: int) -> 
 def choose_method(shape: Shape, flavor: Flavor, asked: str | None) -> str:
     if asked:
         return asked
-    if flavor.gpus and shape.params * 2 / 2**30 > flavor.memory_per_gpu_gb / 2:
+    if flavor.gpus and shape.params * 2 / 2**30 > flavor.memory_per_gpu_gib / 2:
         return "qlora"
     return "lora"
 
@@ -213,13 +213,14 @@ def explain_misfit(name: str, shape: Shape, method: str, seq: int, flavor: Flavo
     the plan would choose itself, else the leaner one, else a bigger flavor."""
     need = predict_peak(shape, method, 1, seq).gib
     why = (f"{name} {'full fine-tune' if method == 'full' else method.upper()} needs ~{need:.0f} GiB at batch 1 x "
-           f"{seq:,} tokens; {flavor.name} has {flavor.memory_per_gpu_gb:g} GB a GPU")
+           f"{seq:,} tokens; {flavor.name} has {flavor.memory_per_gpu_gb:g} GB a GPU "
+           f"({flavor.memory_per_gpu_gib:.1f} GiB)")
     own = choose_method(shape, flavor, None)
     for other in dict.fromkeys((own, "qlora")):
         peak = predict_peak(shape, other, 1, seq).gib
-        if other != method and peak <= HEADROOM * flavor.memory_per_gpu_gb:
+        if other != method and peak <= HEADROOM * flavor.memory_per_gpu_gib:
             return f"{why}: use --method {other} (~{peak:.0f} GiB)", other
-    roomy = [f for f in flavors().values() if f.gpus and need <= HEADROOM * f.memory_per_gpu_gb]
+    roomy = [f for f in flavors().values() if f.gpus and need <= HEADROOM * f.memory_per_gpu_gib]
     if roomy:
         return f"{why}: pick a bigger GPU, e.g. --flavor {min(roomy, key=lambda f: f.usd_per_hour).name}", None
     return f"{why}, and no flavor has enough memory for it", None

@@ -34,6 +34,12 @@ class Flavor:
         """One GPU's memory: what one data-parallel process may use (the table's gpu_memory_gb is the total)."""
         return self.gpu_memory_gb / self.gpus if self.gpus else 0.0
 
+    @property
+    def memory_per_gpu_gib(self) -> float:
+        """One GPU's memory in GiB, what a predicted peak is held to: the table's GB read as 10^9 bytes (an A10G's
+        "24 GB" is 22.5 GiB to CUDA; an H100's "80 GB" has a little more than this, so the check errs safe)."""
+        return self.memory_per_gpu_gb * 1e9 / 2**30
+
 
 @functools.cache
 def flavors() -> dict[str, Flavor]:
