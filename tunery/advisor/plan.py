@@ -88,7 +88,6 @@ class Plan:
     epochs: int
     candidates: list[Candidate]
     refused: list[str]  # models left out, each with why
-    config_yaml: dict[str, dict] = field(default_factory=dict)  # candidate model -> its RunConfig values
 
     def to_dict(self) -> dict:
         out = asdict(self)
