@@ -5,9 +5,14 @@
 A `Family` holds what each part of tunery needs to know about a family: its transformers architectures
 (`config.model_type` values), LoRA targets, which fast-path pieces are exact for it and the data they read
 (kernels/, which imports nothing outside itself: the training loop hands the family in), its llama.cpp
-architecture for GGUF export (export/gguf.py), the settings of a tiny test model (models/tiny.py) and the real
-shapes the benchmark runs (bench/lora_bench.py). Adding a family is one entry here, plus a kernel module if its
-blocks need one; tests/models/test_catalog.py checks that family facts live nowhere else.
+architecture for GGUF export (export/gguf.py), the settings of a tiny test model (models/tiny.py), whether
+packed rows stay apart in it, and the real shapes of its public models (the rows bench/lora_bench.py runs, and
+the configs the advisor predicts memory and time from: tunery/advisor/). Adding a family is one entry here, plus
+a kernel module if its blocks need one; tests/models/test_catalog.py checks that family facts live nowhere else.
+
+A `KnownModel` is one public checkpoint (`tunery models` lists them): its size, base or instruct and its pair,
+licence (`LICENCES`: whether it allows commercial use), chat template kind, config shape, and whether it is stored
+in 4 bits (a pre-quantized `...-bnb-4bit` checkpoint, which trains only as QLoRA).
 """
 
 from __future__ import annotations
