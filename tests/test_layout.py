@@ -54,3 +54,10 @@ def test_the_web_console_holds_no_training_logic():
     """server/ calls data, jobs, eval, export and the run folder; training itself only ever runs as a job."""
     reached = [i for i in _imports("server") if i[1].startswith(("tunery.train", "tunery.kernels"))]
     assert not reached, reached
+
+
+def test_the_advisor_predicts_and_never_trains():
+    """advisor/ reads the catalogue, flavors, data and run folders and queues jobs; training and the fast path
+    reach it only as numbers calibrated on the bench."""
+    reached = [i for i in _imports("advisor") if i[1].startswith(("tunery.train", "tunery.kernels"))]
+    assert not reached, reached

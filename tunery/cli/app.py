@@ -12,7 +12,7 @@ import warnings
 
 import typer
 
-from tunery.cli import chat, data, demo, doctor, evaluate, export, jobs, train, ui
+from tunery.cli import chat, compare, data, demo, doctor, evaluate, export, jobs, models, plan, train, ui
 from tunery.errors import TuneryError
 from tunery.progress import console
 
@@ -31,6 +31,9 @@ app.command("logs")(jobs.logs_command)
 app.command("cancel")(jobs.cancel_command)
 app.command("worker")(jobs.worker_command)
 app.command("ui")(ui.ui_command)
+app.command("models")(models.models_command)
+app.command("plan")(plan.plan_command)
+app.command("compare")(compare.compare_command)
 
 
 def main() -> None:

@@ -79,9 +79,19 @@ def evaluate_run(run: str | Path, samples: int | None = None, device: str | None
                  "base_correct": bool(exact_match(b, ref)), "fine_tuned_correct": bool(exact_match(f, ref))}
                 for (p, ref), b, f in zip(prompts, base_replies, tuned_replies)]
     report = {"run": str(run), "model": cfg.model, "eval_examples": len(data.eval), "generated": len(prompts),
-              "base": before, "fine_tuned": after, "examples": examples}
+              "held_out_sha256": held_out_hash(data.eval_examples), "base": before, "fine_tuned": after,
+              "examples": examples}
     _write_report(run / "eval", report)
     return report
+
+
+def held_out_hash(examples: list[dict]) -> str:
+    """sha256 of the held-out rows (normalised examples, in order): runs compared on the same rows share it,
+    whatever their tokenizers (`tunery compare` checks it)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(examples, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def _write_report(folder: Path, report: dict) -> None:

@@ -27,6 +27,18 @@ class Flavor:
     gpu_memory_gb: int
     usd_per_hour: float
     tflops_bf16: float
+    memory_bandwidth_gbs: float = 0.0  # one GPU's (advisor/speed.py); 0 where unknown
+
+    @property
+    def memory_per_gpu_gb(self) -> float:
+        """One GPU's memory: what one data-parallel process may use (the table's gpu_memory_gb is the total)."""
+        return self.gpu_memory_gb / self.gpus if self.gpus else 0.0
+
+    @property
+    def memory_per_gpu_gib(self) -> float:
+        """One GPU's memory in GiB, what a predicted peak is held to: the table's GB read as 10^9 bytes (an A10G's
+        "24 GB" is 22.5 GiB to CUDA; an H100's "80 GB" has a little more than this, so the check errs safe)."""
+        return self.memory_per_gpu_gb * 1e9 / 2**30
 
 
 @functools.cache
@@ -137,8 +149,10 @@ class Estimate:
                 f"~{self.tokens_per_s:,.0f} tok/s for a {self.params_b:.2g}B model -> ~{span}, ~{money(self.usd)}")
 
 
-def estimate(tokens: int, params_b: float, flavor: Flavor) -> Estimate:
-    tps = tokens_per_second(params_b, flavor)
+def estimate(tokens: int, params_b: float, flavor: Flavor, tokens_per_s: float | None = None) -> Estimate:
+    """Time and cost of `tokens` on `flavor`: at `tokens_per_s` (the advisor's time model, advisor/speed.py,
+    where the model's config is known), else at the size table's rate."""
+    tps = tokens_per_s or tokens_per_second(params_b, flavor)
     startup = 10 if flavor.name == "local" else 120  # remote: image pull, model download, load
     seconds = tokens / max(tps, 1e-9) + startup
     return Estimate(tokens, params_b, tps, seconds, seconds / 3600 * flavor.usd_per_hour, flavor.name)

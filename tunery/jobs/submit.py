@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tunery.advisor.fits import check_fits
 from tunery.config import RunConfig
 from tunery.errors import TuneryError
 from tunery.jobs.flavors import Estimate, estimate, get_flavor
@@ -92,8 +93,25 @@ def prepare(cfg: RunConfig, flavor: str, backend: str, base: Path | None = None)
         raise TuneryError(f"run folder {run_dir} already exists; pick another --name")
     if backend == "local":
         check_local_flavor(flavor)
-    est = estimate(training_tokens(cfg, checked_data(cfg)), model_size_b(cfg.model), get_flavor(flavor))
+    data = checked_data(cfg)
+    longest = max((len(t.input_ids) for t in data.train), default=None) if data else None
+    check_fits(cfg, get_flavor(flavor), longest)
+    est = estimate(training_tokens(cfg, data), model_size_b(cfg.model), get_flavor(flavor),
+                   _measured_rate(cfg, get_flavor(flavor), longest))
     return cfg, run_dir, est
+
+
+def _measured_rate(cfg: RunConfig, flavor, longest: int | None) -> float | None:
+    """Tokens a second from the advisor's time model (tunery's own H100 bench rows scaled to the flavor's GPU),
+    for a GPU flavor and a model whose config is here; None otherwise (the size table's rate is used)."""
+    from tunery.advisor.shape import shape_for_model
+    from tunery.advisor.speed import tokens_per_second
+
+    shape = shape_for_model(cfg.model) if flavor.gpus else None
+    if shape is None:
+        return None
+    seq = min(cfg.max_seq_len, longest or cfg.max_seq_len)
+    return tokens_per_second(shape, flavor, cfg.method, seq, cfg.batch_size)
 
 
 def check_local_flavor(name: str) -> None:

@@ -5,9 +5,14 @@
 A `Family` holds what each part of tunery needs to know about a family: its transformers architectures
 (`config.model_type` values), LoRA targets, which fast-path pieces are exact for it and the data they read
 (kernels/, which imports nothing outside itself: the training loop hands the family in), its llama.cpp
-architecture for GGUF export (export/gguf.py), the settings of a tiny test model (models/tiny.py) and the real
-shapes the benchmark runs (bench/lora_bench.py). Adding a family is one entry here, plus a kernel module if its
-blocks need one; tests/models/test_catalog.py checks that family facts live nowhere else.
+architecture for GGUF export (export/gguf.py), the settings of a tiny test model (models/tiny.py), whether
+packed rows stay apart in it, and the real shapes of its public models (the rows bench/lora_bench.py runs, and
+the configs the advisor predicts memory and time from: tunery/advisor/). Adding a family is one entry here, plus
+a kernel module if its blocks need one; tests/models/test_catalog.py checks that family facts live nowhere else.
+
+A `KnownModel` is one public checkpoint (`tunery models` lists them): its size, base or instruct and its pair,
+licence (`LICENCES`: whether it allows commercial use), chat template kind, config shape, and whether it is stored
+in 4 bits (a pre-quantized `...-bnb-4bit` checkpoint, which trains only as QLoRA).
 """
 
 from __future__ import annotations
@@ -61,7 +66,11 @@ class Family:
     lora_targets: tuple[str, ...]  # all linear layers of a decoder block
     pieces: tuple[str, ...] = ALL_PIECES  # the fast path's pieces that are exact for it (kernels/apply.py)
     lora_groups: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = ()  # see _QKV
-    # benchmark shapes: name -> (model_type, config.json values of the public model); RoPE scaling left out
+    # examples packed into one row stay apart (attention is kept within each; a convolution over the sequence
+    # would reach across: train/batching.packing_problem)
+    packing: bool = True
+    # real shapes (the benchmark's rows and the known models' configs): name -> (model_type, config.json values
+    # of the public model); RoPE scaling left out
     bench: dict = field(default_factory=dict)
 
     @property
@@ -98,10 +107,22 @@ FAMILIES: tuple[Family, ...] = (
                                            tie_word_embeddings=True, **_QWEN_2)),
                "qwen-7b": ("qwen2", dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                                          num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                                         tie_word_embeddings=False, **_QWEN_2))}),
+                                         tie_word_embeddings=False, **_QWEN_2)),
+               "qwen-1.5b": ("qwen2", dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                                           num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                                           tie_word_embeddings=True, **_QWEN_2)),
+               "qwen3-0.6b": ("qwen3", dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                                            num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                                            head_dim=128, tie_word_embeddings=True, max_position_embeddings=40960,
+                                            rope_theta=1000000.0, rms_norm_eps=1e-6))}),
     Family("mistral", (Architecture("mistral", "MistralConfig", {"tie_word_embeddings": False},
                                     Gguf("llama", True, sliding_window_caps_context=True), _DOWN),),
-           _ATTN + _MLP, lora_groups=(_QKV, _GATE_UP)),
+           _ATTN + _MLP, lora_groups=(_QKV, _GATE_UP), bench={
+               "mistral-7b": ("mistral", dict(vocab_size=32768, hidden_size=4096, intermediate_size=14336,
+                                              num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                              max_position_embeddings=32768, rope_theta=1000000.0,
+                                              sliding_window=None, tie_word_embeddings=False,
+                                              rms_norm_eps=1e-5))}),
     # Gemma's head size would default to 256 in a tiny model: it follows the spec there instead
     Family("gemma", (Architecture("gemma", "GemmaConfig", {"head_dim": None}, unread_in_recompute=_DOWN),
                      Architecture("gemma2", "Gemma2Config", {"head_dim": None, "query_pre_attn_scalar": None}),
@@ -124,7 +145,7 @@ FAMILIES: tuple[Family, ...] = (
     # a tiny one would round its MLP width up to a multiple of 256 and follows the spec instead
     Family("lfm2", (Architecture("lfm2", "Lfm2Config", {"block_auto_adjust_ff_dim": False, "layer_types": None},
                                  unread_in_recompute=("feed_forward.w2",)),),
-           ("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3"), pieces=_NO_OPS,
+           ("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3"), pieces=_NO_OPS, packing=False,
            lora_groups=(_QKV, ("feed_forward", ("w1", "w3"), ())), bench={
                "lfm2-1.2b": ("lfm2", dict(vocab_size=65536, hidden_size=2048, intermediate_size=12288,
                                           num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -134,28 +155,97 @@ FAMILIES: tuple[Family, ...] = (
 
 
 @dataclass(frozen=True)
+class Licence:
+    name: str
+    commercial: bool  # commercial use allowed (under the conditions in `terms`)
+    terms: str
+
+
+LICENCES: dict[str, Licence] = {lic.name: lic for lic in (
+    Licence("apache-2.0", True, "Apache 2.0"),
+    Licence("mit", True, "MIT"),
+    Licence("llama3.1", True, "Llama 3.1 Community License: commercial use under 700M monthly users, attribution"),
+    Licence("llama3.2", True, "Llama 3.2 Community License: commercial use under 700M monthly users, attribution"),
+    Licence("gemma", True, "Gemma Terms of Use: commercial use allowed, within Google's use policy"),
+    Licence("lfm1.0", False, "LFM Open License v1.0: commercial use only below USD 10M annual revenue"),
+)}
+
+
+@dataclass(frozen=True)
 class KnownModel:
     hub_id: str
     family: str
     params_b: float
-    instruct: bool
-    license: str
+    instruct: bool  # post-trained to follow instructions (has a chat template); False: a base model
+    license: str  # a key of LICENCES
+    shape: str  # its config: a `Family.bench` shape name (the public config.json values)
+    pair: str | None = None  # the base model of an instruct one, the instruct model of a base one
+    template: str = ""  # the chat template's kind; "" for a base model without one
+    prequantized: bool = False  # weights stored in 4-bit NF4 (bitsandbytes): it trains with --method qlora only
+
+    @property
+    def licence(self) -> Licence:
+        return LICENCES[self.license]
+
+    @property
+    def config(self) -> tuple[str, dict]:
+        """(model_type, config.json values) of the public model."""
+        family = next(f for f in FAMILIES if f.name == self.family)
+        return family.bench[self.shape]
+
+
+def _pair(base: str, instruct: str, family: str, params_b: float, license: str, shape: str, template: str,
+          base_template: str = "") -> tuple[KnownModel, KnownModel]:
+    return (KnownModel(instruct, family, params_b, True, license, shape, base, template),
+            KnownModel(base, family, params_b, False, license, shape, instruct, base_template))
 
 
 KNOWN_MODELS: tuple[KnownModel, ...] = (
-    KnownModel("Qwen/Qwen2.5-0.5B-Instruct", "qwen", 0.5, True, "apache-2.0"),
-    KnownModel("Qwen/Qwen2.5-0.5B", "qwen", 0.5, False, "apache-2.0"),
-    KnownModel("Qwen/Qwen2.5-1.5B-Instruct", "qwen", 1.5, True, "apache-2.0"),
-    KnownModel("Qwen/Qwen2.5-7B-Instruct", "qwen", 7.6, True, "apache-2.0"),
-    KnownModel("Qwen/Qwen3-0.6B", "qwen", 0.6, True, "apache-2.0"),
-    KnownModel("meta-llama/Llama-3.2-1B-Instruct", "llama", 1.2, True, "llama3.2"),
-    KnownModel("meta-llama/Llama-3.2-1B", "llama", 1.2, False, "llama3.2"),
-    KnownModel("meta-llama/Llama-3.1-8B-Instruct", "llama", 8.0, True, "llama3.1"),
-    KnownModel("mistralai/Mistral-7B-Instruct-v0.3", "mistral", 7.2, True, "apache-2.0"),
-    KnownModel("google/gemma-3-1b-it", "gemma", 1.0, True, "gemma"),
-    KnownModel("microsoft/Phi-3.5-mini-instruct", "phi", 3.8, True, "mit"),
-    KnownModel("LiquidAI/LFM2-1.2B", "lfm2", 1.2, True, "lfm1.0"),
+    # Qwen2.5's base models ship the same ChatML template as their instruct models
+    *_pair("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B-Instruct", "qwen", 0.5, "apache-2.0", "qwen-0.5b", "chatml",
+           "chatml"),
+    *_pair("Qwen/Qwen2.5-1.5B", "Qwen/Qwen2.5-1.5B-Instruct", "qwen", 1.5, "apache-2.0", "qwen-1.5b", "chatml",
+           "chatml"),
+    *_pair("Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B-Instruct", "qwen", 7.6, "apache-2.0", "qwen-7b", "chatml", "chatml"),
+    *_pair("Qwen/Qwen3-0.6B-Base", "Qwen/Qwen3-0.6B", "qwen", 0.6, "apache-2.0", "qwen3-0.6b", "chatml (thinking)"),
+    *_pair("meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B-Instruct", "llama", 1.2, "llama3.2", "llama-1b",
+           "llama3"),
+    *_pair("meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B-Instruct", "llama", 8.0, "llama3.1", "llama-8b",
+           "llama3"),
+    *_pair("mistralai/Mistral-7B-v0.3", "mistralai/Mistral-7B-Instruct-v0.3", "mistral", 7.2, "apache-2.0",
+           "mistral-7b", "mistral [INST]"),
+    *_pair("google/gemma-3-1b-pt", "google/gemma-3-1b-it", "gemma", 1.0, "gemma", "gemma3-1b", "gemma"),
+    KnownModel("microsoft/Phi-3.5-mini-instruct", "phi", 3.8, True, "mit", "phi3.5-mini", template="phi3"),
+    KnownModel("LiquidAI/LFM2-1.2B", "lfm2", 1.2, True, "lfm1.0", "lfm2-1.2b", template="chatml (lfm2)"),
+    # pre-quantized checkpoints (NF4, bitsandbytes): smaller downloads, straight into QLoRA
+    KnownModel("unsloth/Qwen2.5-7B-Instruct-bnb-4bit", "qwen", 7.6, True, "apache-2.0", "qwen-7b",
+               template="chatml", prequantized=True),
+    KnownModel("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit", "llama", 8.0, True, "llama3.1", "llama-8b",
+               template="llama3", prequantized=True),
 )
+
+# a chat template's kind, by a marker its text holds (a local model's tokenizer_config.json)
+TEMPLATE_MARKERS = (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"), ("[INST]", "mistral [INST]"),
+                    ("<start_of_turn>", "gemma"), ("<|assistant|>", "phi3"))
+
+PREQUANTIZED_SUFFIX = "bnb-4bit"  # how pre-quantized bitsandbytes checkpoints are named on the Hub
+
+
+def is_prequantized(model: str, config: dict | None = None) -> bool:
+    """A checkpoint stored in 4 bits: named so, or its config.json says so (a local folder, the Hub cache)."""
+    known = known_model(model)
+    if known is not None:
+        return known.prequantized
+    quant = (config or {}).get("quantization_config") or {}
+    return model.rstrip("/").endswith(PREQUANTIZED_SUFFIX) or bool(quant.get("load_in_4bit"))
+
+
+def supports(family: Family, model_type: str) -> dict[str, bool]:
+    """What tunery supports for a family's architecture: its fast path, packed rows (attention kept within each
+    example; not across a convolution over the sequence), GGUF export, QLoRA."""
+    arch = family.architecture(model_type)
+    return {"fast path": bool(family.pieces), "packing": family.packing, "gguf": arch.gguf is not None,
+            "qlora": True}
 
 
 def family_of(model_type: str) -> Family | None:

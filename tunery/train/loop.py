@@ -22,7 +22,7 @@ from tunery.data.templates import ensure_chat_template
 from tunery.errors import RunError
 from tunery.kernels.apply import FastPath, fast_path_for
 from tunery.kernels.graphs import StepGraphs, graphs_reason
-from tunery.models.catalog import family_of_model
+from tunery.models.catalog import family_of_model, is_prequantized
 from tunery.models.load import grow_vocabulary, load_model, load_tokenizer, model_fingerprint, pick_device, pick_dtype
 from tunery.models.lora import apply_lora
 from tunery.progress import console
@@ -305,6 +305,7 @@ def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
     import torch
 
     device = distributed.init(dist, pick_device(cfg.device))
+    check_method(cfg)
     tokenizer = load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
     if ensure_chat_template(tokenizer, cfg.prompt_template):
         log.info("tokenizer has no chat template: using tunery's default (ChatML text + eos)")
@@ -340,6 +341,21 @@ def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
     trainer = Trainer(cfg, run, model, tokenizer, data, optimizer, scheduler, device, steps, dist, forward, fast)
     log.info(trainer.graphs.describe())
     return trainer
+
+
+def check_method(cfg: RunConfig) -> None:
+    """A checkpoint stored in 4 bits (a pre-quantized bitsandbytes one, `...-bnb-4bit`) trains only as QLoRA: its
+    16-bit weights are not in it, for LoRA over them or a full fine-tune."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision,
+                                            trust_remote_code=cfg.trust_remote_code).to_dict()
+    except (OSError, ValueError):
+        config = {}  # load_model says what is wrong with the model
+    if cfg.method != "qlora" and is_prequantized(cfg.model, config):
+        raise ConfigError(f"{cfg.model} is stored in 4 bits (a pre-quantized bitsandbytes checkpoint): train it with "
+                          f"--method qlora, or pick its 16-bit model for --method {cfg.method}")
 
 
 def check_context(cfg: RunConfig, data: PreparedData) -> None:

@@ -1,4 +1,6 @@
-"""Compare: several runs' metrics in one table, the settings where they differ, and their loss curves overlaid."""
+"""Compare: several runs ranked by one metric (the leaderboard `tunery compare` prints: advisor/leaderboard.py),
+their sample answers side by side, their metrics in one table, the settings where they differ, and their loss
+curves overlaid."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from pathlib import Path
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
 
+from tunery.advisor.leaderboard import HEADER, METRICS, leaderboard, table_rows
 from tunery.config import RunConfig
 from tunery.errors import TuneryError
 from tunery.run import open_run
@@ -18,13 +21,17 @@ router = APIRouter()
 
 
 @router.get("/compare", response_class=HTMLResponse)
-def compare_page(request: Request, run: list[str] = Query(default=[])) -> HTMLResponse:
+def compare_page(request: Request, run: list[str] = Query(default=[]),
+                 metric: str = Query(default="exact_match")) -> HTMLResponse:
     listed = [e for e in entries(job_store(request), settings(request).runs_dir) if e.run_dir.is_dir()]
     chosen = [e for e in listed if e.key in run]
     rows = [_row(e.key, e.run_dir) for e in chosen]
     rows = [r for r in rows if r is not None]
+    metric = metric if metric in METRICS else "exact_match"
+    board = leaderboard([r["run_dir"] for r in rows], metric) if rows else None
     return page(request, "compare.html", listed=listed, selected=set(run), rows=rows, differing=_differing(rows),
-                curves=[{"name": r["key"], "metrics": r["metrics"]} for r in rows])
+                curves=[{"name": r["key"], "metrics": r["metrics"]} for r in rows], board=board,
+                board_rows=table_rows(board) if board else [], board_header=HEADER, metrics=METRICS, metric=metric)
 
 
 def _row(key: str, run: Path) -> dict | None:
@@ -34,7 +41,7 @@ def _row(key: str, run: Path) -> dict | None:
         return None
     result, report = read_json(run / "result.json"), read_json(run / "eval" / "report.json")
     metrics = [{k: m.get(k) for k in ("step", "loss", "eval_loss")} for m in metrics_of(run)]
-    return {"key": key, "cfg": cfg, "result": result, "base": report.get("base", {}),
+    return {"key": key, "run_dir": run, "cfg": cfg, "result": result, "base": report.get("base", {}),
             "tuned": report.get("fine_tuned", {}), "metrics": metrics,
             "steps": result.get("steps") or (metrics[-1]["step"] if metrics else None)}
 
