@@ -196,6 +196,7 @@ def main() -> None:
         print(table([json.loads(x) for x in Path(a.table).read_text().splitlines() if x.strip()]))
         return
     from bench.lora_bench import ARCHS, model_dir
+    from tunery.models.catalog import bench_shapes, family_of
 
     t0, work = time.time(), Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -204,6 +205,7 @@ def main() -> None:
     for arch in a.models:
         folder = model_dir(arch)
         vocab = ARCHS[arch][1]["vocab_size"]
+        packs = family_of(bench_shapes()[arch][0]).packing  # not LFM2: its convolutions cross packed examples
         first_tunery = True
         for profile in a.profiles:
             for rows in a.rows:
@@ -211,7 +213,7 @@ def main() -> None:
                 if not data.exists():
                     write_data(data, profile, rows, vocab)
                 for stack in a.stacks:
-                    if stack == "tunery-packed" and arch.startswith("lfm2"):
+                    if stack == "tunery-packed" and not packs:
                         continue
                     cold_first = stack.startswith("tunery") and first_tunery and not a.no_warm
                     repeats = [False, True] if cold_first else [False]
