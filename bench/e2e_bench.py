@@ -10,8 +10,10 @@ log-normal lengths per profile. Models are random-init from the public configs (
 On the GPU machine (reference stacks unpacked: `. bench/gpu_env.sh`):
     python bench/e2e_bench.py --models llama-1b --profiles mixed --rows 500 --out /tmp/e2e.jsonl
     python bench/e2e_bench.py --table /tmp/e2e.jsonl          # the markdown table of what a run wrote
-Stacks (--stacks): tunery (its defaults), tunery-tokens (--micro-batch-tokens), tunery-packed (--packing
---micro-batch-tokens; not LFM2, whose convolutions cross packed examples), unsloth. The first tunery stack of
+Stacks (--stacks): tunery (its defaults: on CUDA, token budgets and packing where the model packs),
+tunery-examples (--no-packing --micro-batch-tokens 0: batch_size examples a micro-batch, padded),
+tunery-tokens (--no-packing --micro-batch-tokens N), tunery-packed (--packing --micro-batch-tokens N; not LFM2,
+whose convolutions cross packed examples), unsloth. The first tunery stack of
 each model runs twice, with an empty TUNERY_HOME (cold: nothing compiled yet) and again (warm).
 """
 
@@ -34,7 +36,7 @@ PROFILES = {  # name: (median tokens, log-normal sigma, cap = max_seq_len)
     "mixed": (300, 0.8, 2000),
     "long": (1500, 0.6, 8192),
 }
-STACKS = ("tunery", "tunery-tokens", "tunery-packed", "unsloth")
+STACKS = ("tunery", "tunery-examples", "tunery-tokens", "tunery-packed", "unsloth")
 BATCH = {"llama-1b": 8, "lfm2-1.2b": 8, "llama-8b": 4}  # examples per step (the issue's rows: 8 and 4)
 
 
@@ -70,8 +72,8 @@ def run_tunery(model_dir: str, data: Path, profile: str, batch: int, stack: str,
             "--name", name, "--save-every", "0"]
     if stack in ("tunery-tokens", "tunery-packed"):
         args += ["--micro-batch-tokens", str(budget_for(profile, batch))]
-    if stack == "tunery-packed":
-        args += ["--packing"]
+    args += {"tunery-packed": ["--packing"], "tunery-tokens": ["--no-packing"],
+             "tunery-examples": ["--no-packing", "--micro-batch-tokens", "0"]}.get(stack, [])
     env = {**os.environ, "TUNERY_HOME": str(home)}
     t0 = time.time()
     proc = subprocess.run(args, env=env, capture_output=True, text=True)
@@ -84,7 +86,7 @@ def run_tunery(model_dir: str, data: Path, profile: str, batch: int, stack: str,
             "tokens": timing["tokens"], "tokens_per_s": timing["tokens_per_s"],
             "steady_tokens_per_s": timing["steady_tokens_per_s"], "padding_share": timing["padding_share"],
             "compiled_graphs": timing.get("compiled_graphs"), "peak_gib": timing.get("peak_gib"),
-            "steps": result["steps"], "engine": result["engine"]["steps"]}
+            "steps": result["steps"], "engine": result["engine"]["steps"], "batching": result["engine"]["batching"]}
 
 
 def run_unsloth(model_dir: str, data: Path, profile: str, batch: int, arch: str, out: Path) -> dict:

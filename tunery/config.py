@@ -85,11 +85,13 @@ class RunConfig:
     max_steps: int | None = _f(None, "Optimizer steps; overrides epochs.")
     batch_size: int = _f(4, "Examples per micro-batch.")
     grad_accum: int = _f(1, "Micro-batches per optimizer step.")
-    micro_batch_tokens: int = _f(0, "Cut each optimizer step's batch_size x grad_accum examples into micro-batches "
-                                    "of about this many tokens instead of batch_size examples each (0 = off): "
-                                    "short examples go many at a time, long ones few, and lengths come from a "
-                                    "fixed ladder, so few batch shapes (compiles, CUDA graphs) cover a run of "
-                                    "varied lengths. The step and its loss are the same; one process only.")
+    micro_batch_tokens: int | None = _f(None, "Cut each optimizer step's batch_size x grad_accum examples into "
+                                           "micro-batches of about this many tokens instead of batch_size examples "
+                                           "each (0 = off): short examples go many at a time, long ones few, and "
+                                           "lengths come from a fixed ladder, so few batch shapes (compiles, CUDA "
+                                           "graphs) cover a run of varied lengths. The step and its loss are the "
+                                           "same; one process only. Default: max(max_seq_len, 4096) on CUDA with "
+                                           "the fast path, else off.")
     lr: float = _f(2e-4, "Peak learning rate.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     warmup_ratio: float = _f(0.03, "Fraction of steps spent warming the learning rate up from 0.")
@@ -108,11 +110,10 @@ class RunConfig:
     gpus: int = _f(1, "Data-parallel processes (torchrun + DDP): one per GPU; on CPU, gloo processes.")
     fast: bool = _f(True, "Use tunery's fused kernels where the family has them (CUDA); --no-fast forces "
                           "the plain reference path.")
-    packing: bool = _f(False, "Pack each micro-batch into one padding-free row; attention and loss stay within "
-                              "each example. Saves the padding's compute when lengths vary widely; off by default "
-                              "because with sdpa/eager attention runs over the whole row under a (tokens x tokens) "
-                              "mask, which costs more than padding when lengths are similar (flash-attention "
-                              "needs no mask).")
+    packing: bool | None = _f(None, "Pack micro-batches into padding-free rows; attention and loss stay within each "
+                                    "example (varlen flash attention on CUDA, a per-example mask elsewhere). Default: "
+                                    "on with the fast path on CUDA where the model can pack (not LFM2: its "
+                                    "convolutions cross examples) and varlen attention serves it, else off.")
     fast_path: FastPathOptions = field(
         default_factory=FastPathOptions, metadata={"help": "The fast path's pieces and tuning (each is a --fast-<name> "
                                                            "flag; in YAML a mapping)."})
@@ -189,8 +190,9 @@ class RunConfig:
         for name in ("lora_r", "lora_alpha", "max_seq_len", "batch_size", "grad_accum", "log_every", "gpus",
                      "max_new_tokens"):
             _check(getattr(self, name) > 0, name, "must be positive")
-        for name in ("eval_every", "save_every", "keep_checkpoints", "eval_samples", "eval_max_rows",
-                     "micro_batch_tokens"):
+        _check(self.micro_batch_tokens is None or self.micro_batch_tokens >= 0, "micro_batch_tokens",
+               "must be 0 or more")
+        for name in ("eval_every", "save_every", "keep_checkpoints", "eval_samples", "eval_max_rows"):
             _check(getattr(self, name) >= 0, name, "must be 0 or more")
         _check(self.max_steps is None or self.max_steps > 0, "max_steps", "must be positive")
         _check(self.epochs > 0, "epochs", "must be positive")

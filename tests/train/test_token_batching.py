@@ -102,3 +102,29 @@ def test_a_token_budget_is_one_process_only():
 
     with pytest.raises(ConfigError, match="micro_batch_tokens"):
         RunConfig(model="m", data="d", micro_batch_tokens=4096, gpus=2).validate()
+
+
+def test_a_gpu_run_cuts_by_tokens_and_packs_where_the_model_can(tiny, monkeypatch):  # noqa: F811
+    """Unset, packing and micro_batch_tokens are chosen: on CUDA with the fast path in one process, token budgets
+    and packed rows (padded ones for a model that cannot pack); elsewhere batch_size examples, padded, as before."""
+    from tests.train.test_packing import _model
+    from tunery.kernels import varlen
+    from tunery.train.distributed import Dist
+    from tunery.train.loop import Batching, choose_batching
+
+    t = _trainer(tiny, monkeypatch)
+    cfg, model = t.cfg, t.model
+    assert cfg.packing is None and cfg.micro_batch_tokens is None
+    assert t.batching == Batching(False, 0, ()) == choose_batching(cfg, model, "cpu", Dist())  # the CPU: as before
+    assert choose_batching(cfg, model, "cuda", Dist()) == Batching(False, 4096, ("no packing", "micro_batch_tokens "
+                                                                                 "4096"))  # no varlen kernel here
+    monkeypatch.setattr(varlen, "varlen_problem", lambda m: None)  # as a 16-bit model on a GPU with torch >= 2.9
+    gpu = choose_batching(cfg, model, "cuda", Dist())
+    assert gpu.packed and gpu.tokens == 4096 and "packed rows, micro-batches of up to 4,096 tokens" in gpu.describe()
+    assert choose_batching(cfg.replace(max_seq_len=8192), model, "cuda", Dist()).tokens == 8192
+    assert choose_batching(cfg.replace(packing=False, micro_batch_tokens=0), model, "cuda", Dist()) == Batching(
+        False, 0, ())  # what the user set is kept
+    assert choose_batching(cfg.replace(fast=False), model, "cuda", Dist()) == Batching(False, 0, ())
+    assert choose_batching(cfg, model, "cuda", Dist(world=2)) == Batching(False, 0, ())  # several processes
+    lfm2 = choose_batching(cfg, _model(t.tokenizer, "lfm2"), "cuda", Dist())
+    assert not lfm2.packed and lfm2.tokens == 4096  # its convolutions would cross packed examples

@@ -64,11 +64,53 @@ class Trainer:
     fast: FastPath | None = None  # fused kernels in use, or the reason there are none
     graphs: StepGraphs | None = None  # runs train_step's micro-batch step eagerly or as a replayed CUDA graph
     timing: dict = field(default_factory=dict)  # run_loop's: time to first step, loop time, steady tokens/s
+    batching: Batching | None = None  # how steps become micro-batches: cfg's, or what `choose_batching` picked
 
     def __post_init__(self):
         self.forward_model = self.forward_model or self.model
+        if self.batching is None:
+            self.batching = Batching(bool(self.cfg.packing), self.cfg.micro_batch_tokens or 0)
         if self.graphs is None:
-            self.graphs = step_graphs(self.model, self.fast, self.device, self.dist, packed=self.cfg.packing)
+            self.graphs = step_graphs(self.model, self.fast, self.device, self.dist, packed=self.batching.packed)
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How a step's examples become micro-batches: packed rows or padded ones; by token budget (`tokens` > 0)
+    or `batch_size` examples at a time; `auto`: which of the two tunery chose itself (`choose_batching`)."""
+
+    packed: bool
+    tokens: int
+    auto: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        rows = "packed rows" if self.packed else "padded rows"
+        size = f"micro-batches of up to {self.tokens:,} tokens" if self.tokens else "batch_size examples a micro-batch"
+        chosen = f" (chosen for this GPU run: {', '.join(self.auto)}; set them to change it)" if self.auto else ""
+        return f"{rows}, {size}{chosen}"
+
+
+AUTO_TOKENS = 4096  # the least token budget auto picks: about what a padding-free batch of 8 chat rows holds
+
+
+def choose_batching(cfg: RunConfig, model, device: str, dist: Dist) -> Batching:
+    """cfg's packing and micro_batch_tokens, with what is unset (None) chosen: on CUDA with the fast path in one
+    process, micro-batches by token budget (max(max_seq_len, AUTO_TOKENS)), packed where the model can pack and
+    varlen attention serves it. A run of varied lengths then meets few shapes (compiles, CUDA graphs) and pads
+    little; elsewhere (CPU, the reference path, several processes) batch_size examples, padded, as before."""
+    from tunery.kernels.varlen import varlen_problem
+
+    gpu_run = str(device).startswith("cuda") and cfg.fast and not dist.enabled
+    auto = []
+    packed = cfg.packing
+    if packed is None:
+        packed = bool(gpu_run and packing_problem(model) is None and varlen_problem(model) is None)
+        auto.append("packing" if packed else "no packing")
+    tokens = cfg.micro_batch_tokens
+    if tokens is None:
+        tokens = max(cfg.max_seq_len, AUTO_TOKENS) if gpu_run else 0
+        auto.append(f"micro_batch_tokens {tokens}")
+    return Batching(packed, tokens, tuple(auto) if gpu_run else ())
 
 
 def train(cfg: RunConfig, resume: str | Path | None = None) -> Path:
@@ -121,7 +163,7 @@ def _train_in(cfg: RunConfig, run: Path, resuming: bool, dist: Dist) -> Path:
     report = t.data.report()
     console.print(f"[bold]{run}[/]: {report['train_examples']} train / {report['eval_examples']} eval "
                   f"examples, {t.total_steps} steps on {t.device}; {t.fast.describe()}; "
-                  f"{t.graphs.describe()}")
+                  f"{t.graphs.describe()}; {t.batching.describe()}")
     for f in report["files"]:
         for note, n in f["template_notes"].items():
             console.print(f"[yellow]{f['path']}[/]: {n} rows: {note}")
@@ -147,6 +189,7 @@ def _train_in(cfg: RunConfig, run: Path, resuming: bool, dist: Dist) -> Path:
     result = {"steps": t.total_steps, "final_loss": last.get("loss"), "eval_loss": last.get("eval_loss"),
               # what the steps ran on, as the run ended (a CUDA graph capture that failed mid-run shows here)
               "engine": {"fast_path": t.fast.describe(), "steps": t.graphs.describe(),
+                         "batching": t.batching.describe(),
                          "fast_path_options": t.fast.options.to_dict()},
               # this process's steps (after a resume, only those it ran); first_step_s counts from its start
               "timing": t.timing}
@@ -255,10 +298,10 @@ def train_step(t: Trainer, step: int) -> dict:
     # the fast path's families are causal: right-padded rows need no mask, so attention runs sdpa's causal kernel
     # (no mask built, none read back), and a padded batch is captured like an unpadded one (kernels/graphs.py)
     mask = not (t.fast and t.fast.applied)
-    budget, pad = cfg.micro_batch_tokens, t.tokenizer.pad_token_id
+    budget, pad, packed = t.batching.tokens, t.tokenizer.pad_token_id, t.batching.packed
     if budget:  # micro-batches of about `budget` tokens, lengths from the ladder: few shapes
-        micro = token_micro_batches(picked, budget, cfg.packing)
-        if cfg.packing:
+        micro = token_micro_batches(picked, budget, packed)
+        if packed:
             batches = [pack_batch(ex, t.device, length=row_length(sum(len(e.input_ids) for e in ex), budget),
                                   fixed_bounds=t.graphs.enabled) for ex in micro]
         else:
@@ -266,8 +309,8 @@ def train_step(t: Trainer, step: int) -> dict:
                        for ex in micro]
     else:
         # padded micro-batches take the step's examples grouped by length; a packed row has no padding to save
-        micro = micro_batches(picked, cfg.batch_size, dist.rank, dist.world, by_length=not cfg.packing)
-        if cfg.packing:
+        micro = micro_batches(picked, cfg.batch_size, dist.rank, dist.world, by_length=not packed)
+        if packed:
             batches = [pack_batch(examples, t.device, multiple) for examples in micro]
         else:
             batches = [collate(examples, pad, t.device, multiple, mask) for examples in micro]
@@ -320,7 +363,7 @@ def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
         console.print(f"the tokenizer has {len(new_tokens)} tokens the model has no embedding rows for ({names}): "
                       "embeddings grown; the new rows start at the mean of the others and are trained")
     model = make_trainable(model, cfg, new_tokens)
-    why = packing_problem(model) if cfg.packing else None
+    why = packing_problem(model) if cfg.packing else None  # asked for; auto packs only where it can
     if why:
         raise ConfigError(f"packing cannot train {cfg.model}: {why}; train it without --packing")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -335,10 +378,13 @@ def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
 
         ids = [dist.local_rank] if device.startswith("cuda") else None
         forward = DistributedDataParallel(model, device_ids=ids)
+    batching = choose_batching(cfg, model, device, dist)
     fast = fast_path_for(model, device, family_of_model(model), cfg.fast_path, enabled=cfg.fast,
-                         distributed=dist.enabled, packing=cfg.packing, checkpointing=cfg.gradient_checkpointing)
+                         distributed=dist.enabled, packing=batching.packed, checkpointing=cfg.gradient_checkpointing)
     log.info(fast.describe())
-    trainer = Trainer(cfg, run, model, tokenizer, data, optimizer, scheduler, device, steps, dist, forward, fast)
+    trainer = Trainer(cfg, run, model, tokenizer, data, optimizer, scheduler, device, steps, dist, forward, fast,
+                      batching=batching)
+    log.info("batching: %s", batching.describe())
     log.info(trainer.graphs.describe())
     return trainer
 
