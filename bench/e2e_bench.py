@@ -64,7 +64,7 @@ def budget_for(profile: str, batch: int) -> int:
 
 
 def run_tunery(model_dir: str, data: Path, profile: str, batch: int, stack: str, home: Path, out: Path,
-               name: str) -> dict:
+               name: str, extra: tuple[str, ...] = ()) -> dict:
     cap = PROFILES[profile][2]
     args = [sys.executable, "-m", "tunery.cli.app", "train", "--model", model_dir, "--data", str(data),
             "--max-seq-len", str(cap), "--batch-size", str(batch), "--epochs", "1", "--eval-split", "0",
@@ -73,7 +73,7 @@ def run_tunery(model_dir: str, data: Path, profile: str, batch: int, stack: str,
     if stack in ("tunery-tokens", "tunery-packed"):
         args += ["--micro-batch-tokens", str(budget_for(profile, batch))]
     args += {"tunery-packed": ["--packing"], "tunery-tokens": ["--no-packing"],
-             "tunery-examples": ["--no-packing", "--micro-batch-tokens", "0"]}.get(stack, [])
+             "tunery-examples": ["--no-packing", "--micro-batch-tokens", "0"]}.get(stack, []) + list(extra)
     env = {**os.environ, "TUNERY_HOME": str(home)}
     t0 = time.time()
     proc = subprocess.run(args, env=env, capture_output=True, text=True)
@@ -190,6 +190,8 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=0, help="seconds: start no run after this much time")
     ap.add_argument("--no-warm", action="store_true", help="skip the warm rerun of the first tunery stack")
     ap.add_argument("--table", help="print the table of a results file and exit")
+    ap.add_argument("--tunery-args", default="", help="more `tunery train` flags for the tunery stacks, e.g. "
+                                                      "'--no-fast-compile' (the table names them)")
     ap.add_argument("--unsloth-worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.unsloth_worker:
@@ -231,8 +233,10 @@ def main() -> None:
                                             work / f"unsloth-{stamp}" / name)
                         else:
                             r = run_tunery(folder, data, profile, BATCH.get(arch, 8), stack,
-                                           work / f"home-{arch}-{stamp}", work / f"runs-{stamp}", name)
-                        r.update(model=arch, profile=profile, rows=rows, stack=stack, warm=warm)
+                                           work / f"home-{arch}-{stamp}", work / f"runs-{stamp}", name,
+                                           tuple(a.tunery_args.split()))
+                        label = f"{stack} {a.tunery_args}" if a.tunery_args and stack != "unsloth" else stack
+                        r.update(model=arch, profile=profile, rows=rows, stack=label, warm=warm)
                         records.append(r)
                         with open(a.out, "a") as f:
                             f.write(json.dumps(r) + "\n")
