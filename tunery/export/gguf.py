@@ -97,12 +97,12 @@ def write_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", progress: 
     writer.add_name(model_dir.resolve().name)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if outtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _add_hparams(writer, config, family)
     _add_tokenizer(writer, model_dir, tokenizer, config.vocab_size)
     tmp = out_path.with_name(out_path.name + ".tmp")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         tensors = _plan_tensors(stack, model_dir, config, family, outtype)
+        _add_hparams(writer, config, family, tensors)
         for t in tensors:
             byte_shape, dtype = _storage(t)
             writer.add_tensor_info(t.name, byte_shape, dtype, math.prod(byte_shape) * dtype.itemsize,
@@ -205,32 +205,83 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _add_hparams(writer, config, family: Gguf) -> None:
+def _add_hparams(writer, config, family: Gguf, tensors: list[_Tensor]) -> None:
     n_ctx = config.max_position_embeddings
     window = getattr(config, "sliding_window", None)
     if family.sliding_window_caps_context and window:
         n_ctx = min(n_ctx, window)
     head_dim = _head_dim(config)
+    rope = _rope_parameters(config)
     writer.add_context_length(n_ctx)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
+    # the MLP's width as stored (LFM2 derives it from intermediate_size; Phi-3's gate_up holds two of it)
+    writer.add_feed_forward_length(next(t.shape[1] for t in tensors if t.name.endswith("ffn_down.weight")))
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(_rope_parameters(config)["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    writer.add_rope_freq_base(rope["rope_theta"])
+    writer.add_layer_norm_rms_eps(getattr(config, "rms_norm_eps", None) or config.norm_eps)
     writer.add_vocab_size(config.vocab_size)
     _rope_scaling(config)[0](writer, config)
+    for extra in family.extras:
+        _EXTRAS[extra](writer, config)
 
 
-def _rope_parameters(config) -> dict:
+def _rope_parameters(config, layer_type: str = "full_attention") -> dict:
+    """RoPE settings of `layer_type`'s layers (Gemma 3 keeps one set per layer type, others one for all)."""
     params = dict(getattr(config, "rope_parameters", None) or {})
+    if isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     params.setdefault("rope_type", "default")
     return params
+
+
+def _query_scale(writer, config) -> None:
+    """llama.cpp scales queries by 1/sqrt(head size) (or of hidden/heads in the largest Gemmas), not by
+    query_pre_attn_scalar: a model whose scalar is neither would be another model there."""
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if scalar is not None and scalar not in (_head_dim(config), config.hidden_size // config.num_attention_heads):
+        raise ExportError(f"query_pre_attn_scalar {scalar} is neither the head size {_head_dim(config)} nor "
+                          f"hidden_size/num_attention_heads; llama.cpp would scale attention differently")
+
+
+def _softcapping(writer, config) -> None:
+    if getattr(config, "attn_logit_softcapping", None):
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+
+
+def _sliding_window(writer, config) -> None:
+    """The window, which layers use it, and the RoPE base of those layers (Gemma 3 gives them their own)."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return
+    writer.add_sliding_window(window)
+    types = getattr(config, "layer_types", None) or []
+    writer.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+    local = _rope_parameters(config, "sliding_attention")
+    if local is not None and local.get("rope_type", "default") != "default":
+        raise ExportError(f"RoPE scaling {local['rope_type']!r} on sliding-window layers is not supported by "
+                          "GGUF export")
+    writer.add_rope_freq_base_swa(local["rope_theta"])
+
+
+def _shortconv(writer, config) -> None:
+    """LFM2: the convolution's cache length, and no key/value heads in the convolution layers (llama.cpp tells
+    its recurrent layers by that)."""
+    writer.add_shortconv_l_cache(config.conv_L_cache)
+    types = getattr(config, "layer_types", None) or ["full_attention" if i in config.full_attn_idxs else "conv"
+                                                     for i in range(config.num_hidden_layers)]
+    writer.add_head_count_kv([config.num_key_value_heads if t == "full_attention" else 0 for t in types])
+
+
+_EXTRAS: dict[str, Callable] = {"query_scale": _query_scale, "softcapping": _softcapping,
+                                "sliding_window": _sliding_window, "shortconv": _shortconv}
 
 
 def _rope_none(writer, config) -> None:
@@ -243,7 +294,7 @@ def _rope_linear(writer, config) -> None:
     writer.add_rope_scaling_factor(_rope_parameters(config)["factor"])
 
 
-def _llama3_rope_factors(config):
+def _llama3_rope_factors(config) -> dict:
     """Per-frequency divisors llama.cpp applies (rope_freqs.weight): HF's llama3 inv_freq vs the plain one."""
     import torch
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -251,14 +302,35 @@ def _llama3_rope_factors(config):
     dim, theta = _head_dim(config), _rope_parameters(config)["rope_theta"]
     plain = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
-    return (plain / scaled.double()).float().numpy()
+    return {"rope_freqs.weight": (plain / scaled.double()).float().numpy()}
 
 
-# rope_type -> (metadata writer, extra tensors); llama.cpp applies llama3 scaling through a rope_freqs tensor
+def _longrope(writer, config) -> None:
+    """Phi-3's LongRoPE: llama.cpp scales cos/sin by attn_factor, as HF does, and picks the long factors past
+    the original context."""
+    params = _rope_parameters(config)
+    original = params.get("original_max_position_embeddings") or config.original_max_position_embeddings
+    scale = config.max_position_embeddings / original
+    factor = params.get("attention_factor") or (math.sqrt(1 + math.log(scale) / math.log(original))
+                                                if scale > 1.0 else 1.0)
+    writer.add_rope_scaling_attn_factors(factor)
+    writer.add_rope_scaling_orig_ctx_len(original)
+
+
+def _longrope_factors(config) -> dict:
+    import numpy as np
+
+    params = _rope_parameters(config)
+    return {"rope_factors_long.weight": np.asarray(params["long_factor"], dtype=np.float32),
+            "rope_factors_short.weight": np.asarray(params["short_factor"], dtype=np.float32)}
+
+
+# rope_type -> (metadata writer, extra tensors); llama.cpp applies llama3 and LongRoPE scaling through tensors
 _ROPE_TYPES: dict[str, tuple[Callable, Callable | None]] = {
     "default": (_rope_none, None),
     "linear": (_rope_linear, None),
     "llama3": (_rope_none, _llama3_rope_factors),
+    "longrope": (_longrope, _longrope_factors),
 }
 
 
@@ -406,15 +478,16 @@ def _plan_tensors(stack: ExitStack, model_dir: Path, config, family: Gguf, outty
                 raise ExportError(f"tensor {hf_name} has no GGUF name in llama.cpp's {family.arch} architecture; "
                                   "is this a plain merged model folder?")
             shape = tuple(handle.get_slice(hf_name).get_shape())
+            if name.endswith(_CONV) and len(shape) == 3:
+                shape = (shape[0], shape[2])  # (channels, 1, kernel) as llama.cpp's (channels, kernel)
             planned.append(_Tensor(name, shape, _qtype(name, shape, outtype),
-                                   _loader(handle, hf_name, config, family)))
+                                   _loader(handle, hf_name, name, shape, config, family)))
     if not tied and not any(t.name == "output.weight" for t in planned):
         # llama.cpp would silently reuse token_embd as the output projection: a different model
         raise ExportError(f"{model_dir} has no lm_head.weight but its config says the embeddings are not tied")
     extra = _rope_scaling(config)[1]
-    if extra is not None:
-        factors = extra(config)
-        planned.append(_Tensor("rope_freqs.weight", factors.shape, gguf.GGMLQuantizationType.F32, lambda: factors))
+    for name, values in (extra(config) if extra is not None else {}).items():
+        planned.append(_Tensor(name, values.shape, gguf.GGMLQuantizationType.F32, lambda v=values: v))
     return sorted(planned, key=lambda t: _natural_key(t.name))
 
 
@@ -425,7 +498,7 @@ def _natural_key(name: str) -> tuple:
 def _qtype(name: str, shape: tuple[int, ...], outtype: str):
     """Norms and 1-D tensors stay F32 (llama.cpp expects that); matrices become f16 or q8_0."""
     q = _gguf().GGMLQuantizationType
-    if len(shape) <= 1 or name.endswith("_norm.weight"):
+    if len(shape) <= 1 or name.endswith(("_norm.weight", _CONV)):  # llama.cpp's convolution reads f32 weights
         return q.F32
     if outtype == "q8_0":
         block, _ = _gguf().GGML_QUANT_SIZES[q.Q8_0]
@@ -433,14 +506,19 @@ def _qtype(name: str, shape: tuple[int, ...], outtype: str):
     return q.F16
 
 
-def _loader(handle, hf_name: str, config, family: Gguf) -> Callable[[], object]:
+_CONV = "shortconv.conv.weight"  # LFM2's depthwise convolution
+
+
+def _loader(handle, hf_name: str, name: str, shape: tuple[int, ...], config, family: Gguf) -> Callable[[], object]:
     def load():
         w = handle.get_tensor(hf_name).float()
         if family.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             w = _interleave_rope_halves(w, config.num_attention_heads)
         elif family.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             w = _interleave_rope_halves(w, config.num_key_value_heads or config.num_attention_heads)
-        return w.numpy()
+        if family.norm_offset and name.endswith("norm.weight"):
+            w = w + family.norm_offset
+        return w.reshape(shape).numpy()
 
     return load
 
