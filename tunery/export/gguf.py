@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -349,17 +350,28 @@ def _add_tokenizer(writer, model_dir: Path, tokenizer, vocab_size: int) -> None:
     if not spec_path.is_file():
         raise ExportError(f"{model_dir} has no tokenizer.json; GGUF export needs a fast (tokenizers) tokenizer")
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
-    _check_byte_level_bpe(spec)
-    tokens, types = _vocabulary(tokenizer, vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer_name(spec))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(_merges(spec))
+    space_prefix = _sentencepiece_space_prefix(spec)
+    if space_prefix is None:
+        _check_byte_level_bpe(spec)
+        tokens, types = _vocabulary(tokenizer, vocab_size)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre_tokenizer_name(spec))
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(_merges(spec))
+    else:
+        tokens, types = _vocabulary(tokenizer, vocab_size, byte_fallback=True)
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(_merge_scores(spec, tokens))
+        writer.add_token_types(types)
+        writer.add_add_space_prefix(space_prefix)
+        if tokenizer.unk_token_id is not None:
+            writer.add_unk_token_id(tokenizer.unk_token_id)
     for add, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id),
                           (writer.add_eos_token_id, tokenizer.eos_token_id),
                           (writer.add_eot_token_id, _end_of_turn_id(tokenizer)),
-                          (writer.add_pad_token_id, tokenizer.pad_token_id)):  # no unk: every byte is a token
+                          (writer.add_pad_token_id, tokenizer.pad_token_id)):
         if token_id is not None:
             add(token_id)
     probe = tokenizer("a")["input_ids"]  # what the HF tokenizer adds around plain text
@@ -369,13 +381,57 @@ def _add_tokenizer(writer, model_dir: Path, tokenizer, vocab_size: int) -> None:
         writer.add_chat_template(tokenizer.chat_template)
 
 
+def _steps(node: dict | None) -> list[dict]:
+    """The steps of a normalizer, pre-tokenizer or decoder (a Sequence's members, or the one step)."""
+    if not node:
+        return []
+    return [s for n in node.get("normalizers") or node.get("pretokenizers") or node.get("decoders") or []
+            for s in _steps(n)] if node.get("type") == "Sequence" else [node]
+
+
+def _sentencepiece_space_prefix(spec: dict) -> bool | None:
+    """For a SentencePiece BPE tokenizer (byte fallback, "▁" for spaces: Llama 2, Mistral, Gemma, Phi-3),
+    whether it writes "▁" before each text after a special token, as llama.cpp's `llama` vocabulary does with
+    add_space_prefix; None for any other tokenizer. ExportError for a SentencePiece tokenizer that llama.cpp
+    would split differently."""
+    model = spec.get("model") or {}
+    if model.get("type") == "Unigram":
+        raise ExportError("this is a SentencePiece Unigram tokenizer: Hugging Face splits it by the most likely "
+                          "segmentation, llama.cpp's SentencePiece vocabulary by greedy merges, so prompts would "
+                          "be tokenized differently. GGUF export supports SentencePiece BPE (byte fallback) and "
+                          "byte-level BPE tokenizers")
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        return None
+    normalizers = [(n.get("type"), n.get("prepend") or (n.get("pattern") or {}).get("String"), n.get("content"))
+                   for n in _steps(spec.get("normalizer"))]
+    pre = _steps(spec.get("pre_tokenizer"))
+    if not pre and normalizers in ([("Replace", " ", "▁")], [("Prepend", "▁", None), ("Replace", " ", "▁")]):
+        return len(normalizers) == 2
+    if not normalizers and len(pre) == 1 and pre[0].get("type") == "Metaspace" \
+            and pre[0].get("replacement") == "▁" and pre[0].get("prepend_scheme") in ("always", "never") \
+            and not pre[0].get("split", False):
+        return pre[0]["prepend_scheme"] == "always"
+    raise ExportError("the tokenizer is SentencePiece-style (byte fallback) but writes spaces in a way llama.cpp "
+                      f"does not: normalizer {json.dumps(spec.get('normalizer'))[:200]}, pre_tokenizer "
+                      f"{json.dumps(spec.get('pre_tokenizer'))[:200]}")
+
+
+def _merge_scores(spec: dict, tokens: list[str]) -> list[float]:
+    """Scores for llama.cpp's SentencePiece merges, which join the adjacent pair whose result scores highest: a
+    token made by the merge of rank r scores -r, so llama.cpp merges in the order the BPE model does. Tokens no
+    merge makes (characters, bytes, specials) score 0; nothing compares their scores."""
+    first_rank: dict[str, int] = {}
+    for rank, merge in enumerate(_merges(spec)):
+        first_rank.setdefault(merge.replace(" ", ""), rank)  # "a b" -> "ab" (SentencePiece pieces hold no space)
+    return [-float(first_rank[t]) if t in first_rank else 0.0 for t in tokens]
+
+
 def _check_byte_level_bpe(spec: dict) -> None:
-    model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
-    decoders = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+    model, decoders = spec.get("model") or {}, _steps(spec.get("decoder"))
     if model.get("type") != "BPE" or not any(d.get("type") == "ByteLevel" for d in decoders):
-        raise ExportError("GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen, GPT-2 style) only; "
-                          f"this tokenizer is {model.get('type')} with decoder {decoder.get('type')} "
-                          "(SentencePiece-style tokenizers are not supported yet)")
+        raise ExportError("GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen, GPT-2 style) and "
+                          "SentencePiece BPE ones with byte fallback (Llama 2, Mistral, Gemma, Phi-3); this "
+                          f"tokenizer is {model.get('type')} with decoders {[d.get('type') for d in decoders]}")
     normalizer = spec.get("normalizer")
     if normalizer is not None and normalizer.get("type") != "NFC":  # NFC leaves already-composed text as is
         raise ExportError(f"the tokenizer's {normalizer.get('type')} normalizer has no llama.cpp equivalent")
@@ -408,7 +464,10 @@ def pre_tokenizer_name(spec: dict) -> str:
     return name
 
 
-def _vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # a SentencePiece byte-fallback token
+
+
+def _vocabulary(tokenizer, vocab_size: int, byte_fallback: bool = False) -> tuple[list[str], list[int]]:
     """Token strings and llama.cpp token types for ids 0..vocab_size-1 (ids the tokenizer lacks are UNUSED)."""
     gguf = _gguf()
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
@@ -422,6 +481,10 @@ def _vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
         tokens.append(text if text is not None else f"[PAD{i}]")
         if text is None:
             types.append(gguf.TokenType.UNUSED)
+        elif i == tokenizer.unk_token_id:
+            types.append(gguf.TokenType.UNKNOWN)
+        elif byte_fallback and _BYTE_TOKEN.fullmatch(text):
+            types.append(gguf.TokenType.BYTE)
         elif i not in added:
             types.append(gguf.TokenType.NORMAL)
         elif added[i].special or (text.startswith("<|") and text.endswith("|>")):
