@@ -82,8 +82,10 @@ def family_for(model_type: str) -> Gguf:
     return arch.gguf
 
 
-def write_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", progress: bool = True) -> Path:
-    """Write the merged model folder `model_dir` (safetensors + tokenizer) as one GGUF file of `outtype`."""
+def write_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", progress: bool = True,
+               tokenizer_dir: Path | None = None) -> Path:
+    """Write the merged model folder `model_dir` (safetensors + tokenizer) as one GGUF file of `outtype`; the
+    tokenizer from `tokenizer_dir` instead when given (a base model's GGUF with the run's chat template)."""
     from transformers import AutoConfig, AutoTokenizer
 
     gguf = _gguf()
@@ -93,12 +95,13 @@ def write_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", progress: 
     model_dir, out_path = Path(model_dir), Path(out_path)
     config = AutoConfig.from_pretrained(model_dir)
     family = family_for(config.model_type)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer_dir = Path(tokenizer_dir or model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     writer = gguf.GGUFWriter(None, family.arch)
     writer.add_name(model_dir.resolve().name)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if outtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _add_tokenizer(writer, model_dir, tokenizer, config.vocab_size)
+    _add_tokenizer(writer, tokenizer_dir, tokenizer, config.vocab_size)
     tmp = out_path.with_name(out_path.name + ".tmp")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
