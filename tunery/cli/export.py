@@ -23,6 +23,9 @@ def export_command(
     public: bool = typer.Option(False, "--public", help="With --push-to-hub: make the repo public."),
     out: Path | None = typer.Option(None, "--out", help="Folder for GGUF files and the Modelfile [RUN/export]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the --merged folder if it exists."),
+    score: bool = typer.Option(True, "--score/--no-score",
+                               help="Score the GGUF files written on the run's held-out data beside the torch "
+                                    "model (as `tunery eval RUN --gguf FILE`)."),
 ) -> None:
     """Export a trained run: merged weights, verified GGUF files, an Ollama Modelfile, a Hub upload."""
     from tunery.export.pipeline import export_run
@@ -31,10 +34,14 @@ def export_command(
         raise typer.BadParameter("say what to export: --merged OUT, --gguf TYPE, --gguf-adapter and/or "
                                  "--push-to-hub REPO")
     result = export_run(run, merged=merged, gguf=gguf, ollama=ollama, push_to_hub=push_to_hub, dry_run=dry_run,
-                        public=public, out=out, overwrite=overwrite, gguf_adapter=gguf_adapter)
+                        public=public, out=out, overwrite=overwrite, gguf_adapter=gguf_adapter, score=score)
     if merged is not None:
         console.print(f"[green]merged model written to {merged}[/] (AutoModelForCausalLM.from_pretrained('{merged}'))")
     for kind, path in result["gguf"].items():
         console.print(f"GGUF {kind}: {path}")
     for kind, path in (result["gguf_adapter"] or {}).items():
         console.print(f"GGUF {kind}: {path}")
+    if result["scores"]:
+        from tunery.cli.evaluate import show_gguf_report
+
+        show_gguf_report(result["scores"])

@@ -103,6 +103,23 @@ def write_adapter_ggufs(run: Path, out: Path) -> dict[str, Path]:
     return {"base": base, "adapter": adapter}
 
 
+def score_exported(run: Path, ggufs: dict[str, Path], adapter: dict[str, Path] | None) -> dict | None:
+    """`tunery eval RUN --gguf` on what the export wrote: the table's report, or None (said why) when the run has
+    no held-out data to score on or its data changed."""
+    from tunery.errors import DataError
+    from tunery.eval.evaluate import evaluate_ggufs
+    from tunery.eval.gguf import GgufModel
+
+    models = [GgufModel(p) for p in ggufs.values()]
+    if adapter:
+        models.append(GgufModel(adapter["base"], adapter["adapter"]))
+    try:
+        return evaluate_ggufs(run, models)
+    except DataError as e:
+        console.print(f"[yellow]the GGUF files are not scored on held-out data:[/] {e}")
+        return None
+
+
 def _describe(r: dict) -> str:
     ties = [p["prompt"] for p in r["generation_partings"] if p["near_tie"]]
     tied = f" (prompts {ties} part at a near tie of torch's logits)" if ties else ""
@@ -155,7 +172,9 @@ def push_files(run: Path, merged: Path | None, ggufs: dict[str, Path], modelfile
 def export_run(run: str | Path, *, merged: Path | None = None, gguf: list[str] | None = None,
                ollama: str | None = None, push_to_hub: str | None = None, dry_run: bool = False,
                public: bool = False, out: Path | None = None, overwrite: bool = False,
-               gguf_adapter: bool = False) -> dict:
+               gguf_adapter: bool = False, score: bool = True) -> dict:
+    """Export a run (see the module docstring); with `score`, the GGUF files written are also scored on the run's
+    held-out data beside the torch model (result["scores"], the report of tunery.eval.evaluate.evaluate_ggufs)."""
     from tunery.export.merge import export_merged
 
     run, _ = open_run(run)
@@ -172,6 +191,7 @@ def export_run(run: str | Path, *, merged: Path | None = None, gguf: list[str] |
     adapter = write_adapter_ggufs(run, out) if gguf_adapter else None
     result["gguf_adapter"] = adapter
     modelfile = write_ollama(run, merged_dir, ggufs, ollama, out, adapter) if ollama else None
+    result["scores"] = score_exported(run, ggufs, adapter) if score and (ggufs or adapter) else None
     if push_to_hub:
         from tunery.export.hub import format_plan, plan_upload, push
 
