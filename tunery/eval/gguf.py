@@ -40,6 +40,9 @@ def measure_gguf(model: GgufModel, tokenizer, sequences: list[Tokenized], conver
     longest = max([len(s.input_ids) for s in sequences] + [len(p) + max_new_tokens for p in prompt_ids])
     llm, llama_cpp = _load(model, longest + 8)
     try:
+        if llm.n_vocab() < len(tokenizer):  # another model's file: its ids would index past the vocabulary
+            raise ExportError(f"{model.path} has {llm.n_vocab()} tokens, the run's tokenizer {len(tokenizer)}: it is "
+                              "not an export of this run")
         loss = _held_out_loss(llm, sequences, on_item)
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
         replies = []

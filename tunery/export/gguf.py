@@ -55,7 +55,7 @@ QUANT_FTYPES: dict[str, int] = {"q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 1
 
 
 @dataclass(frozen=True)
-class _Tensor:
+class Tensor:
     """One tensor to write: its GGUF name, logical shape (PyTorch order), storage type, and how to load it."""
 
     name: str
@@ -64,7 +64,7 @@ class _Tensor:
     load: Callable[[], object]  # -> float32 numpy array of `shape`, already in llama.cpp's layout
 
 
-def _gguf():
+def gguf_module():
     try:
         import gguf
     except ImportError as e:
@@ -88,7 +88,7 @@ def write_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", progress: 
     tokenizer from `tokenizer_dir` instead when given (a base model's GGUF with the run's chat template)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    gguf = _gguf()
+    gguf = gguf_module()
     if outtype not in OUTTYPES:
         raise ExportError(f"outtype must be one of {', '.join(OUTTYPES)}, not {outtype!r}; "
                           f"use quantize() on the f16 file for {', '.join(q for q in QUANT_FTYPES if q != 'q8_0')}")
@@ -102,25 +102,29 @@ def write_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", progress: 
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if outtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, tokenizer_dir, tokenizer, config.vocab_size)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         tensors = _plan_tensors(stack, model_dir, config, family, outtype)
         _add_hparams(writer, config, family, tensors)
-        for t in tensors:
-            byte_shape, dtype = _storage(t)
-            writer.add_tensor_info(t.name, byte_shape, dtype, math.prod(byte_shape) * dtype.itemsize,
-                                   raw_dtype=t.qtype)
-        try:
-            _write_file(writer, tmp, tensors, progress, f"writing {out_path.name}")
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    tmp.replace(out_path)
+        write_file(writer, tensors, out_path, progress)
     return out_path
 
 
-def _write_file(writer, path: Path, tensors: list[_Tensor], progress: bool, description: str) -> None:
+def write_file(writer, tensors: list[Tensor], out_path: Path, progress: bool) -> None:
+    """Write `writer`'s metadata and `tensors` to `out_path`, through a temporary file (no half-written GGUF)."""
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    for t in tensors:
+        byte_shape, dtype = _storage(t)
+        writer.add_tensor_info(t.name, byte_shape, dtype, math.prod(byte_shape) * dtype.itemsize, raw_dtype=t.qtype)
+    try:
+        _write_data(writer, tmp, tensors, progress, f"writing {out_path.name}")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(out_path)
+
+
+def _write_data(writer, path: Path, tensors: list[Tensor], progress: bool, description: str) -> None:
     writer.write_header_to_file(path=path)
     try:
         writer.write_kv_data_to_file()
@@ -161,7 +165,7 @@ def quantize(f16_path: Path, out_path: Path, kind: str = "q4_k_m") -> Path:
 
 def tensor_types(gguf_path: Path) -> dict[str, int]:
     """How many tensors of each storage type (F32, F16, Q8_0, Q4_K, ...) a GGUF file holds."""
-    reader = _gguf().GGUFReader(str(gguf_path))
+    reader = gguf_module().GGUFReader(str(gguf_path))
     counts: dict[str, int] = {}
     for t in reader.tensors:
         counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
@@ -209,7 +213,7 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _add_hparams(writer, config, family: Gguf, tensors: list[_Tensor]) -> None:
+def _add_hparams(writer, config, family: Gguf, tensors: list[Tensor]) -> None:
     n_ctx = config.max_position_embeddings
     window = getattr(config, "sliding_window", None)
     if family.sliding_window_caps_context and window:
@@ -269,7 +273,7 @@ def _sliding_window(writer, config) -> None:
     types = getattr(config, "layer_types", None) or []
     writer.add_sliding_window_pattern([t == "sliding_attention" for t in types])
     local = _rope_parameters(config, "sliding_attention")
-    if local is not None and local.get("rope_type", "default") != "default":
+    if local["rope_type"] != "default":
         raise ExportError(f"RoPE scaling {local['rope_type']!r} on sliding-window layers is not supported by "
                           "GGUF export")
     writer.add_rope_freq_base_swa(local["rope_theta"])
@@ -293,7 +297,7 @@ def _rope_none(writer, config) -> None:
 
 
 def _rope_linear(writer, config) -> None:
-    gguf = _gguf()
+    gguf = gguf_module()
     writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
     writer.add_rope_scaling_factor(_rope_parameters(config)["factor"])
 
@@ -472,7 +476,7 @@ _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # a SentencePiece byte-fallback to
 
 def _vocabulary(tokenizer, vocab_size: int, byte_fallback: bool = False) -> tuple[list[str], list[int]]:
     """Token strings and llama.cpp token types for ids 0..vocab_size-1 (ids the tokenizer lacks are UNUSED)."""
-    gguf = _gguf()
+    gguf = gguf_module()
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     if max(by_id) >= vocab_size:
         raise ExportError(f"the tokenizer has token id {max(by_id)} but the model's vocab_size is {vocab_size}; "
@@ -484,7 +488,7 @@ def _vocabulary(tokenizer, vocab_size: int, byte_fallback: bool = False) -> tupl
         tokens.append(text if text is not None else f"[PAD{i}]")
         if text is None:
             types.append(gguf.TokenType.UNUSED)
-        elif i == tokenizer.unk_token_id:
+        elif byte_fallback and i == tokenizer.unk_token_id:
             types.append(gguf.TokenType.UNKNOWN)
         elif byte_fallback and _BYTE_TOKEN.fullmatch(text):
             types.append(gguf.TokenType.BYTE)
@@ -526,14 +530,14 @@ def _weight_files(model_dir: Path) -> list[Path]:
     return [single]
 
 
-def _plan_tensors(stack: ExitStack, model_dir: Path, config, family: Gguf, outtype: str) -> list[_Tensor]:
+def _plan_tensors(stack: ExitStack, model_dir: Path, config, family: Gguf, outtype: str) -> list[Tensor]:
     from safetensors import safe_open
 
-    gguf = _gguf()
+    gguf = gguf_module()
     arch = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}[family.arch]
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     tied = getattr(config, "tie_word_embeddings", False)
-    planned: list[_Tensor] = []
+    planned: list[Tensor] = []
     for path in _weight_files(model_dir):
         handle = stack.enter_context(safe_open(path, framework="pt"))
         for hf_name in handle.keys():
@@ -546,28 +550,28 @@ def _plan_tensors(stack: ExitStack, model_dir: Path, config, family: Gguf, outty
             shape = tuple(handle.get_slice(hf_name).get_shape())
             if name.endswith(_CONV) and len(shape) == 3:
                 shape = (shape[0], shape[2])  # (channels, 1, kernel) as llama.cpp's (channels, kernel)
-            planned.append(_Tensor(name, shape, _qtype(name, shape, outtype),
+            planned.append(Tensor(name, shape, _qtype(name, shape, outtype),
                                    _loader(handle, hf_name, name, shape, config, family)))
     if not tied and not any(t.name == "output.weight" for t in planned):
         # llama.cpp would silently reuse token_embd as the output projection: a different model
         raise ExportError(f"{model_dir} has no lm_head.weight but its config says the embeddings are not tied")
     extra = _rope_scaling(config)[1]
     for name, values in (extra(config) if extra is not None else {}).items():
-        planned.append(_Tensor(name, values.shape, gguf.GGMLQuantizationType.F32, lambda v=values: v))
-    return sorted(planned, key=lambda t: _natural_key(t.name))
+        planned.append(Tensor(name, values.shape, gguf.GGMLQuantizationType.F32, lambda v=values: v))
+    return sorted(planned, key=lambda t: natural_key(t.name))
 
 
-def _natural_key(name: str) -> tuple:
+def natural_key(name: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in name.split("."))
 
 
 def _qtype(name: str, shape: tuple[int, ...], outtype: str):
     """Norms and 1-D tensors stay F32 (llama.cpp expects that); matrices become f16 or q8_0."""
-    q = _gguf().GGMLQuantizationType
+    q = gguf_module().GGMLQuantizationType
     if len(shape) <= 1 or name.endswith(("_norm.weight", _CONV)):  # llama.cpp's convolution reads f32 weights
         return q.F32
     if outtype == "q8_0":
-        block, _ = _gguf().GGML_QUANT_SIZES[q.Q8_0]
+        block, _ = gguf_module().GGML_QUANT_SIZES[q.Q8_0]
         return q.Q8_0 if shape[-1] % block == 0 else q.F16  # rows q8_0 cannot hold stay f16, as in llama.cpp
     return q.F16
 
@@ -579,9 +583,9 @@ def _loader(handle, hf_name: str, name: str, shape: tuple[int, ...], config, fam
     def load():
         w = handle.get_tensor(hf_name).float()
         if family.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            w = _interleave_rope_halves(w, config.num_attention_heads)
+            w = interleave_rope_halves(w, config.num_attention_heads)
         elif family.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = _interleave_rope_halves(w, config.num_key_value_heads or config.num_attention_heads)
+            w = interleave_rope_halves(w, config.num_key_value_heads or config.num_attention_heads)
         if family.norm_offset and name.endswith("norm.weight"):
             w = w + family.norm_offset
         return w.reshape(shape).numpy()
@@ -589,17 +593,17 @@ def _loader(handle, hf_name: str, name: str, shape: tuple[int, ...], config, fam
     return load
 
 
-def _interleave_rope_halves(w, n_heads: int):
+def interleave_rope_halves(w, n_heads: int):
     """Per head, rows [x_0..x_{d/2-1}, y_0..y_{d/2-1}] (HF rotate-half) -> [x_0, y_0, x_1, y_1, ...]."""
     rows = w.shape[0]
     return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _storage(t: _Tensor):
+def _storage(t: Tensor):
     """(shape as stored, numpy dtype): float types as they are, block-quantized types as bytes."""
     import numpy as np
 
-    gguf = _gguf()
+    gguf = gguf_module()
     q = gguf.GGMLQuantizationType
     if t.qtype == q.F32:
         return t.shape, np.dtype(np.float32)
@@ -608,10 +612,10 @@ def _storage(t: _Tensor):
     return tuple(gguf.quant_shape_to_byte_shape(t.shape, t.qtype)), np.dtype(np.uint8)
 
 
-def _encode(t: _Tensor):
+def _encode(t: Tensor):
     import numpy as np
 
-    gguf = _gguf()
+    gguf = gguf_module()
     data = np.ascontiguousarray(t.load(), dtype=np.float32)
     if tuple(data.shape) != tuple(t.shape):
         raise ExportError(f"{t.name}: expected shape {t.shape}, got {data.shape}")

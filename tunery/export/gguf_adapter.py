@@ -17,7 +17,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from tunery.errors import ExportError
-from tunery.export.gguf import _gguf, _interleave_rope_halves, _natural_key, _storage, _Tensor, _write_file, family_for
+from tunery.export.gguf import Tensor, family_for, gguf_module, interleave_rope_halves, natural_key, write_file
 
 _PREFIX = "base_model.model."
 _SUFFIXES = {".lora_A.weight": "lora_a", ".lora_B.weight": "lora_b"}
@@ -27,7 +27,7 @@ def write_adapter_gguf(adapter_dir: Path, base_dir: Path, out_path: Path, progre
     """Write the PEFT adapter in `adapter_dir` (trained on the model in `base_dir`) as a LoRA GGUF."""
     from transformers import AutoConfig
 
-    gguf = _gguf()
+    gguf = gguf_module()
     adapter_dir, base_dir, out_path = Path(adapter_dir), Path(base_dir), Path(out_path)
     settings = _lora_settings(adapter_dir)
     config = AutoConfig.from_pretrained(base_dir)
@@ -37,20 +37,8 @@ def write_adapter_gguf(adapter_dir: Path, base_dir: Path, out_path: Path, progre
     writer.add_name(f"{adapter_dir.resolve().parent.name} adapter")
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, settings["alpha"])
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
-        tensors = _plan(stack, adapter_dir, config, family)
-        for t in tensors:
-            byte_shape, dtype = _storage(t)
-            writer.add_tensor_info(t.name, byte_shape, dtype, math.prod(byte_shape) * dtype.itemsize,
-                                   raw_dtype=t.qtype)
-        try:
-            _write_file(writer, tmp, tensors, progress, f"writing {out_path.name}")
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    tmp.replace(out_path)
+        write_file(writer, _plan(stack, adapter_dir, config, family), out_path, progress)
     return out_path
 
 
@@ -80,10 +68,10 @@ def _adapter_file(adapter_dir: Path) -> Path:
     return path
 
 
-def _plan(stack: ExitStack, adapter_dir: Path, config, family) -> list[_Tensor]:
+def _plan(stack: ExitStack, adapter_dir: Path, config, family) -> list[Tensor]:
     from safetensors import safe_open
 
-    gguf = _gguf()
+    gguf = gguf_module()
     arch = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}[family.arch]
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     handle = stack.enter_context(safe_open(_adapter_file(adapter_dir), framework="pt"))
@@ -99,7 +87,7 @@ def _plan(stack: ExitStack, adapter_dir: Path, config, family) -> list[_Tensor]:
             raise ExportError(f"adapter tensor {key} adapts {module}, which has no GGUF name in llama.cpp's "
                               f"{family.arch} architecture")
         shape = tuple(handle.get_slice(key).get_shape())
-        planned.append(_Tensor(f"{base_name}.{_SUFFIXES[suffix]}", shape, gguf.GGMLQuantizationType.F16,
+        planned.append(Tensor(f"{base_name}.{_SUFFIXES[suffix]}", shape, gguf.GGMLQuantizationType.F16,
                                _loader(handle, key, module, config, family)))
     if other:
         raise ExportError(f"the adapter holds more than LoRA matrices ({', '.join(other[:3])}"
@@ -107,7 +95,7 @@ def _plan(stack: ExitStack, adapter_dir: Path, config, family) -> list[_Tensor]:
                           "LoRA GGUF cannot carry: export the merged model (--gguf) instead")
     if not planned:
         raise ExportError(f"{adapter_dir} holds no LoRA weights")
-    return sorted(planned, key=lambda t: _natural_key(t.name))
+    return sorted(planned, key=lambda t: natural_key(t.name))
 
 
 def _loader(handle, key: str, module: str, config, family):
@@ -115,9 +103,9 @@ def _loader(handle, key: str, module: str, config, family):
         w = handle.get_tensor(key).float()
         if family.permute_qk and key.endswith(".lora_B.weight"):  # B's rows are W's output rows
             if module.endswith("q_proj"):
-                w = _interleave_rope_halves(w, config.num_attention_heads)
+                w = interleave_rope_halves(w, config.num_attention_heads)
             elif module.endswith("k_proj"):
-                w = _interleave_rope_halves(w, config.num_key_value_heads or config.num_attention_heads)
+                w = interleave_rope_halves(w, config.num_key_value_heads or config.num_attention_heads)
         return w.numpy()
 
     return load
