@@ -113,3 +113,12 @@ def test_what_a_lora_gguf_cannot_hold_is_refused(exported, tmp_path):
     adapter.mkdir()
     with pytest.raises(ExportError, match="trained the full model"):
         write_adapter_gguf(adapter, exported["base"], tmp_path / "a.gguf", progress=False)
+
+
+def test_the_hub_plan_carries_the_adapter_ggufs(exported, capsys):
+    from tunery.export.pipeline import export_run
+
+    export_run(exported["run"], gguf_adapter=True, push_to_hub="someone/dates", dry_run=True, score=False,
+               out=exported["run"] / "export-again")
+    plan = capsys.readouterr().out
+    assert f"{exported['run'].name}-adapter-f16.gguf" in plan and f"{exported['run'].name}-base-f16.gguf" in plan

@@ -196,7 +196,7 @@ def export_run(run: str | Path, *, merged: Path | None = None, gguf: list[str] |
         from tunery.export.hub import format_plan, plan_upload, push
 
         what, files = push_files(run, merged if merged is not None else (merged_dir if not kinds else None),
-                                 ggufs, modelfile)
+                                 {**ggufs, **(adapter or {})}, modelfile)  # the adapter's GGUFs go up too
         plan = plan_upload(run, push_to_hub, what, files, private=not public)
         if dry_run:
             print(format_plan(plan), end="")
