@@ -122,3 +122,12 @@ def test_the_hub_plan_carries_the_adapter_ggufs(exported, capsys):
                out=exported["run"] / "export-again")
     plan = capsys.readouterr().out
     assert f"{exported['run'].name}-adapter-f16.gguf" in plan and f"{exported['run'].name}-base-f16.gguf" in plan
+
+
+def test_export_scores_the_adapter_over_the_base_beside_torch(exported):
+    rows = exported["scores"]["rows"]
+    name = exported["run"].name
+    pair, merged = rows[f"{name}-adapter-f16.gguf over {name}-base-f16.gguf"], rows[f"{name}-f16.gguf"]
+    assert pair["identical_to_torch"] >= 0.9 and merged["identical_to_torch"] >= 0.9
+    assert pair["exact_match"] == rows["torch"]["exact_match"]
+    assert abs(pair["loss"] - rows["torch"]["loss"]) < 0.01
