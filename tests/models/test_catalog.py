@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # strings that equal a family fact but mean something else there, each with its reason
 ELSEWHERE = {
     ("tunery/export/gguf.py", "qwen2"),  # llama.cpp's pre-tokenizer name, chosen from tokenizer.json's regexes
+    ("tunery/export/gguf.py", "llama"),  # llama.cpp's SentencePiece vocabulary type (tokenizer.ggml.model)
     ("tunery/kernels/ops.py", "llama"),  # liger-kernel's RMSNorm casting mode, not a model type
     ("tunery/models/tiny.py", "qwen2"),  # TinySpec's default architecture (the demo's model)
 }

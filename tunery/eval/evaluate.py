@@ -1,7 +1,8 @@
-"""`tunery eval RUN`: the base model and the fine-tuned one on the run's held-out data, side by side.
+"""`tunery eval RUN`: the base model and the fine-tuned one on the run's held-out data, side by side; with
+`--gguf FILE...`, the fine-tuned torch model and the exported GGUF files (through llama.cpp) side by side.
 
 Held-out loss and perplexity, greedy generations on held-out prompts, exact match and ROUGE-L against
-the references; written to RUN/eval/report.json and report.md.
+the references; written to RUN/eval/report.json and report.md (GGUF: RUN/eval/gguf_report.json and .md).
 """
 
 from __future__ import annotations
@@ -53,9 +54,8 @@ def check_data_unchanged(run: Path) -> None:
                             "evaluate on it anyway")
 
 
-def evaluate_run(run: str | Path, samples: int | None = None, device: str | None = None,
-                 allow_changed_data: bool = False) -> dict:
-    """Measure base vs fine-tuned on the run's held-out split; write and return the report."""
+def _held_out(run: str | Path, samples: int | None, device: str | None, allow_changed_data: bool):
+    """(run, cfg, device, base, tuned, tokenizer, data, [(prompt, reference)]) of a run's held-out split."""
     from tunery.models.load import pick_device
 
     run, cfg = open_run(run)
@@ -69,6 +69,13 @@ def evaluate_run(run: str | Path, samples: int | None = None, device: str | None
                         "train with --eval-split 0.1 or --eval-data FILE")
     limit = cfg.eval_samples if samples is None else samples
     prompts = [pr for pr in map(prompt_and_reference, data.eval_examples) if pr][: limit or None]
+    return run, cfg, device, base, tuned, tokenizer, data, prompts
+
+
+def evaluate_run(run: str | Path, samples: int | None = None, device: str | None = None,
+                 allow_changed_data: bool = False) -> dict:
+    """Measure base vs fine-tuned on the run's held-out split; write and return the report."""
+    run, cfg, device, base, tuned, tokenizer, data, prompts = _held_out(run, samples, device, allow_changed_data)
     if hasattr(tuned, "disable_adapter"):
         with tuned.disable_adapter():
             before, base_replies = _measure(tuned, tokenizer, data, prompts, device, cfg.max_new_tokens, "base")
@@ -107,3 +114,54 @@ def _write_report(folder: Path, report: dict) -> None:
         cells = [ex["prompt"], ex["reference"], ex["base"], ex["fine_tuned"]]
         lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ")[:200] for c in cells) + " |")
     (folder / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def evaluate_ggufs(run: str | Path, ggufs: list, samples: int | None = None, device: str | None = None,
+                   allow_changed_data: bool = False) -> dict:
+    """The fine-tuned torch model and each GGUF (a path, or tunery.eval.gguf.GgufModel for one with a LoRA GGUF)
+    on the run's held-out split, with the same metrics plus the share of replies identical to torch's; written to
+    RUN/eval/gguf_report.json and .md and returned."""
+    from tunery.eval.gguf import GgufModel, measure_gguf
+
+    models = [g if isinstance(g, GgufModel) else GgufModel(Path(g)) for g in ggufs]
+    run, cfg, device, _, tuned, tokenizer, data, prompts = _held_out(run, samples, device, allow_changed_data)
+    torch_metrics, torch_replies = _measure(tuned, tokenizer, data, prompts, device, cfg.max_new_tokens,
+                                            "fine-tuned, torch")
+    references = [r for _, r in prompts]
+    rows = {"torch": {**torch_metrics, "identical_to_torch": 1.0}}
+    replies = {"torch": torch_replies}
+    for model in models:
+        with progress_bar(f"llama.cpp: {model.label}", total=len(data.eval) + len(prompts)) as advance:
+            loss, answers = measure_gguf(model, tokenizer, data.eval, [p for p, _ in prompts], cfg.max_new_tokens,
+                                         on_item=advance)
+        same = sum(a == b for a, b in zip(answers, torch_replies)) / max(len(prompts), 1)
+        rows[model.label] = {"loss": loss["loss"], "perplexity": loss["perplexity"],
+                             **score(answers, references), "identical_to_torch": same}
+        replies[model.label] = answers
+    examples = [{"prompt": p[-1]["content"], "reference": ref, **{k: v[i] for k, v in replies.items()}}
+                for i, (p, ref) in enumerate(prompts)]
+    report = {"run": str(run), "model": cfg.model, "eval_examples": len(data.eval), "generated": len(prompts),
+              "rows": rows, "examples": examples}
+    _write_gguf_report(run / "eval", report)
+    return report
+
+
+GGUF_METRICS = ("loss", "perplexity", "exact_match", "rouge_l", "identical_to_torch")
+
+
+def _write_gguf_report(folder: Path, report: dict) -> None:
+    folder.mkdir(exist_ok=True)
+    write_json_atomic(folder / "gguf_report.json", report)
+    names = list(report["rows"])
+    lines = [f"# Exported GGUF files of {report['run']}", "",
+             f"{report['eval_examples']} held-out examples, {report['generated']} generated; llama.cpp for the "
+             "GGUF files, torch for the fine-tuned model.", "",
+             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for key in GGUF_METRICS:
+        lines.append(f"| {key} | " + " | ".join(f"{report['rows'][n][key]:.4f}" for n in names) + " |")
+    lines += ["", "## Examples", "", "| prompt | reference | " + " | ".join(names) + " |",
+              "|---|---|" + "---|" * len(names)]
+    for ex in report["examples"][:20]:
+        cells = [ex["prompt"], ex["reference"], *[ex[n] for n in names]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ")[:200] for c in cells) + " |")
+    (folder / "gguf_report.md").write_text("\n".join(lines) + "\n")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ QUANT_FTYPES: dict[str, int] = {"q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 1
 
 
 @dataclass(frozen=True)
-class _Tensor:
+class Tensor:
     """One tensor to write: its GGUF name, logical shape (PyTorch order), storage type, and how to load it."""
 
     name: str
@@ -63,7 +64,7 @@ class _Tensor:
     load: Callable[[], object]  # -> float32 numpy array of `shape`, already in llama.cpp's layout
 
 
-def _gguf():
+def gguf_module():
     try:
         import gguf
     except ImportError as e:
@@ -81,42 +82,49 @@ def family_for(model_type: str) -> Gguf:
     return arch.gguf
 
 
-def write_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", progress: bool = True) -> Path:
-    """Write the merged model folder `model_dir` (safetensors + tokenizer) as one GGUF file of `outtype`."""
+def write_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", progress: bool = True,
+               tokenizer_dir: Path | None = None) -> Path:
+    """Write the merged model folder `model_dir` (safetensors + tokenizer) as one GGUF file of `outtype`; the
+    tokenizer from `tokenizer_dir` instead when given (a base model's GGUF with the run's chat template)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    gguf = _gguf()
+    gguf = gguf_module()
     if outtype not in OUTTYPES:
         raise ExportError(f"outtype must be one of {', '.join(OUTTYPES)}, not {outtype!r}; "
                           f"use quantize() on the f16 file for {', '.join(q for q in QUANT_FTYPES if q != 'q8_0')}")
     model_dir, out_path = Path(model_dir), Path(out_path)
     config = AutoConfig.from_pretrained(model_dir)
     family = family_for(config.model_type)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer_dir = Path(tokenizer_dir or model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     writer = gguf.GGUFWriter(None, family.arch)
     writer.add_name(model_dir.resolve().name)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if outtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _add_hparams(writer, config, family)
-    _add_tokenizer(writer, model_dir, tokenizer, config.vocab_size)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    _add_tokenizer(writer, tokenizer_dir, tokenizer, config.vocab_size)
     with ExitStack() as stack:
         tensors = _plan_tensors(stack, model_dir, config, family, outtype)
-        for t in tensors:
-            byte_shape, dtype = _storage(t)
-            writer.add_tensor_info(t.name, byte_shape, dtype, math.prod(byte_shape) * dtype.itemsize,
-                                   raw_dtype=t.qtype)
-        try:
-            _write_file(writer, tmp, tensors, progress, f"writing {out_path.name}")
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    tmp.replace(out_path)
+        _add_hparams(writer, config, family, tensors)
+        write_file(writer, tensors, out_path, progress)
     return out_path
 
 
-def _write_file(writer, path: Path, tensors: list[_Tensor], progress: bool, description: str) -> None:
+def write_file(writer, tensors: list[Tensor], out_path: Path, progress: bool) -> None:
+    """Write `writer`'s metadata and `tensors` to `out_path`, through a temporary file (no half-written GGUF)."""
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    for t in tensors:
+        byte_shape, dtype = _storage(t)
+        writer.add_tensor_info(t.name, byte_shape, dtype, math.prod(byte_shape) * dtype.itemsize, raw_dtype=t.qtype)
+    try:
+        _write_data(writer, tmp, tensors, progress, f"writing {out_path.name}")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(out_path)
+
+
+def _write_data(writer, path: Path, tensors: list[Tensor], progress: bool, description: str) -> None:
     writer.write_header_to_file(path=path)
     try:
         writer.write_kv_data_to_file()
@@ -157,7 +165,7 @@ def quantize(f16_path: Path, out_path: Path, kind: str = "q4_k_m") -> Path:
 
 def tensor_types(gguf_path: Path) -> dict[str, int]:
     """How many tensors of each storage type (F32, F16, Q8_0, Q4_K, ...) a GGUF file holds."""
-    reader = _gguf().GGUFReader(str(gguf_path))
+    reader = gguf_module().GGUFReader(str(gguf_path))
     counts: dict[str, int] = {}
     for t in reader.tensors:
         counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
@@ -205,32 +213,83 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _add_hparams(writer, config, family: Gguf) -> None:
+def _add_hparams(writer, config, family: Gguf, tensors: list[Tensor]) -> None:
     n_ctx = config.max_position_embeddings
     window = getattr(config, "sliding_window", None)
     if family.sliding_window_caps_context and window:
         n_ctx = min(n_ctx, window)
     head_dim = _head_dim(config)
+    rope = _rope_parameters(config)
     writer.add_context_length(n_ctx)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
+    # the MLP's width as stored (LFM2 derives it from intermediate_size; Phi-3's gate_up holds two of it)
+    writer.add_feed_forward_length(next(t.shape[1] for t in tensors if t.name.endswith("ffn_down.weight")))
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(_rope_parameters(config)["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    writer.add_rope_freq_base(rope["rope_theta"])
+    writer.add_layer_norm_rms_eps(getattr(config, "rms_norm_eps", None) or config.norm_eps)
     writer.add_vocab_size(config.vocab_size)
     _rope_scaling(config)[0](writer, config)
+    for extra in family.extras:
+        _EXTRAS[extra](writer, config)
 
 
-def _rope_parameters(config) -> dict:
+def _rope_parameters(config, layer_type: str = "full_attention") -> dict:
+    """RoPE settings of `layer_type`'s layers (Gemma 3 keeps one set per layer type, others one for all)."""
     params = dict(getattr(config, "rope_parameters", None) or {})
+    if isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     params.setdefault("rope_type", "default")
     return params
+
+
+def _query_scale(writer, config) -> None:
+    """llama.cpp scales queries by 1/sqrt(head size) (or of hidden/heads in the largest Gemmas), not by
+    query_pre_attn_scalar: a model whose scalar is neither would be another model there."""
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if scalar is not None and scalar not in (_head_dim(config), config.hidden_size // config.num_attention_heads):
+        raise ExportError(f"query_pre_attn_scalar {scalar} is neither the head size {_head_dim(config)} nor "
+                          f"hidden_size/num_attention_heads; llama.cpp would scale attention differently")
+
+
+def _softcapping(writer, config) -> None:
+    if getattr(config, "attn_logit_softcapping", None):
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+
+
+def _sliding_window(writer, config) -> None:
+    """The window, which layers use it, and the RoPE base of those layers (Gemma 3 gives them their own)."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return
+    writer.add_sliding_window(window)
+    types = getattr(config, "layer_types", None) or []
+    writer.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+    local = _rope_parameters(config, "sliding_attention")
+    if local["rope_type"] != "default":
+        raise ExportError(f"RoPE scaling {local['rope_type']!r} on sliding-window layers is not supported by "
+                          "GGUF export")
+    writer.add_rope_freq_base_swa(local["rope_theta"])
+
+
+def _shortconv(writer, config) -> None:
+    """LFM2: the convolution's cache length, and no key/value heads in the convolution layers (llama.cpp tells
+    its recurrent layers by that)."""
+    writer.add_shortconv_l_cache(config.conv_L_cache)
+    types = getattr(config, "layer_types", None) or ["full_attention" if i in config.full_attn_idxs else "conv"
+                                                     for i in range(config.num_hidden_layers)]
+    writer.add_head_count_kv([config.num_key_value_heads if t == "full_attention" else 0 for t in types])
+
+
+_EXTRAS: dict[str, Callable] = {"query_scale": _query_scale, "softcapping": _softcapping,
+                                "sliding_window": _sliding_window, "shortconv": _shortconv}
 
 
 def _rope_none(writer, config) -> None:
@@ -238,12 +297,12 @@ def _rope_none(writer, config) -> None:
 
 
 def _rope_linear(writer, config) -> None:
-    gguf = _gguf()
+    gguf = gguf_module()
     writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
     writer.add_rope_scaling_factor(_rope_parameters(config)["factor"])
 
 
-def _llama3_rope_factors(config):
+def _llama3_rope_factors(config) -> dict:
     """Per-frequency divisors llama.cpp applies (rope_freqs.weight): HF's llama3 inv_freq vs the plain one."""
     import torch
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -251,14 +310,35 @@ def _llama3_rope_factors(config):
     dim, theta = _head_dim(config), _rope_parameters(config)["rope_theta"]
     plain = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
-    return (plain / scaled.double()).float().numpy()
+    return {"rope_freqs.weight": (plain / scaled.double()).float().numpy()}
 
 
-# rope_type -> (metadata writer, extra tensors); llama.cpp applies llama3 scaling through a rope_freqs tensor
+def _longrope(writer, config) -> None:
+    """Phi-3's LongRoPE: llama.cpp scales cos/sin by attn_factor, as HF does, and picks the long factors past
+    the original context."""
+    params = _rope_parameters(config)
+    original = params.get("original_max_position_embeddings") or config.original_max_position_embeddings
+    scale = config.max_position_embeddings / original
+    factor = params.get("attention_factor") or (math.sqrt(1 + math.log(scale) / math.log(original))
+                                                if scale > 1.0 else 1.0)
+    writer.add_rope_scaling_attn_factors(factor)
+    writer.add_rope_scaling_orig_ctx_len(original)
+
+
+def _longrope_factors(config) -> dict:
+    import numpy as np
+
+    params = _rope_parameters(config)
+    return {"rope_factors_long.weight": np.asarray(params["long_factor"], dtype=np.float32),
+            "rope_factors_short.weight": np.asarray(params["short_factor"], dtype=np.float32)}
+
+
+# rope_type -> (metadata writer, extra tensors); llama.cpp applies llama3 and LongRoPE scaling through tensors
 _ROPE_TYPES: dict[str, tuple[Callable, Callable | None]] = {
     "default": (_rope_none, None),
     "linear": (_rope_linear, None),
     "llama3": (_rope_none, _llama3_rope_factors),
+    "longrope": (_longrope, _longrope_factors),
 }
 
 
@@ -277,17 +357,28 @@ def _add_tokenizer(writer, model_dir: Path, tokenizer, vocab_size: int) -> None:
     if not spec_path.is_file():
         raise ExportError(f"{model_dir} has no tokenizer.json; GGUF export needs a fast (tokenizers) tokenizer")
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
-    _check_byte_level_bpe(spec)
-    tokens, types = _vocabulary(tokenizer, vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer_name(spec))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(_merges(spec))
+    space_prefix = _sentencepiece_space_prefix(spec)
+    if space_prefix is None:
+        _check_byte_level_bpe(spec)
+        tokens, types = _vocabulary(tokenizer, vocab_size)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre_tokenizer_name(spec))
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(_merges(spec))
+    else:
+        tokens, types = _vocabulary(tokenizer, vocab_size, byte_fallback=True)
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(_merge_scores(spec, tokens))
+        writer.add_token_types(types)
+        writer.add_add_space_prefix(space_prefix)
+        if tokenizer.unk_token_id is not None:
+            writer.add_unk_token_id(tokenizer.unk_token_id)
     for add, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id),
                           (writer.add_eos_token_id, tokenizer.eos_token_id),
                           (writer.add_eot_token_id, _end_of_turn_id(tokenizer)),
-                          (writer.add_pad_token_id, tokenizer.pad_token_id)):  # no unk: every byte is a token
+                          (writer.add_pad_token_id, tokenizer.pad_token_id)):
         if token_id is not None:
             add(token_id)
     probe = tokenizer("a")["input_ids"]  # what the HF tokenizer adds around plain text
@@ -297,13 +388,57 @@ def _add_tokenizer(writer, model_dir: Path, tokenizer, vocab_size: int) -> None:
         writer.add_chat_template(tokenizer.chat_template)
 
 
+def _steps(node: dict | None) -> list[dict]:
+    """The steps of a normalizer, pre-tokenizer or decoder (a Sequence's members, or the one step)."""
+    if not node:
+        return []
+    return [s for n in node.get("normalizers") or node.get("pretokenizers") or node.get("decoders") or []
+            for s in _steps(n)] if node.get("type") == "Sequence" else [node]
+
+
+def _sentencepiece_space_prefix(spec: dict) -> bool | None:
+    """For a SentencePiece BPE tokenizer (byte fallback, "▁" for spaces: Llama 2, Mistral, Gemma, Phi-3),
+    whether it writes "▁" before each text after a special token, as llama.cpp's `llama` vocabulary does with
+    add_space_prefix; None for any other tokenizer. ExportError for a SentencePiece tokenizer that llama.cpp
+    would split differently."""
+    model = spec.get("model") or {}
+    if model.get("type") == "Unigram":
+        raise ExportError("this is a SentencePiece Unigram tokenizer: Hugging Face splits it by the most likely "
+                          "segmentation, llama.cpp's SentencePiece vocabulary by greedy merges, so prompts would "
+                          "be tokenized differently. GGUF export supports SentencePiece BPE (byte fallback) and "
+                          "byte-level BPE tokenizers")
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        return None
+    normalizers = [(n.get("type"), n.get("prepend") or (n.get("pattern") or {}).get("String"), n.get("content"))
+                   for n in _steps(spec.get("normalizer"))]
+    pre = _steps(spec.get("pre_tokenizer"))
+    if not pre and normalizers in ([("Replace", " ", "▁")], [("Prepend", "▁", None), ("Replace", " ", "▁")]):
+        return len(normalizers) == 2
+    if not normalizers and len(pre) == 1 and pre[0].get("type") == "Metaspace" \
+            and pre[0].get("replacement") == "▁" and pre[0].get("prepend_scheme") in ("always", "never") \
+            and not pre[0].get("split", False):
+        return pre[0]["prepend_scheme"] == "always"
+    raise ExportError("the tokenizer is SentencePiece-style (byte fallback) but writes spaces in a way llama.cpp "
+                      f"does not: normalizer {json.dumps(spec.get('normalizer'))[:200]}, pre_tokenizer "
+                      f"{json.dumps(spec.get('pre_tokenizer'))[:200]}")
+
+
+def _merge_scores(spec: dict, tokens: list[str]) -> list[float]:
+    """Scores for llama.cpp's SentencePiece merges, which join the adjacent pair whose result scores highest: a
+    token made by the merge of rank r scores -r, so llama.cpp merges in the order the BPE model does. Tokens no
+    merge makes (characters, bytes, specials) score 0; nothing compares their scores."""
+    first_rank: dict[str, int] = {}
+    for rank, merge in enumerate(_merges(spec)):
+        first_rank.setdefault(merge.replace(" ", ""), rank)  # "a b" -> "ab" (SentencePiece pieces hold no space)
+    return [-float(first_rank[t]) if t in first_rank else 0.0 for t in tokens]
+
+
 def _check_byte_level_bpe(spec: dict) -> None:
-    model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
-    decoders = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+    model, decoders = spec.get("model") or {}, _steps(spec.get("decoder"))
     if model.get("type") != "BPE" or not any(d.get("type") == "ByteLevel" for d in decoders):
-        raise ExportError("GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen, GPT-2 style) only; "
-                          f"this tokenizer is {model.get('type')} with decoder {decoder.get('type')} "
-                          "(SentencePiece-style tokenizers are not supported yet)")
+        raise ExportError("GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen, GPT-2 style) and "
+                          "SentencePiece BPE ones with byte fallback (Llama 2, Mistral, Gemma, Phi-3); this "
+                          f"tokenizer is {model.get('type')} with decoders {[d.get('type') for d in decoders]}")
     normalizer = spec.get("normalizer")
     if normalizer is not None and normalizer.get("type") != "NFC":  # NFC leaves already-composed text as is
         raise ExportError(f"the tokenizer's {normalizer.get('type')} normalizer has no llama.cpp equivalent")
@@ -336,9 +471,12 @@ def pre_tokenizer_name(spec: dict) -> str:
     return name
 
 
-def _vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # a SentencePiece byte-fallback token
+
+
+def _vocabulary(tokenizer, vocab_size: int, byte_fallback: bool = False) -> tuple[list[str], list[int]]:
     """Token strings and llama.cpp token types for ids 0..vocab_size-1 (ids the tokenizer lacks are UNUSED)."""
-    gguf = _gguf()
+    gguf = gguf_module()
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     if max(by_id) >= vocab_size:
         raise ExportError(f"the tokenizer has token id {max(by_id)} but the model's vocab_size is {vocab_size}; "
@@ -350,6 +488,10 @@ def _vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
         tokens.append(text if text is not None else f"[PAD{i}]")
         if text is None:
             types.append(gguf.TokenType.UNUSED)
+        elif byte_fallback and i == tokenizer.unk_token_id:
+            types.append(gguf.TokenType.UNKNOWN)
+        elif byte_fallback and _BYTE_TOKEN.fullmatch(text):
+            types.append(gguf.TokenType.BYTE)
         elif i not in added:
             types.append(gguf.TokenType.NORMAL)
         elif added[i].special or (text.startswith("<|") and text.endswith("|>")):
@@ -388,14 +530,14 @@ def _weight_files(model_dir: Path) -> list[Path]:
     return [single]
 
 
-def _plan_tensors(stack: ExitStack, model_dir: Path, config, family: Gguf, outtype: str) -> list[_Tensor]:
+def _plan_tensors(stack: ExitStack, model_dir: Path, config, family: Gguf, outtype: str) -> list[Tensor]:
     from safetensors import safe_open
 
-    gguf = _gguf()
+    gguf = gguf_module()
     arch = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}[family.arch]
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     tied = getattr(config, "tie_word_embeddings", False)
-    planned: list[_Tensor] = []
+    planned: list[Tensor] = []
     for path in _weight_files(model_dir):
         handle = stack.enter_context(safe_open(path, framework="pt"))
         for hf_name in handle.keys():
@@ -406,56 +548,62 @@ def _plan_tensors(stack: ExitStack, model_dir: Path, config, family: Gguf, outty
                 raise ExportError(f"tensor {hf_name} has no GGUF name in llama.cpp's {family.arch} architecture; "
                                   "is this a plain merged model folder?")
             shape = tuple(handle.get_slice(hf_name).get_shape())
-            planned.append(_Tensor(name, shape, _qtype(name, shape, outtype),
-                                   _loader(handle, hf_name, config, family)))
+            if name.endswith(_CONV) and len(shape) == 3:
+                shape = (shape[0], shape[2])  # (channels, 1, kernel) as llama.cpp's (channels, kernel)
+            planned.append(Tensor(name, shape, _qtype(name, shape, outtype),
+                                   _loader(handle, hf_name, name, shape, config, family)))
     if not tied and not any(t.name == "output.weight" for t in planned):
         # llama.cpp would silently reuse token_embd as the output projection: a different model
         raise ExportError(f"{model_dir} has no lm_head.weight but its config says the embeddings are not tied")
     extra = _rope_scaling(config)[1]
-    if extra is not None:
-        factors = extra(config)
-        planned.append(_Tensor("rope_freqs.weight", factors.shape, gguf.GGMLQuantizationType.F32, lambda: factors))
-    return sorted(planned, key=lambda t: _natural_key(t.name))
+    for name, values in (extra(config) if extra is not None else {}).items():
+        planned.append(Tensor(name, values.shape, gguf.GGMLQuantizationType.F32, lambda v=values: v))
+    return sorted(planned, key=lambda t: natural_key(t.name))
 
 
-def _natural_key(name: str) -> tuple:
+def natural_key(name: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in name.split("."))
 
 
 def _qtype(name: str, shape: tuple[int, ...], outtype: str):
     """Norms and 1-D tensors stay F32 (llama.cpp expects that); matrices become f16 or q8_0."""
-    q = _gguf().GGMLQuantizationType
-    if len(shape) <= 1 or name.endswith("_norm.weight"):
+    q = gguf_module().GGMLQuantizationType
+    if len(shape) <= 1 or name.endswith(("_norm.weight", _CONV)):  # llama.cpp's convolution reads f32 weights
         return q.F32
     if outtype == "q8_0":
-        block, _ = _gguf().GGML_QUANT_SIZES[q.Q8_0]
+        block, _ = gguf_module().GGML_QUANT_SIZES[q.Q8_0]
         return q.Q8_0 if shape[-1] % block == 0 else q.F16  # rows q8_0 cannot hold stay f16, as in llama.cpp
     return q.F16
 
 
-def _loader(handle, hf_name: str, config, family: Gguf) -> Callable[[], object]:
+_CONV = "shortconv.conv.weight"  # LFM2's depthwise convolution
+
+
+def _loader(handle, hf_name: str, name: str, shape: tuple[int, ...], config, family: Gguf) -> Callable[[], object]:
     def load():
         w = handle.get_tensor(hf_name).float()
         if family.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            w = _interleave_rope_halves(w, config.num_attention_heads)
+            w = interleave_rope_halves(w, config.num_attention_heads)
         elif family.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = _interleave_rope_halves(w, config.num_key_value_heads or config.num_attention_heads)
-        return w.numpy()
+            w = interleave_rope_halves(w, config.num_key_value_heads or config.num_attention_heads)
+        if family.norm_offset and name.endswith("norm.weight"):
+            w = w + family.norm_offset
+        return w.reshape(shape).numpy()
 
     return load
 
 
-def _interleave_rope_halves(w, n_heads: int):
+def interleave_rope_halves(w, n_heads: int):
     """Per head, rows [x_0..x_{d/2-1}, y_0..y_{d/2-1}] (HF rotate-half) -> [x_0, y_0, x_1, y_1, ...]."""
     rows = w.shape[0]
     return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _storage(t: _Tensor):
+def _storage(t: Tensor):
     """(shape as stored, numpy dtype): float types as they are, block-quantized types as bytes."""
     import numpy as np
 
-    gguf = _gguf()
+    gguf = gguf_module()
     q = gguf.GGMLQuantizationType
     if t.qtype == q.F32:
         return t.shape, np.dtype(np.float32)
@@ -464,10 +612,10 @@ def _storage(t: _Tensor):
     return tuple(gguf.quant_shape_to_byte_shape(t.shape, t.qtype)), np.dtype(np.uint8)
 
 
-def _encode(t: _Tensor):
+def _encode(t: Tensor):
     import numpy as np
 
-    gguf = _gguf()
+    gguf = gguf_module()
     data = np.ascontiguousarray(t.load(), dtype=np.float32)
     if tuple(data.shape) != tuple(t.shape):
         raise ExportError(f"{t.name}: expected shape {t.shape}, got {data.shape}")

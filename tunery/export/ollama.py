@@ -125,13 +125,13 @@ def go_template(fmt: ChatFormat, with_bos: bool = False) -> str:
 
 
 def modelfile_text(tokenizer, gguf_filename: str, system: str | None = None, params: dict | None = None,
-                   gguf_adds_bos: bool | None = None) -> str:
+                   gguf_adds_bos: bool | None = None, adapter_filename: str | None = None) -> str:
     """An Ollama Modelfile: FROM the GGUF, TEMPLATE/stop/SYSTEM derived from the tokenizer's chat template.
 
     `system` is the SYSTEM prompt (the run's system_prompt); without it, the template's own default system prompt
     (if it writes one) is used. `params` adds PARAMETER lines ({"temperature": 0.7, "stop": ["###"]}).
     `gguf_adds_bos`: the GGUF's tokenizer.ggml.add_bos_token (see gguf_adds_bos()); None assumes it matches the
-    template (adds a bos exactly when the template writes one).
+    template (adds a bos exactly when the template writes one). `adapter_filename`: a LoRA GGUF over FROM's model.
     """
     fmt = chat_format(tokenizer)
     if gguf_adds_bos and not fmt.bos:
@@ -151,7 +151,10 @@ def modelfile_text(tokenizer, gguf_filename: str, system: str | None = None, par
         lines.append(f"# The chat template starts with {fmt.bos}; llama.cpp adds it from the GGUF "
                      "(tokenizer.ggml.add_bos_token), so TEMPLATE leaves it out.")
     lines += [f"# Note: {note}" for note in fmt.notes]
-    lines += [f"FROM {_value(gguf_filename, 'FROM')}", f'TEMPLATE """{go_template(fmt, with_bos)}"""']
+    lines.append(f"FROM {_value(gguf_filename, 'FROM')}")
+    if adapter_filename:
+        lines.append(f"ADAPTER {_value(adapter_filename, 'ADAPTER')}")
+    lines.append(f'TEMPLATE """{go_template(fmt, with_bos)}"""')
     if system:
         lines.append(f'SYSTEM """{_checked(system, "SYSTEM")}"""')
     extra = dict(params or {})
@@ -167,10 +170,11 @@ def modelfile_text(tokenizer, gguf_filename: str, system: str | None = None, par
     return "\n".join(lines) + "\n"
 
 
-def write_modelfile(tokenizer_dir: Path, gguf_path: Path, out_path: Path, system: str | None = None) -> Path:
+def write_modelfile(tokenizer_dir: Path, gguf_path: Path, out_path: Path, system: str | None = None,
+                    adapter: Path | None = None) -> Path:
     """Write the Modelfile for `gguf_path` (FROM relative to the Modelfile's folder) with the template derived
     from the tokenizer saved in `tokenizer_dir` (a run's adapter/ or model/, or a merged export), checked against
-    whether the GGUF adds a bos token itself."""
+    whether the GGUF adds a bos token itself; `adapter`, a LoRA GGUF over it (ADAPTER, relative too)."""
     from tunery.data.templates import ensure_chat_template
     from tunery.models.load import load_tokenizer
 
@@ -179,15 +183,22 @@ def write_modelfile(tokenizer_dir: Path, gguf_path: Path, out_path: Path, system
         raise ExportError(f"{gguf_path}: no such GGUF file; write the GGUF first, then its Modelfile")
     tokenizer = load_tokenizer(str(tokenizer_dir))
     ensure_chat_template(tokenizer)  # what training did to a tokenizer without one
-    try:
-        source = os.path.relpath(gguf_path.resolve(), out_path.resolve().parent)
-        source = source if source.startswith(".") else f"./{source}"
-    except ValueError:  # another drive (Windows)
-        source = str(gguf_path.resolve())
-    text = modelfile_text(tokenizer, source, system, gguf_adds_bos=gguf_adds_bos(gguf_path))
+    if adapter is not None and not Path(adapter).is_file():
+        raise ExportError(f"{adapter}: no such adapter GGUF file")
+    text = modelfile_text(tokenizer, _relative(gguf_path, out_path), system, gguf_adds_bos=gguf_adds_bos(gguf_path),
+                          adapter_filename=_relative(Path(adapter), out_path) if adapter is not None else None)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(text)
     return out_path
+
+
+def _relative(path: Path, modelfile: Path) -> str:
+    """`path` as the Modelfile names it: relative to the Modelfile's folder."""
+    try:
+        source = os.path.relpath(path.resolve(), modelfile.resolve().parent)
+        return source if source.startswith(".") else f"./{source}"
+    except ValueError:  # another drive (Windows)
+        return str(path.resolve())
 
 
 def gguf_adds_bos(gguf_path: Path) -> bool:

@@ -1,4 +1,5 @@
-"""`tunery export RUN ...` as one function: merge -> GGUF (+ quantize) -> verify -> Modelfile -> Hub push.
+"""`tunery export RUN ...` as one function: merge -> GGUF (+ quantize) -> verify -> Modelfile -> Hub push; or the
+LoRA adapter alone as a LoRA GGUF over the base model's GGUF (--gguf-adapter).
 
 Every GGUF is loaded back with llama.cpp and compared with the merged torch model on held-out prompts of
 the run before anything else uses it; a check that fails stops the export with the numbers.
@@ -65,6 +66,60 @@ def write_ggufs(run: Path, merged: Path, out: Path, kinds: list[str]) -> dict[st
     return written
 
 
+def base_model_dir(run: Path) -> Path:
+    """The local folder of the run's base model (a Hub id resolves to its cached snapshot)."""
+    _, cfg = open_run(run)
+    folder = Path(cfg.model).expanduser()
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(cfg.model, revision=cfg.revision,
+                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:  # offline without a cached copy, a gated repo, a removed revision
+        raise ExportError(f"--gguf-adapter needs the base model {cfg.model} locally: {e}") from None
+
+
+def write_adapter_ggufs(run: Path, out: Path) -> dict[str, Path]:
+    """The run's LoRA adapter as a LoRA GGUF and the base model (with the run's tokenizer) as an f16 GGUF, checked
+    together in llama.cpp against the torch adapter model."""
+    from tunery.export.gguf import write_gguf
+    from tunery.export.gguf_adapter import write_adapter_gguf
+    from tunery.export.verify import verify_gguf
+
+    kind, weights = trained_weights(run)
+    if kind != "adapter":
+        raise ExportError(f"{run} trained the full model (no LoRA adapter): export it with --gguf instead")
+    base_dir = base_model_dir(run)
+    out.mkdir(parents=True, exist_ok=True)
+    adapter = write_adapter_gguf(weights, base_dir, out / f"{run.name}-adapter-f16.gguf")
+    base = write_gguf(base_dir, out / f"{run.name}-base-f16.gguf", "f16", tokenizer_dir=weights)
+    with console.status(f"verifying {base.name} + {adapter.name} against the torch adapter model"):
+        report = verify_gguf(base, base_dir, _prompts(run, weights), quant="f16", torch_adapter=weights,
+                             gguf_adapter=adapter)
+    console.print(f"[green]{adapter.name}[/] ({adapter.stat().st_size / 2**20:.1f} MiB) over {base.name}: "
+                  f"{_describe(report)}")
+    return {"base": base, "adapter": adapter}
+
+
+def score_exported(run: Path, ggufs: dict[str, Path], adapter: dict[str, Path] | None) -> dict | None:
+    """`tunery eval RUN --gguf` on what the export wrote: the table's report, or None (said why) when the run has
+    no held-out data to score on or its data changed."""
+    from tunery.errors import DataError
+    from tunery.eval.evaluate import evaluate_ggufs
+    from tunery.eval.gguf import GgufModel
+
+    models = [GgufModel(p) for p in ggufs.values()]
+    if adapter:
+        models.append(GgufModel(adapter["base"], adapter["adapter"]))
+    try:
+        return evaluate_ggufs(run, models)
+    except DataError as e:
+        console.print(f"[yellow]the GGUF files are not scored on held-out data:[/] {e}")
+        return None
+
+
 def _describe(r: dict) -> str:
     ties = [p["prompt"] for p in r["generation_partings"] if p["near_tie"]]
     tied = f" (prompts {ties} part at a near tie of torch's logits)" if ties else ""
@@ -73,20 +128,29 @@ def _describe(r: dict) -> str:
             f"(torch {r['torch_stopped']}), max |logit diff| {r['max_abs_logit_diff']:.3g}")
 
 
-def write_ollama(run: Path, merged: Path, ggufs: dict[str, Path], name: str, out: Path) -> Path:
-    """A Modelfile beside the smallest GGUF, the `ollama create` command, and that command run if ollama exists."""
+def write_ollama(run: Path, merged: Path | None, ggufs: dict[str, Path], name: str, out: Path,
+                 adapter: dict[str, Path] | None = None) -> Path:
+    """A Modelfile beside the smallest GGUF, and with --gguf-adapter one FROM the base GGUF with ADAPTER the LoRA
+    GGUF (Modelfile.adapter beside a merged one, else Modelfile); the `ollama create` commands, and the first run
+    if ollama exists. Returns the first Modelfile."""
     from tunery.export.ollama import ollama_create_command, write_modelfile
 
-    if not ggufs:
-        raise ExportError("--ollama needs a GGUF to point at: add --gguf q4_k_m (or f16/q8_0)")
+    if not ggufs and not adapter:
+        raise ExportError("--ollama needs a GGUF to point at: add --gguf q4_k_m (or f16/q8_0) or --gguf-adapter")
     _, cfg = open_run(run)
-    gguf = next(ggufs[k] for k in SMALLEST_FIRST if k in ggufs)
-    modelfile = write_modelfile(merged, gguf, out / "Modelfile", system=cfg.system_prompt)
-    cmd = ollama_create_command(name, modelfile)
-    console.print(f"Modelfile: {modelfile}\nrun: {shlex.join(cmd)}")
+    modelfiles = []
+    if ggufs:
+        modelfiles.append(write_modelfile(merged, next(ggufs[k] for k in SMALLEST_FIRST if k in ggufs),
+                                          out / "Modelfile", system=cfg.system_prompt))
+    if adapter:
+        modelfiles.append(write_modelfile(trained_weights(run)[1], adapter["base"],
+                                          out / ("Modelfile.adapter" if ggufs else "Modelfile"),
+                                          system=cfg.system_prompt, adapter=adapter["adapter"]))
+    for modelfile in modelfiles:
+        console.print(f"Modelfile: {modelfile}\nrun: {shlex.join(ollama_create_command(name, modelfile))}")
     if shutil.which("ollama"):
-        subprocess.run(cmd, check=True)
-    return modelfile
+        subprocess.run(ollama_create_command(name, modelfiles[0]), check=True)
+    return modelfiles[0]
 
 
 def push_files(run: Path, merged: Path | None, ggufs: dict[str, Path], modelfile: Path | None) -> tuple[list, dict]:
@@ -107,7 +171,10 @@ def push_files(run: Path, merged: Path | None, ggufs: dict[str, Path], modelfile
 
 def export_run(run: str | Path, *, merged: Path | None = None, gguf: list[str] | None = None,
                ollama: str | None = None, push_to_hub: str | None = None, dry_run: bool = False,
-               public: bool = False, out: Path | None = None, overwrite: bool = False) -> dict:
+               public: bool = False, out: Path | None = None, overwrite: bool = False,
+               gguf_adapter: bool = False, score: bool = True) -> dict:
+    """Export a run (see the module docstring); with `score`, the GGUF files written are also scored on the run's
+    held-out data beside the torch model (result["scores"], the report of tunery.eval.evaluate.evaluate_ggufs)."""
     from tunery.export.merge import export_merged
 
     run, _ = open_run(run)
@@ -121,12 +188,15 @@ def export_run(run: str | Path, *, merged: Path | None = None, gguf: list[str] |
         result["merged"] = merged_dir
     ggufs = write_ggufs(run, merged_dir, out, kinds) if kinds else {}
     result["gguf"] = ggufs
-    modelfile = write_ollama(run, merged_dir, ggufs, ollama, out) if ollama else None
+    adapter = write_adapter_ggufs(run, out) if gguf_adapter else None
+    result["gguf_adapter"] = adapter
+    modelfile = write_ollama(run, merged_dir, ggufs, ollama, out, adapter) if ollama else None
+    result["scores"] = score_exported(run, ggufs, adapter) if score and (ggufs or adapter) else None
     if push_to_hub:
         from tunery.export.hub import format_plan, plan_upload, push
 
         what, files = push_files(run, merged if merged is not None else (merged_dir if not kinds else None),
-                                 ggufs, modelfile)
+                                 {**ggufs, **(adapter or {})}, modelfile)  # the adapter's GGUFs go up too
         plan = plan_upload(run, push_to_hub, what, files, private=not public)
         if dry_run:
             print(format_plan(plan), end="")

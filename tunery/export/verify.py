@@ -52,8 +52,12 @@ class _Run:
 
 
 def verify_gguf(gguf_path: Path, model_dir: Path, prompts: list[list[dict]] | None = None, quant: str = "f16",
-                max_new_tokens: int = 16) -> dict:
-    """Compare `gguf_path` with the torch model in `model_dir`; the report, or ExportError with the numbers."""
+                max_new_tokens: int = 16, torch_adapter: Path | None = None,
+                gguf_adapter: Path | None = None) -> dict:
+    """Compare `gguf_path` with the torch model in `model_dir`; the report, or ExportError with the numbers.
+
+    `torch_adapter`: a PEFT adapter folder over `model_dir` on the torch side (its tokenizer too); `gguf_adapter`:
+    a LoRA GGUF llama.cpp loads over `gguf_path`."""
     from tunery.data.templates import render, stop_token_ids
 
     if quant not in ACCEPTANCE:
@@ -62,15 +66,17 @@ def verify_gguf(gguf_path: Path, model_dir: Path, prompts: list[list[dict]] | No
     if not gguf_path.is_file():
         raise ExportError(f"{gguf_path} does not exist")
     prompts = prompts or DEFAULT_PROMPTS
-    model, tokenizer = _load_torch(model_dir)
+    model, tokenizer = _load_torch(model_dir, torch_adapter)
     texts = [render(tokenizer, p, add_generation_prompt=p[-1]["role"] != "assistant") for p in prompts]
     ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
     stops = stop_token_ids(tokenizer)
     torch_runs = [_torch_greedy(model, x, set(stops), max_new_tokens) for x in ids]
-    llama_tokens, llama_runs, stops_are_eog = _llama_side(gguf_path, texts, ids, stops, max_new_tokens)
+    llama_tokens, llama_runs, stops_are_eog = _llama_side(gguf_path, texts, ids, stops, max_new_tokens,
+                                                          gguf_adapter)
     report = _compare(ids, llama_tokens, torch_runs, llama_runs)
     report.update(_partings(model, ids, torch_runs, llama_runs, report["max_abs_logit_diff"]))
-    report.update(gguf=str(gguf_path), quant=quant, stop_tokens_are_eog=stops_are_eog,
+    report.update(gguf=str(gguf_path), gguf_adapter=str(gguf_adapter) if gguf_adapter else None, quant=quant,
+                  stop_tokens_are_eog=stops_are_eog,
                   acceptance=asdict(ACCEPTANCE[quant]), tensor_types=_tensor_types(gguf_path),
                   examples=[{"prompt": texts[i], "torch": tokenizer.decode(torch_runs[i].generated),
                              "gguf": tokenizer.decode(llama_runs[i].generated)} for i in range(min(3, len(ids)))])
@@ -86,14 +92,18 @@ def _tensor_types(gguf_path: Path) -> dict[str, int]:
     return tensor_types(gguf_path)
 
 
-def _load_torch(model_dir: Path):
+def _load_torch(model_dir: Path, adapter: Path | None = None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(adapter or model_dir)
     # float32 whatever the stored dtype: the reference should carry no rounding of its own
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return model, tokenizer
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter is not None:
+        from tunery.models.lora import load_adapter
+
+        model = load_adapter(model, adapter)
+    return model.eval(), tokenizer
 
 
 def _torch_greedy(model, ids: list[int], stops: set[int], max_new_tokens: int) -> _Run:
@@ -142,16 +152,27 @@ def _partings(model, ids: list[list[int]], torch_runs: list[_Run], llama_runs: l
             "generations_matching": (n - sum(not p["near_tie"] for p in partings)) / n}
 
 
-def _llama_side(gguf_path: Path, texts: list[str], ids: list[list[int]], stops: list[int], max_new_tokens: int):
+def load_llama(gguf_path: Path, n_ctx: int, adapter: Path | None = None):
+    """llama.cpp's model (with the LoRA GGUF `adapter` over it), keeping the logits of every position."""
+    from tunery.export.gguf import require_llama_cpp
+
+    llama_cpp = require_llama_cpp()
+    extra = {"lora_path": str(adapter)} if adapter is not None else {}
+    try:
+        return llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
+                               verbose=False, **extra)
+    except (ValueError, RuntimeError) as e:
+        what = f"{gguf_path} with the adapter {adapter}" if adapter is not None else str(gguf_path)
+        raise ExportError(f"llama.cpp cannot load {what}: {e}") from e
+
+
+def _llama_side(gguf_path: Path, texts: list[str], ids: list[list[int]], stops: list[int], max_new_tokens: int,
+                adapter: Path | None = None):
     """llama.cpp's tokenization of each text, its run on the HF ids, and whether each HF stop token ends generation."""
     from tunery.export.gguf import require_llama_cpp
 
     llama_cpp = require_llama_cpp()
-    n_ctx = max(len(x) for x in ids) + max_new_tokens + 8
-    try:
-        llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False)
-    except (ValueError, RuntimeError) as e:
-        raise ExportError(f"llama.cpp cannot load {gguf_path}: {e}") from e
+    llm = load_llama(gguf_path, max(len(x) for x in ids) + max_new_tokens + 8, adapter)
     try:
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
         tokens = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=True) for t in texts]

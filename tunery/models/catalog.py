@@ -43,6 +43,11 @@ class Gguf:
     arch: str  # llama.cpp architecture name (a value of gguf.MODEL_ARCH_NAMES)
     permute_qk: bool  # reorder q/k rows from HF's rotate-half RoPE to llama.cpp's adjacent-pair RoPE
     sliding_window_caps_context: bool = False  # llama.cpp's arch has no sliding window: stay within it
+    norm_offset: float = 0.0  # added to every norm weight: Gemma's norms scale by 1 + weight, llama.cpp's by weight
+    # metadata beyond the common set, by the name of its writer in export/gguf.py (`_EXTRAS`): "query_scale"
+    # (llama.cpp derives the attention scale from the head size), "softcapping", "sliding_window" (per-layer
+    # windows), "shortconv" (LFM2's convolution cache and its attention-free layers)
+    extras: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,7 @@ class Family:
 
 _DOWN = ("mlp.down_proj",)
 _LLAMA_3 = dict(max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5)
+_GEMMA_GGUF = ("query_scale", "softcapping", "sliding_window")
 _QWEN_2 = dict(max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6)
 
 FAMILIES: tuple[Family, ...] = (
@@ -124,10 +130,13 @@ FAMILIES: tuple[Family, ...] = (
                                               sliding_window=None, tie_word_embeddings=False,
                                               rms_norm_eps=1e-5))}),
     # Gemma's head size would default to 256 in a tiny model: it follows the spec there instead
-    Family("gemma", (Architecture("gemma", "GemmaConfig", {"head_dim": None}, unread_in_recompute=_DOWN),
-                     Architecture("gemma2", "Gemma2Config", {"head_dim": None, "query_pre_attn_scalar": None}),
+    Family("gemma", (Architecture("gemma", "GemmaConfig", {"head_dim": None}, Gguf("gemma", False, norm_offset=1.0),
+                                  unread_in_recompute=_DOWN),
+                     Architecture("gemma2", "Gemma2Config", {"head_dim": None, "query_pre_attn_scalar": None},
+                                  Gguf("gemma2", False, norm_offset=1.0, extras=_GEMMA_GGUF)),
                      Architecture("gemma3_text", "Gemma3TextConfig",
-                                  {"head_dim": None, "query_pre_attn_scalar": None})),
+                                  {"head_dim": None, "query_pre_attn_scalar": None},
+                                  Gguf("gemma3", False, norm_offset=1.0, extras=_GEMMA_GGUF))),
            _ATTN + _MLP, pieces=_NO_OPS, lora_groups=(_QKV, _GATE_UP), bench={
                "gemma3-1b": ("gemma3_text", dict(vocab_size=262144, hidden_size=1152, intermediate_size=6912,
                                                  num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1,
@@ -135,7 +144,9 @@ FAMILIES: tuple[Family, ...] = (
                                                  max_position_embeddings=32768, rope_theta=1000000.0,
                                                  tie_word_embeddings=True, rms_norm_eps=1e-6))}),
     # Phi-3's checkpoints already hold q/k/v and gate/up as one linear each (qkv_proj, gate_up_proj): no groups
-    Family("phi", (Architecture("phi3", "Phi3Config", {"tie_word_embeddings": False}, unread_in_recompute=_DOWN),),
+    # llama.cpp turns Phi-3's sliding window off (a warning when loading): stay within it
+    Family("phi", (Architecture("phi3", "Phi3Config", {"tie_word_embeddings": False},
+                                Gguf("phi3", False, sliding_window_caps_context=True), _DOWN),),
            ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), bench={
                "phi3.5-mini": ("phi3", dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192,
                                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
@@ -144,6 +155,7 @@ FAMILIES: tuple[Family, ...] = (
     # LFM2 alternates short-convolution and attention blocks (a tiny model alternates them too: models/tiny.py);
     # a tiny one would round its MLP width up to a multiple of 256 and follows the spec instead
     Family("lfm2", (Architecture("lfm2", "Lfm2Config", {"block_auto_adjust_ff_dim": False, "layer_types": None},
+                                 Gguf("lfm2", False, extras=("shortconv",)),
                                  unread_in_recompute=("feed_forward.w2",)),),
            ("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3"), pieces=_NO_OPS, packing=False,
            lora_groups=(_QKV, ("feed_forward", ("w1", "w3"), ())), bench={
