@@ -67,8 +67,12 @@ def test_an_unlisted_model_folder_is_described_from_its_config(tmp_path):
         describe(str(tmp_path / "nothing-here"))
 
 
-def test_models_command_lists_and_describes():
+def test_models_command_lists_and_describes(monkeypatch):
+    from tunery import progress
     from tunery.cli.app import app
+
+    # a wide terminal whatever runs the test (a pytest worker has none, and rich then draws 80 columns)
+    monkeypatch.setattr(progress.report, "_width", 250)
 
     runner = CliRunner()
     listed = runner.invoke(app, ["models", "--json", "--commercial"], env={"COLUMNS": "200"})
