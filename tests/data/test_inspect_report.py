@@ -198,11 +198,17 @@ REPORT_HELD = [_chat("WHAT is 2+2?", "4"), _chat("Another one?", "")]
 def _invoke(tmp_path, *extra: str):
     from typer.testing import CliRunner
 
+    from tunery import progress
     from tunery.cli.app import app
 
     train, held = _jsonl(tmp_path / "train.jsonl", REPORT_TRAIN), _jsonl(tmp_path / "held.jsonl", REPORT_HELD)
-    return CliRunner().invoke(app, ["data", "inspect", train, "--eval-data", held, *extra],
-                              env={"COLUMNS": "250", "NO_COLOR": "1"})
+    width = progress.report._width
+    progress.report._width = 250  # whatever runs the test: a pytest worker has no terminal, and rich draws 80
+    try:
+        return CliRunner().invoke(app, ["data", "inspect", train, "--eval-data", held, *extra],
+                                  env={"COLUMNS": "250", "NO_COLOR": "1"})
+    finally:
+        progress.report._width = width
 
 
 def test_the_printed_report_shows_rows_conflicts_labels_and_the_eval_file(tmp_path):

@@ -65,7 +65,7 @@ def test_eval_gguf_scores_the_file_beside_torch(exported):
     report = json.loads((run / "eval" / "gguf_report.json").read_text())
     torch_row, f16 = report["rows"]["torch"], report["rows"]["r-f16.gguf"]
     # this tiny model learns the layout of the answers in seconds (ROUGE-L), not yet the exact dates: the demo's
-    # model does (test_demo_run_f16_scores_like_torch)
+    # model does (tests/e2e/test_demo.py)
     assert torch_row["rouge_l"] >= 0.3
     assert f16["exact_match"] == torch_row["exact_match"] and f16["rouge_l"] == pytest.approx(torch_row["rouge_l"])
     assert f16["identical_to_torch"] >= 0.9
@@ -79,20 +79,3 @@ def test_a_missing_file_is_a_clear_error(exported):
                 check=False)
     assert proc.returncode != 0
     assert "no such GGUF file" in proc.stdout + proc.stderr and "Traceback" not in proc.stdout + proc.stderr
-
-
-def test_demo_run_f16_scores_like_torch(tmp_path):
-    """The acceptance case: `tunery demo` (its tiny model learns the task), exported to f16 and q8_0, then
-    `tunery eval RUN --gguf`: on the demo's held-out rows the f16 file's exact match is the torch model's."""
-    home = tmp_path / "home"
-    _cli("demo", "--out", str(tmp_path / "demo"), home=home)
-    (run,) = (tmp_path / "demo" / "runs").glob("demo-*")
-    _cli("export", str(run), "--gguf", "f16", "--gguf", "q8_0", "--no-score", home=home)
-    proc = _cli("eval", str(run), "--gguf", str(run / "export" / f"{run.name}-f16.gguf"),
-                "--gguf", str(run / "export" / f"{run.name}-q8_0.gguf"), home=home)
-    report = json.loads((run / "eval" / "gguf_report.json").read_text())
-    print(proc.stdout)
-    rows = report["rows"]
-    assert rows["torch"]["exact_match"] >= 0.6
-    assert rows[f"{run.name}-f16.gguf"]["exact_match"] == rows["torch"]["exact_match"]
-    assert rows[f"{run.name}-q8_0.gguf"]["exact_match"] >= rows["torch"]["exact_match"] - 0.05

@@ -82,6 +82,8 @@ def _kind(hint: Any) -> tuple[str, tuple, bool]:
         args, origin = typing.get_args(hint), typing.get_origin(hint)
     if origin is Literal:
         return "choice", args, optional
+    if hint is bool and optional:  # on, off, or unset (tunery chooses: packing)
+        return "choice", (True, False), optional
     if origin is list:
         return "list", (), optional
     return {bool: "bool", int: "int", float: "float"}.get(hint, "text"), (), optional
@@ -122,4 +124,6 @@ def _read(field: Field, raw: Any) -> Any:
         return [v.strip() for v in text.split(",") if v.strip()]
     if not text:
         return None if field.optional else (field.default if raw is None else None)
+    if field.choices and all(isinstance(c, bool) for c in field.choices):
+        return text == "True"
     return text  # numbers and choices: RunConfig's own validation reads and checks them, naming the field
