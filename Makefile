@@ -40,8 +40,8 @@ tools:
 
 test: $(FULL) tools
 	$(BIN)/ruff check tunery tests bench
-	# two workers, a test file each at a time (its module fixtures stay in one process): most end-to-end tests
-	# wait on subprocesses, so the suite takes about two thirds of the time of one worker on 2 cores
+	# two workers, a test file each at a time (its module fixtures stay in one process); the slowest files start
+	# first (tests/conftest.py), so one worker runs them while the other works through the rest
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "not gpu" -n 2 --dist loadfile   # gpu tests run on the device: pytest -m gpu
 
 clean:
