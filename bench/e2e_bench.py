@@ -85,7 +85,8 @@ def run_tunery(model_dir: str, data: Path, profile: str, batch: int, stack: str,
     return {"wall_s": wall, "loop_s": timing["loop_s"], "first_step_s": timing["first_step_s"],
             "tokens": timing["tokens"], "tokens_per_s": timing["tokens_per_s"],
             "steady_tokens_per_s": timing["steady_tokens_per_s"], "padding_share": timing["padding_share"],
-            "compiled_graphs": timing.get("compiled_graphs"), "peak_gib": timing.get("peak_gib"),
+            "compiled_graphs": timing.get("compiled_graphs"), "cuda_graphs": timing.get("cuda_graphs"),
+            "peak_gib": timing.get("peak_gib"),
             "steps": result["steps"], "engine": result["engine"]["steps"], "batching": result["engine"]["batching"]}
 
 
@@ -157,11 +158,11 @@ def unsloth_worker(spec: dict) -> None:
 
 def table(records: list[dict]) -> str:
     out = ["| model | profile | rows | stack | wall s | loop s | first step s | tok/s (loop) | steady tok/s | "
-           "padding | compiles | peak GiB | steps | wall vs Unsloth | loop vs Unsloth |", "|" + "---|" * 15]
+           "padding | compiles | captures | peak GiB | steps | wall vs Unsloth | loop vs Unsloth |", "|" + "---|" * 16]
     for r in records:
         if "error" in r:
             out.append(f"| {r['model']} | {r['profile']} | {r['rows']} | {r['stack']} | failed: "
-                       f"{r['error'].strip().splitlines()[-1][:120]} |" + " |" * 10)
+                       f"{r['error'].strip().splitlines()[-1][:120]} |" + " |" * 11)
             continue
         ref = next((x for x in records if x["stack"] == "unsloth" and "error" not in x and
                     (x["model"], x["profile"], x["rows"]) == (r["model"], r["profile"], r["rows"])), None)
@@ -174,7 +175,8 @@ def table(records: list[dict]) -> str:
         out.append(f"| {r['model']} | {r['profile']} | {r['rows']} | {r['stack']}{' (warm)' if r.get('warm') else ''}"
                    f" | {f(r['wall_s'])} | {f(r['loop_s'])} | {f(r['first_step_s'])} | {f(r['tokens_per_s'], ',.0f')}"
                    f" | {f(r['steady_tokens_per_s'], ',.0f')} | {f(r.get('padding_share'), '.0%')}"
-                   f" | {r.get('compiled_graphs', '-')} | {f(r.get('peak_gib'), '.2f')} | {r['steps']} | {vs_wall}"
+                   f" | {r.get('compiled_graphs', '-')} | {r.get('cuda_graphs', '-')} | {f(r.get('peak_gib'), '.2f')}"
+                   f" | {r['steps']} | {vs_wall}"
                    f" | {vs_loop} |")
     return "\n".join(out)
 

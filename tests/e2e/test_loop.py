@@ -31,7 +31,7 @@ def test_run_folder_is_complete_and_loss_falls(trained):
     assert engine["fast_path"].startswith("reference path") and engine["steps"] == "no CUDA graphs (CPU)"
     assert 0 < timing["first_step_s"] and 0 < timing["loop_s"] and timing["tokens"] > 0
     assert timing["tokens_per_s"] > 0 and timing["steady_tokens_per_s"] > 0 and 0 <= timing["padding_share"] < 1
-    assert "peak_gib" not in timing  # a CPU run has no GPU peak to report
+    assert "peak_gib" not in timing and timing["cuda_graphs"] == 0  # a CPU run: no GPU peak, no graphs
     assert all(m["tokens_per_s_recent"] > 0 and m["elapsed_s"] > 0 for m in metrics(run))
     losses = [m["loss"] for m in metrics(run)]
     assert len(losses) == 80

@@ -78,6 +78,11 @@ class StepGraphs:
         self._graphs: dict[tuple, tuple] = {}
         self._sums: list[torch.Tensor] | None = None  # the gradient buffers accumulating graphs add into
 
+    @property
+    def captured(self) -> int:
+        """CUDA graphs captured so far (a batch shape takes two when gradients accumulate)."""
+        return len(self._graphs)
+
     def describe(self) -> str:
         if not self.enabled:
             return f"no CUDA graphs ({self.reason})"

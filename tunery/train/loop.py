@@ -246,7 +246,8 @@ def run_loop(t: Trainer, start: int, metrics: MetricsFile | None) -> dict:
                     tokens_per_s=round(_rate(marks[0], marks[-1]), 1),
                     # the second half of the steps: past the compiles and captures of the first shapes
                     steady_tokens_per_s=round(_rate(half, marks[-1]), 1),
-                    padding_share=round(1 - tokens / max(1, slots * t.dist.world), 4), **_engine_counts(t.device))
+                    padding_share=round(1 - tokens / max(1, slots * t.dist.world), 4), cuda_graphs=t.graphs.captured,
+                    **_engine_counts(t.device))
     return last
 
 
