@@ -35,15 +35,3 @@ def tunery_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("TUNERY_HOME", str(home))
     return home
 
-
-# The longest test files, started first: with two workers (`make test`: pytest-xdist, a file at a time) one of
-# them runs these while the other works through the rest, instead of both waiting on them at the end.
-SLOW_FIRST = ("tests/e2e/test_demo.py", "tests/browser/", "tests/e2e/test_jobs.py",
-              "tests/e2e/test_jobs_reliability.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    def rank(item) -> int:
-        return next((i for i, prefix in enumerate(SLOW_FIRST) if item.nodeid.startswith(prefix)), len(SLOW_FIRST))
-
-    items.sort(key=rank)  # stable: within a rank, the collection order
