@@ -192,9 +192,14 @@ def test_a_worker_stopped_mid_job_resumes_it_on_the_same_loss(workspace, tmp_pat
     assert not (run / "result.json").exists()
     _worker(home).wait(timeout=300)
     job = store.get(job_id)
-    assert job.state == "succeeded" and job.attempts == 2, (store.transitions(job_id), _worker_logs(home))
     reasons = " | ".join(t["reason"] for t in store.transitions(job_id))
-    assert ("is gone" if sig == signal.SIGKILL else "worker stopped") in reasons, reasons
+    if sig == signal.SIGKILL and job.attempts == 1:
+        # on a slow machine the orphaned training can finish before the next worker is up: it then reconciles
+        # the job as done (the run is complete: the checks below hold) instead of resuming it
+        assert job.state == "succeeded" and "finished after worker" in reasons, reasons
+    else:
+        assert job.state == "succeeded" and job.attempts == 2, (store.transitions(job_id), _worker_logs(home))
+        assert ("is gone" if sig == signal.SIGKILL else "worker stopped") in reasons, reasons
     final = json.loads((run / "result.json").read_text())
     assert final["final_loss"] == pytest.approx(straight["final_loss"], rel=1e-4)
     assert [m["step"] for m in metrics(run)] == list(range(1, 61))
