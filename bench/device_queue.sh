@@ -7,7 +7,7 @@
 # The first call starts the queue in the background, detached from the call: each line of bench/device_queue.txt
 # (or of $QUEUE) in order, `#` lines skipped, every command's output and exit status in one log. Every call then
 # waits up to SECONDS (default 540) for the queue, prints what it wrote since the previous call, copies the log to
-# $OUT (when set) and ends with "queue: running" or "queue: done". Call again before the machine's idle window
+# $OUT (when set) with the results files in $QUEUE_RESULTS (default /tmp/e2e.jsonl /tmp/bench.jsonl) and ends with "queue: running" or "queue: done". Call again before the machine's idle window
 # (the device tool's idle_release_s) runs out, or the machine and the queue are gone.
 set -uo pipefail
 state=${QUEUE_STATE:-/tmp/tunery-queue}
@@ -37,5 +37,8 @@ done
 offset=$(cat "$state/offset")
 tail -c +"$((offset + 1))" "$state/log"
 stat -c %s "$state/log" > "$state/offset"
-[ -n "${OUT:-}" ] && cp "$state/log" "$OUT/queue.log"
+if [ -n "${OUT:-}" ]; then  # the log and the results files the queue's commands write so far
+  cp "$state/log" "$OUT/queue.log"
+  for f in ${QUEUE_RESULTS:-/tmp/e2e.jsonl /tmp/bench.jsonl}; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+fi
 if [ -f "$state/done" ]; then echo "queue: done"; else echo "queue: running"; fi

@@ -2,7 +2,8 @@
 SFTTrainer, configured as Unsloth's notebooks do) on the same file, one after the other in one process tree.
 
 Each run is a fresh process timed from its start to its exit (the adapter saved); the training loop's own time,
-the time to the first step, steady-state tokens/s (the second half of the steps), the padding share, compiles,
+the time to the first step and where the time before it went (imports, data, weights, adapters), steady-state
+tokens/s (the second half of the steps), the padding share, compiles,
 CUDA graphs and the peak GPU memory come from the run itself (tunery's result.json, a callback in Unsloth's).
 Datasets are written here, seeded: text rows of random words of a word-level tokenizer (one token each), with
 log-normal lengths per profile. Models are random-init from the public configs (bench/lora_bench.py's folders).
@@ -10,11 +11,14 @@ log-normal lengths per profile. Models are random-init from the public configs (
 On the GPU machine (reference stacks unpacked: `. bench/gpu_env.sh`):
     python bench/e2e_bench.py --models llama-1b --profiles mixed --rows 500 --out /tmp/e2e.jsonl
     python bench/e2e_bench.py --table /tmp/e2e.jsonl          # the markdown table of what a run wrote
-Stacks (--stacks): tunery (its defaults: on CUDA, token budgets and packing where the model packs),
-tunery-examples (--no-packing --micro-batch-tokens 0: batch_size examples a micro-batch, padded),
+Stacks (--stacks): tunery (its defaults: on CUDA, token budgets, packing where the model packs, and
+torch.compile where the run is long enough to repay it),
+tunery-compiled (its defaults with --fast-compile: torch.compile even where tunery judges the run too
+short to repay it), tunery-examples (--no-packing --micro-batch-tokens 0: batch_size examples a micro-batch, padded),
 tunery-tokens (--no-packing --micro-batch-tokens N), tunery-packed (--packing --micro-batch-tokens N; not LFM2,
-whose convolutions cross packed examples), unsloth. The first tunery stack of
-each model runs twice, with an empty TUNERY_HOME (cold: nothing compiled yet) and again (warm).
+whose convolutions cross packed examples), unsloth. Each tunery stack has a TUNERY_HOME of its
+own, empty at first (cold: nothing compiled yet); tunery-compiled (or else the first tunery stack) runs again
+with it, on each model's first profile and row count (warm).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ PROFILES = {  # name: (median tokens, log-normal sigma, cap = max_seq_len)
     "mixed": (300, 0.8, 2000),
     "long": (1500, 0.6, 8192),
 }
-STACKS = ("tunery", "tunery-examples", "tunery-tokens", "tunery-packed", "unsloth")
+STACKS = ("tunery", "tunery-compiled", "tunery-examples", "tunery-tokens", "tunery-packed", "unsloth")
 BATCH = {"llama-1b": 8, "lfm2-1.2b": 8, "llama-8b": 4}  # examples per step (the issue's rows: 8 and 4)
 
 
@@ -73,7 +77,8 @@ def run_tunery(model_dir: str, data: Path, profile: str, batch: int, stack: str,
     if stack in ("tunery-tokens", "tunery-packed"):
         args += ["--micro-batch-tokens", str(budget_for(profile, batch))]
     args += {"tunery-packed": ["--packing"], "tunery-tokens": ["--no-packing"],
-             "tunery-examples": ["--no-packing", "--micro-batch-tokens", "0"]}.get(stack, []) + list(extra)
+             "tunery-examples": ["--no-packing", "--micro-batch-tokens", "0"],
+             "tunery-compiled": ["--fast-compile"]}.get(stack, []) + list(extra)
     env = {**os.environ, "TUNERY_HOME": str(home)}
     t0 = time.time()
     proc = subprocess.run(args, env=env, capture_output=True, text=True)
@@ -86,7 +91,7 @@ def run_tunery(model_dir: str, data: Path, profile: str, batch: int, stack: str,
             "tokens": timing["tokens"], "tokens_per_s": timing["tokens_per_s"],
             "steady_tokens_per_s": timing["steady_tokens_per_s"], "padding_share": timing["padding_share"],
             "compiled_graphs": timing.get("compiled_graphs"), "cuda_graphs": timing.get("cuda_graphs"),
-            "peak_gib": timing.get("peak_gib"),
+            "peak_gib": timing.get("peak_gib"), "setup": timing.get("setup"), "save_s": timing.get("save_s"),
             "steps": result["steps"], "engine": result["engine"]["steps"], "batching": result["engine"]["batching"]}
 
 
@@ -117,11 +122,13 @@ def unsloth_worker(spec: dict) -> None:
 
     from bench.lora_bench import targets
 
+    setup = {"imports_s": time.time() - started}
     model, tok = FastLanguageModel.from_pretrained(model_name=spec["model_dir"], max_seq_length=spec["cap"],
                                                    dtype=torch.bfloat16, load_in_4bit=False)
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0,
                                              target_modules=targets(spec["arch"]), bias="none",
                                              use_gradient_checkpointing="unsloth", random_state=3407)
+    setup["load_s"] = time.time() - started - sum(setup.values())
     ds = load_dataset("json", data_files=spec["data"], split="train")
     marks: list[float] = []
 
@@ -139,10 +146,12 @@ def unsloth_worker(spec: dict) -> None:
                        gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=2e-4, warmup_steps=5,
                        logging_steps=10, optim="adamw_8bit", weight_decay=0.01, lr_scheduler_type="linear",
                        seed=3407, output_dir=spec["out"], report_to="none", save_strategy="no", bf16=True))
+    setup["data_s"] = time.time() - started - sum(setup.values())  # SFTTrainer tokenizes the rows
     padding_free, packing = bool(getattr(trainer.args, "padding_free", False)), bool(trainer.args.packing)
     tokens = sum(len(r) for r in trainer.train_dataset["input_ids"])
     trainer.train()
     torch.cuda.synchronize()
+    saving = time.time()
     model.save_pretrained(spec["out"] + "/adapter")
     steps = len(marks) - 1
     half = marks[len(marks) // 2] if steps > 4 else marks[0]
@@ -153,6 +162,7 @@ def unsloth_worker(spec: dict) -> None:
         # tokens per step taken as the run's mean: Unsloth does not report each step's
         "steady_tokens_per_s": tokens / steps * steady_steps / max(marks[-1] - half, 1e-9) if steps else None,
         "padding_share": None, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "steps": steps,
+        "setup": {k: round(v, 3) for k, v in setup.items()}, "save_s": round(time.time() - saving, 3),
         "engine": f"padding_free={padding_free} packing={packing}"}))
 
 
@@ -208,6 +218,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%H%M%S")  # this invocation's TUNERY_HOMEs (cold compile caches) and run folders
     records = []
+    # the stack run again warm: the one that compiles if it is asked for (a rerun of it starts from the cache)
+    warm_stack = "tunery-compiled" if "tunery-compiled" in a.stacks else next(
+        (x for x in a.stacks if x.startswith("tunery")), None)
     for arch in a.models:
         folder = model_dir(arch)
         vocab = ARCHS[arch][1]["vocab_size"]
@@ -221,7 +234,7 @@ def main() -> None:
                 for stack in a.stacks:
                     if stack == "tunery-packed" and not packs:
                         continue
-                    cold_first = stack.startswith("tunery") and first_tunery and not a.no_warm
+                    cold_first = stack == warm_stack and first_tunery and not a.no_warm
                     repeats = [False, True] if cold_first else [False]
                     for warm in repeats:
                         if a.deadline and time.time() - t0 > a.deadline:
@@ -235,7 +248,7 @@ def main() -> None:
                                             work / f"unsloth-{stamp}" / name)
                         else:
                             r = run_tunery(folder, data, profile, BATCH.get(arch, 8), stack,
-                                           work / f"home-{arch}-{stamp}", work / f"runs-{stamp}", name,
+                                           work / f"home-{arch}-{stack}-{stamp}", work / f"runs-{stamp}", name,
                                            tuple(a.tunery_args.split()))
                         label = f"{stack} {a.tunery_args}" if a.tunery_args and stack != "unsloth" else stack
                         r.update(model=arch, profile=profile, rows=rows, stack=label, warm=warm)
@@ -243,7 +256,7 @@ def main() -> None:
                         with open(a.out, "a") as f:
                             f.write(json.dumps(r) + "\n")
                         print(json.dumps(r)[:600], flush=True)
-                    if stack.startswith("tunery"):
+                    if stack == warm_stack:
                         first_tunery = False
     print(table(records))
 

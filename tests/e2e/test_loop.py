@@ -31,6 +31,8 @@ def test_run_folder_is_complete_and_loss_falls(trained):
     assert engine["fast_path"].startswith("reference path") and engine["steps"] == "no CUDA graphs (CPU)"
     assert 0 < timing["first_step_s"] and 0 < timing["loop_s"] and timing["tokens"] > 0
     assert timing["tokens_per_s"] > 0 and timing["steady_tokens_per_s"] > 0 and 0 <= timing["padding_share"] < 1
+    assert set(timing["setup"]) == {"imports_s", "data_s", "load_s", "prepare_s"} and timing["save_s"] >= 0
+    assert sum(timing["setup"].values()) < timing["first_step_s"]  # the setup phases come before the first step
     assert "peak_gib" not in timing and timing["cuda_graphs"] == 0  # a CPU run: no GPU peak, no graphs
     assert all(m["tokens_per_s_recent"] > 0 and m["elapsed_s"] > 0 for m in metrics(run))
     losses = [m["loss"] for m in metrics(run)]

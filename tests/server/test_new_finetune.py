@@ -33,8 +33,8 @@ def test_every_run_config_field_is_in_the_form_and_reads_back():
     cfg = config_from_form(form, "m", "d.jsonl")
     assert cfg == RunConfig(model="m", data="d.jsonl")  # the defaults shown read back as the defaults
     cfg = config_from_form({**form, "lr": "1e-3", "max_steps": "7", "gradient_checkpointing": "on",
-                            "fast_path.compile": None}, "m", "d")
-    assert cfg.lr == 1e-3 and cfg.max_steps == 7 and cfg.gradient_checkpointing and not cfg.fast_path.compile
+                            "fast_path.compile": "False"}, "m", "d")
+    assert cfg.lr == 1e-3 and cfg.max_steps == 7 and cfg.gradient_checkpointing and cfg.fast_path.compile is False
 
 
 def test_a_bad_value_names_its_field(client):

@@ -128,3 +128,40 @@ def test_a_gpu_run_cuts_by_tokens_and_packs_where_the_model_can(tiny, monkeypatc
     assert choose_batching(cfg, model, "cuda", Dist(world=2)) == Batching(False, 0, ())  # several processes
     lfm2 = choose_batching(cfg, _model(t.tokenizer, "lfm2"), "cuda", Dist())
     assert not lfm2.packed and lfm2.tokens == 4096  # its convolutions would cross packed examples
+
+
+def test_a_gpu_run_compiles_only_when_its_steps_repay_the_warm_up(tiny, monkeypatch):  # noqa: F811
+    """Unset, torch.compile is decided by the run's length: the steps' time estimated for this GPU (the advisor's
+    throughput for an H100 here) against compile_min_seconds. Set, or off the GPU fast path, it is kept."""
+    from tunery.jobs import flavors
+    from tunery.train.distributed import Dist
+    from tunery.train.loop import choose_compile, estimated_step_seconds
+
+    monkeypatch.setattr(flavors, "local_flavor", lambda: flavors.flavors()["h100"])
+    t = _trainer(tiny, monkeypatch)
+    cfg, model, data, batching = t.cfg, t.model, t.data, t.batching
+    assert cfg.fast_path.compile is None
+    short = estimated_step_seconds(cfg, model, data, batching, 3)
+    long = estimated_step_seconds(cfg, model, data, batching, 3000)
+    assert 0 < short and long == pytest.approx(1000 * short)  # the tokens of 1,000 times the steps
+    options, note = choose_compile(cfg, model, data, "cuda", Dist(), batching, 3)
+    assert options.compile is False and note.startswith("torch.compile off: steps estimated at ~0 s")
+    assert "under compile_min_seconds 180" in note
+    edge = cfg.replace(fast_path={"compile_min_seconds": short})  # at least the threshold: compiled
+    options, note = choose_compile(edge, model, data, "cuda", Dist(), batching, 3)
+    assert options.compile is True and note.startswith("torch.compile on")
+    assert options.compile_min_seconds == short and options.cuda_graphs  # the other options are kept
+    for kept in (cfg.replace(fast_path={"compile": False}), cfg.replace(fast_path={"compile": True})):
+        assert choose_compile(kept, model, data, "cuda", Dist(), batching, 3) == (kept.fast_path, "")
+    off_the_fast_path = (("cpu", Dist(), cfg), ("cuda", Dist(world=2), cfg), ("cuda", Dist(), cfg.replace(fast=False)))
+    for device, dist, c in off_the_fast_path:
+        assert choose_compile(c, model, data, device, dist, batching, 3) == (c.fast_path, "")
+
+
+def test_an_unset_compile_compiles_outside_the_training_loop(tiny, monkeypatch):  # noqa: F811
+    """The kernels' own default (benchmarks, tests): unset is on; only the training loop decides it per run."""
+    from tests.fastpath import fast_path
+
+    t = _trainer(tiny, monkeypatch)
+    assert fast_path(t.model, "cpu", allow_cpu=True, compile_backend="aot_eager").compiled
+    assert not fast_path(t.model, "cpu", allow_cpu=True, compile=False).compiled

@@ -56,6 +56,7 @@ class FastPath:
     compiled: bool = False  # blocks run under torch.compile: batches padded to a few lengths recompile less
     softcap: float | None = None  # the model's final logit soft-capping (Gemma 2), applied by the fused loss
     options: FastPathOptions = field(default_factory=FastPathOptions)
+    notes: list[str] = field(default_factory=list)  # choices made for this run (train/loop.py's choose_compile)
     state: StepState = field(default_factory=StepState)  # shared by the pieces while a step runs
 
     def remove(self) -> None:
@@ -67,7 +68,8 @@ class FastPath:
         self.compiled = False
 
     def describe(self) -> str:
-        return ("fast path: " + ", ".join(self.applied)) if self.applied else f"reference path ({self.reason})"
+        text = ("fast path: " + ", ".join(self.applied)) if self.applied else f"reference path ({self.reason})"
+        return "; ".join([text, *self.notes]) if self.applied else text
 
 
 def _hopper_or_newer(device: str) -> bool:
@@ -150,6 +152,6 @@ def _steps(model, device: str, family: FamilyFacts, model_type: str, decoder, fa
         steps.append(partial(use_cudnn_attention, model))
     if opts.liger_ops and "ops" in pieces and kops.liger_available():
         steps.append(partial(kops.swap_ops, decoder))
-    if opts.compile and "compile" in pieces:
+    if opts.compile is not False and "compile" in pieces:  # unset: on (the training loop decides it per run)
         steps.append(partial(kops.compile_blocks, decoder, backend=opts.compile_backend))
     return steps

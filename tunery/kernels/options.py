@@ -43,7 +43,12 @@ class FastPathOptions:
     varlen_attention: bool = _opt(True, "With packing: each packed example's attention by varlen flash attention, "
                                         "no mask over the row (kernels/varlen.py).")
     liger_ops: bool = _opt(False, "liger-kernel's RMSNorm and SwiGLU (Llama-style families; needs tunery[gpu]).")
-    compile: bool = _opt(True, "torch.compile each decoder block (one compiled region reused by all blocks).")
+    compile: bool | None = _opt(None, "torch.compile each decoder block (one compiled region reused by all blocks). "
+                                      "Unset: on where the run's steps are estimated to take at least "
+                                      "compile_min_seconds (train/loop.py's choose_compile), else off.")
+    compile_min_seconds: float = _opt(180.0, "With compile unset: the least estimated time of a run's steps that "
+                                             "compiles. Compiling costs 10-30 s of warm-up on an H100 and makes "
+                                             "steps about 15% faster, so a shorter run finishes sooner without.")
     compile_backend: str = _opt("inductor", "torch.compile's backend (tests use aot_eager on CPU).")
     cuda_graphs: bool = _opt(True, "Capture each micro-batch shape's forward+backward as a CUDA graph and replay "
                                    "it (kernels/graphs.py).")

@@ -8,6 +8,7 @@ checkpoints) -> `train_step` (one optimizer step; its micro-batch forward and ba
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import random
@@ -22,6 +23,7 @@ from tunery.data.templates import ensure_chat_template
 from tunery.errors import RunError
 from tunery.kernels.apply import FastPath, fast_path_for
 from tunery.kernels.graphs import StepGraphs, graphs_reason
+from tunery.kernels.options import FastPathOptions
 from tunery.models.catalog import family_of_model, is_prequantized
 from tunery.models.load import grow_vocabulary, load_model, load_tokenizer, model_fingerprint, pick_device, pick_dtype
 from tunery.models.lora import apply_lora
@@ -113,6 +115,45 @@ def choose_batching(cfg: RunConfig, model, device: str, dist: Dist) -> Batching:
     return Batching(packed, tokens, tuple(auto) if gpu_run else ())
 
 
+def choose_compile(cfg: RunConfig, model, data: PreparedData, device: str, dist: Dist, batching: Batching,
+                   steps: int) -> tuple[FastPathOptions, str]:
+    """cfg.fast_path with `compile` decided where it is unset, and a note saying why. torch.compile's warm-up
+    (10-30 s on an H100, more graphs on bigger blocks) repays itself only over enough steps: on where the steps
+    are estimated (advisor/speed.py's throughput for this GPU) to take at least compile_min_seconds, else off.
+    Set (--fast-compile / --no-fast-compile), or off the GPU fast path, nothing is decided here."""
+    options = cfg.fast_path
+    if options.compile is not None or not (str(device).startswith("cuda") and cfg.fast and not dist.enabled):
+        return options, ""
+    seconds = estimated_step_seconds(cfg, model, data, batching, steps)
+    if seconds is None:
+        return dataclasses.replace(options, compile=True), ""
+    on = seconds >= options.compile_min_seconds
+    note = (f"torch.compile {'on' if on else 'off'}: steps estimated at ~{seconds:.0f} s on this GPU, "
+            f"{'at least' if on else 'under'} compile_min_seconds {options.compile_min_seconds:g} "
+            f"(--fast-compile or --no-fast-compile to choose)")
+    return dataclasses.replace(options, compile=on), note
+
+
+def estimated_step_seconds(cfg: RunConfig, model, data: PreparedData, batching: Batching, steps: int) -> float | None:
+    """The time the run's steps take on this machine's GPU by the advisor's throughput model (None: a model it
+    has no shape for). Tokens: the steps' examples at the data's mean length."""
+    from tunery.advisor.shape import shape_of_config
+    from tunery.advisor.speed import tokens_per_second
+    from tunery.jobs.flavors import local_flavor
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    shape = shape_of_config(base.config.to_dict())
+    lengths = [len(e.input_ids) for e in data.train]
+    if shape is None or not lengths:
+        return None
+    mean = sum(lengths) / len(lengths)
+    tokens = steps * cfg.batch_size * cfg.grad_accum * mean
+    per_micro = batching.tokens or cfg.batch_size * mean
+    rate = tokens_per_second(shape, local_flavor(), cfg.method, seq=max(1, round(mean)),
+                             batch=max(1, round(per_micro / mean)))
+    return tokens / rate
+
+
 def train(cfg: RunConfig, resume: str | Path | None = None) -> Path:
     """Train a new run (or continue `resume`) and return its folder; `gpus` > 1 launches torchrun. The folder
     is locked while this process trains in it (the ranks of a distributed run train under their launcher's)."""
@@ -185,13 +226,16 @@ def _train_in(cfg: RunConfig, run: Path, resuming: bool, dist: Dist) -> Path:
         last = run_loop(t, start, metrics)
     finally:
         metrics.close()
+    saving = time.time()
     _save_final(t)
+    t.timing["save_s"] = round(time.time() - saving, 3)
     result = {"steps": t.total_steps, "final_loss": last.get("loss"), "eval_loss": last.get("eval_loss"),
               # what the steps ran on, as the run ended (a CUDA graph capture that failed mid-run shows here)
               "engine": {"fast_path": t.fast.describe(), "steps": t.graphs.describe(),
                          "batching": t.batching.describe(),
                          "fast_path_options": t.fast.options.to_dict()},
-              # this process's steps (after a resume, only those it ran); first_step_s counts from its start
+              # this process's steps (after a resume, only those it ran); first_step_s counts from its start;
+              # setup: seconds for imports (from the start), tokenizer and data, the weights, adapters and fast path
               "timing": t.timing}
     write_json_atomic(run / "result.json", result)
     console.print(f"done: loss {result['final_loss']:.4f}"
@@ -348,6 +392,14 @@ def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
     """Load tokenizer, data and model; build optimizer and schedule (seeded, so resume rebuilds the same)."""
     import torch
 
+    phases = {"imports_s": round(time.time() - tunery.STARTED, 3)}  # where the time before the first step goes
+    mark = time.time()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        now = time.time()
+        phases[name], mark = round(now - mark, 3), now
+
     device = distributed.init(dist, pick_device(cfg.device))
     check_method(cfg)
     tokenizer = load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
@@ -355,9 +407,11 @@ def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
         log.info("tokenizer has no chat template: using tunery's default (ChatML text + eos)")
     data = prepare_data(cfg, tokenizer)
     check_context(cfg, data)
+    lap("data_s")
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.revision, cfg.trust_remote_code,
                        four_bit=cfg.method == "qlora")
+    lap("load_s")
     new_tokens = grow_vocabulary(model, tokenizer)
     if new_tokens:
         names = ", ".join(tokenizer.convert_ids_to_tokens(new_tokens[:5])) + (", ..." if len(new_tokens) > 5 else "")
@@ -380,11 +434,16 @@ def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
         ids = [dist.local_rank] if device.startswith("cuda") else None
         forward = DistributedDataParallel(model, device_ids=ids)
     batching = choose_batching(cfg, model, device, dist)
-    fast = fast_path_for(model, device, family_of_model(model), cfg.fast_path, enabled=cfg.fast,
+    options, compile_note = choose_compile(cfg, model, data, device, dist, batching, steps)
+    fast = fast_path_for(model, device, family_of_model(model), options, enabled=cfg.fast,
                          distributed=dist.enabled, packing=batching.packed, checkpointing=cfg.gradient_checkpointing)
+    if compile_note and fast.applied:
+        fast.notes.append(compile_note)
     log.info(fast.describe())
     trainer = Trainer(cfg, run, model, tokenizer, data, optimizer, scheduler, device, steps, dist, forward, fast,
                       batching=batching)
+    lap("prepare_s")
+    trainer.timing["setup"] = phases
     log.info("batching: %s", batching.describe())
     log.info(trainer.graphs.describe())
     return trainer
