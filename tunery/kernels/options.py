@@ -46,9 +46,10 @@ class FastPathOptions:
     compile: bool | None = _opt(None, "torch.compile each decoder block (one compiled region reused by all blocks). "
                                       "Unset: on where the run's steps are estimated to take at least "
                                       "compile_min_seconds (train/loop.py's choose_compile), else off.")
-    compile_min_seconds: float = _opt(180.0, "With compile unset: the least estimated time of a run's steps that "
-                                             "compiles. Compiling costs 10-30 s of warm-up on an H100 and makes "
-                                             "steps about 15% faster, so a shorter run finishes sooner without.")
+    compile_min_seconds: float = _opt(10.0, "With compile unset: the least time of a run's steps, as the advisor "
+                                            "estimates it at the bench's compiled speed, that compiles. On an H100 "
+                                            "compiling adds 10-20 s of warm-up and makes real-data steps 1.5-1.8x "
+                                            "faster: it pays from about 10 s so estimated (docs/benchmarks.md).")
     compile_backend: str = _opt("inductor", "torch.compile's backend (tests use aot_eager on CPU).")
     cuda_graphs: bool = _opt(True, "Capture each micro-batch shape's forward+backward as a CUDA graph and replay "
                                    "it (kernels/graphs.py).")

@@ -126,13 +126,34 @@ def load_model(model: str, device: str, dtype, revision: str | None = None, trus
 
 
 def model_fingerprint(model: str, revision: str | None = None) -> dict:
-    """What identifies the weights: the folder's config+weights hash, or the Hub id and revision."""
+    """What identifies the weights: the folder's config+weights hash, or the Hub id and revision.
+
+    Hashing an 8B model's 16 GB takes about 10 s, so a folder's hash is kept in TUNERY_HOME/cache/fingerprints
+    under what `stat` says of its files (names, sizes, modification times, inodes): a file written since has
+    another key and is hashed again. The training loop computes it beside setup, in a thread."""
+    import hashlib
+    import json
+    import uuid
+
+    from tunery.paths import cache_dir
+
     folder = Path(model).expanduser()
     if not folder.is_dir():
         return {"model": model, "revision": revision or "main"}
     files = [(f.name, f) for f in sorted(folder.iterdir())
              if f.suffix in (".json", ".safetensors", ".bin", ".model") and f.is_file()]
-    return {"model": str(folder.resolve()), "folder_sha256": sha256_files(files)}
+    stats = [(name, f.stat()) for name, f in files]
+    key = hashlib.sha256(json.dumps([str(folder.resolve()), [(n, s.st_size, s.st_mtime_ns, s.st_ino)
+                                                            for n, s in stats]]).encode()).hexdigest()
+    kept = cache_dir("fingerprints") / f"{key}.txt"
+    if kept.exists():
+        digest = kept.read_text().strip()
+    else:
+        digest = sha256_files(files)
+        tmp = kept.with_name(f"{kept.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp.write_text(digest)
+        os.replace(tmp, kept)
+    return {"model": str(folder.resolve()), "folder_sha256": digest}
 
 
 def grow_vocabulary(model, tokenizer) -> list[int]:

@@ -118,8 +118,8 @@ def choose_batching(cfg: RunConfig, model, device: str, dist: Dist) -> Batching:
 def choose_compile(cfg: RunConfig, model, data: PreparedData, device: str, dist: Dist, batching: Batching,
                    steps: int) -> tuple[FastPathOptions, str]:
     """cfg.fast_path with `compile` decided where it is unset, and a note saying why. torch.compile's warm-up
-    (10-30 s on an H100, more graphs on bigger blocks) repays itself only over enough steps: on where the steps
-    are estimated (advisor/speed.py's throughput for this GPU) to take at least compile_min_seconds, else off.
+    (10-20 s more on an H100) repays itself only over enough steps: on where the steps are estimated
+    (advisor/speed.py's throughput for this GPU) to take at least compile_min_seconds, else off.
     Set (--fast-compile / --no-fast-compile), or off the GPU fast path, nothing is decided here."""
     options = cfg.fast_path
     if options.compile is not None or not (str(device).startswith("cuda") and cfg.fast and not dist.enabled):
@@ -193,6 +193,11 @@ def _train_logged(cfg: RunConfig, run: Path, resuming: bool, dist: Dist) -> Path
 
 
 def _train_in(cfg: RunConfig, run: Path, resuming: bool, dist: Dist) -> Path:
+    fingerprint = None
+    if dist.main and (not resuming or not (run / "manifest.json").exists()):
+        # the manifest's model hash reads every weight file: beside setup, which reads them too (hashlib and
+        # file reads let go of the GIL)
+        fingerprint = Background(model_fingerprint, cfg.model, cfg.revision)
     t = setup(cfg, run, dist)
     start = 0
     saved = checkpoint.list_checkpoints(run / "checkpoints") if resuming else []
@@ -215,10 +220,10 @@ def _train_in(cfg: RunConfig, run: Path, resuming: bool, dist: Dist) -> Path:
         console.print(f"resuming from {saved[-1].name} (step {start} of {t.total_steps})")
     elif (run / "metrics.jsonl").exists():
         console.print("no checkpoint yet: starting the run over")
-    if not resuming or not (run / "manifest.json").exists():
+    if fingerprint is not None:
         data_hashes = {f.path: f.data_hash for f in t.data.files}
         write_json_atomic(run / "manifest.json", {
-            **manifest(cfg, data_hashes, model_fingerprint(cfg.model, cfg.revision)),
+            **manifest(cfg, data_hashes, fingerprint.result()),
             "data_report": report})
     reporters = Reporters(cfg.report_to, run, "tunery", cfg.to_dict()) if cfg.report_to else None
     metrics = MetricsFile(run / "metrics.jsonl", keep_through_step=start, reporters=reporters)
@@ -242,6 +247,30 @@ def _train_in(cfg: RunConfig, run: Path, resuming: bool, dist: Dist) -> Path:
                   + (f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"] is not None else "")
                   + f"; weights in {run / ('model' if cfg.method == 'full' else 'adapter')}")
     return run
+
+
+class Background:
+    """`fn(*args)` in a daemon thread (a failed setup does not wait for it to exit); `result()` waits for it and
+    returns its value or raises its exception."""
+
+    def __init__(self, fn, *args):
+        import threading
+
+        self._value, self._error = None, None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True, name="tunery-background")
+        self._thread.start()
+
+    def _run(self, fn, args) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits for the result
+            self._error = e
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def run_loop(t: Trainer, start: int, metrics: MetricsFile | None) -> dict:
