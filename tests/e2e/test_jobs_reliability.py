@@ -51,7 +51,8 @@ def test_twenty_parallel_submits_give_twenty_jobs_in_twenty_folders(workspace, t
     assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
     lines = [line.split() for out, _ in outs for line in out.splitlines()]
     jobs = _store(home).list(limit=100)
-    assert len(lines) == len(jobs) == 20 and len({j.run_dir for j in jobs}) == 20
+    why = (lines, [(j.name, j.run_dir) for j in jobs], [err[-800:] for _, err in outs])  # what to look at if not
+    assert len(lines) == len(jobs) == 20 and len({j.run_dir for j in jobs}) == 20, why
     for job in jobs:  # each folder holds its own job's config
         written = yaml.safe_load((Path(job.run_dir) / "config.yaml").read_text())
         assert written["name"] == job.name == Path(job.run_dir).name
