@@ -6,8 +6,9 @@
 #
 # The first call starts the queue in the background, detached from the call: each line of bench/device_queue.txt
 # (or of $QUEUE) in order, `#` lines skipped, every command's output and exit status in one log. Every call then
-# waits up to SECONDS (default 540) for the queue, prints what it wrote since the previous call, copies the log to
-# $OUT (when set) with the results files in $QUEUE_RESULTS (default /tmp/e2e.jsonl /tmp/bench.jsonl) and ends with "queue: running" or "queue: done". Call again before the machine's idle window
+# waits up to SECONDS (default 540) for the queue, prints what it wrote since the previous call, copies the log
+# and the results files in $QUEUE_RESULTS (default /tmp/e2e.jsonl /tmp/bench.jsonl) to $OUT (when set), and
+# ends with "queue: running" or "queue: done". Call again before the machine's idle window
 # (the device tool's idle_release_s) runs out, or the machine and the queue are gone.
 set -uo pipefail
 state=${QUEUE_STATE:-/tmp/tunery-queue}
