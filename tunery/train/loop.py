@@ -294,8 +294,9 @@ def run_loop(t: Trainer, start: int, metrics: MetricsFile | None) -> dict:
             epoch = done * cfg.batch_size * cfg.grad_accum * t.dist.world / len(t.data.train)
             # tokens_per_s: since the loop began, warm-up (compiles, captures) included; recent: the last 20 steps
             stats.update(step=done, total_steps=t.total_steps, epoch=round(epoch, 4),
-                         tokens_per_s=_rate(marks[0], marks[-1]), tokens_per_s_recent=_rate(marks[-21], marks[-1])
-                         if len(marks) > 21 else _rate(marks[0], marks[-1]), elapsed_s=round(marks[-1][0] - t0, 3))
+                         tokens_per_s=_rate(marks[0], marks[-1]),
+                         tokens_per_s_recent=_rate(marks[max(0, len(marks) - 21)], marks[-1]),
+                         elapsed_s=round(marks[-1][0] - t0, 3))
             if len(marks) == 2:
                 t.timing["first_step_s"] = round(marks[1][0] - tunery.STARTED, 3)
             last = stats
