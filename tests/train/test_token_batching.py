@@ -165,3 +165,28 @@ def test_an_unset_compile_compiles_outside_the_training_loop(tiny, monkeypatch):
     t = _trainer(tiny, monkeypatch)
     assert fast_path(t.model, "cpu", allow_cpu=True, compile_backend="aot_eager").compiled
     assert not fast_path(t.model, "cpu", allow_cpu=True, compile=False).compiled
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_next_steps_batches_are_built_while_a_step_runs(tiny, monkeypatch, packing):  # noqa: F811
+    """Each step leaves the next one's micro-batches built (the same as building them then), none after the
+    last; their trained-token counts are taken on the host and equal the labels' own count."""
+    import torch
+
+    from tunery.train.batching import TRAINED, trained_tokens
+    from tunery.train.loop import step_batches
+
+    t = _trainer(tiny, monkeypatch, packing=packing, micro_batch_tokens=64, batch_size=8)
+    for step in range(3):
+        train_step(t, step)
+        if step == 2:
+            assert t.prefetched == {}
+            continue
+        assert set(t.prefetched) == {step + 1}
+        built, fresh = t.prefetched[step + 1], step_batches(t, step + 1)
+        assert len(built) == len(fresh) > 1
+        for a, b in zip(built, fresh):
+            assert a.keys() == b.keys() and TRAINED in a
+            for k in a:
+                assert torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
+            assert trained_tokens(a) == trained_tokens({k: v for k, v in a.items() if k != TRAINED}) > 0

@@ -8,6 +8,8 @@ import math
 from tunery.data.tokenize import IGNORE, Tokenized
 from tunery.kernels.varlen import BOUNDS as DOC_BOUNDS  # a packed row's example bounds: the batch key varlen reads
 
+TRAINED = "trained_tokens"  # a batch's label tokens that carry loss, counted on the host (`trained_tokens`)
+
 
 def step_examples(n: int, step: int, per_step: int, seed: int) -> list[int]:
     """Indices of the examples optimizer step `step` (0-based) trains on: a fresh permutation per epoch."""
@@ -120,8 +122,9 @@ def collate(batch: list[Tokenized], pad_id: int, device: str, multiple: int = 1,
         ids[row, : len(t.input_ids)] = torch.tensor(t.input_ids)
         labels[row, : len(t.labels)] = torch.tensor(t.labels)
         real[row, : len(t.input_ids)] = 1
-    out = {"input_ids": ids.to(device), "labels": labels.to(device), "real_tokens": int(real.sum())}
-    return {**out, "attention_mask": real.to(device)} if mask else out
+    out = {"input_ids": to_device(ids, device), "labels": to_device(labels, device), "real_tokens": int(real.sum()),
+           TRAINED: int((labels[:, 1:] != IGNORE).sum())}
+    return {**out, "attention_mask": to_device(real, device)} if mask else out
 
 
 def pack_batch(batch: list[Tokenized], device: str, multiple: int = 1, length: int | None = None,
@@ -154,8 +157,9 @@ def pack_batch(batch: list[Tokenized], device: str, multiple: int = 1, length: i
     ends = list(itertools.accumulate(len(t.input_ids) for t in batch)) + ([total + tail] if tail else [])
     if fixed_bounds:
         ends += [ends[-1]] * (max(8, 1 << len(ends).bit_length()) - len(ends) - 1)
-    return {**{k: torch.tensor([v], dtype=torch.long, device=device) for k, v in row.items()},
-            DOC_BOUNDS: torch.tensor([0, *ends], dtype=torch.int32, device=device), "real_tokens": total}
+    return {**{k: to_device(torch.tensor([v], dtype=torch.long), device) for k, v in row.items()},
+            DOC_BOUNDS: to_device(torch.tensor([0, *ends], dtype=torch.int32), device), "real_tokens": total,
+            TRAINED: sum(label != IGNORE for label in row["labels"][1:])}
 
 
 def packing_problem(model) -> str | None:
@@ -172,5 +176,16 @@ def packing_problem(model) -> str | None:
 
 
 def trained_tokens(batch: dict) -> int:
-    """Label tokens that carry loss after the one-token shift."""
+    """Label tokens that carry loss after the one-token shift: counted on the host when the batch was built
+    (reading them back from the GPU would wait for it), else from the labels."""
+    if TRAINED in batch:
+        return batch[TRAINED]
     return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def to_device(tensor, device: str):
+    """A host tensor on `device`; to a GPU through pinned memory without waiting (the copy is queued on the
+    stream, after the work already there, so a batch can be built while a step runs)."""
+    if str(device).startswith("cuda"):
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

@@ -67,6 +67,7 @@ class Trainer:
     graphs: StepGraphs | None = None  # runs train_step's micro-batch step eagerly or as a replayed CUDA graph
     timing: dict = field(default_factory=dict)  # run_loop's: time to first step, loop time, steady tokens/s
     batching: Batching | None = None  # how steps become micro-batches: cfg's, or what `choose_batching` picked
+    prefetched: dict = field(default_factory=dict)  # step -> its micro-batches, built while the step before ran
 
     def __post_init__(self):
         self.forward_model = self.forward_model or self.model
@@ -363,9 +364,47 @@ def _save_final(t: Trainer) -> None:
 
 
 def train_step(t: Trainer, step: int) -> dict:
-    """One optimizer step over grad_accum micro-batches; loss is the mean over all trained tokens."""
+    """One optimizer step over its micro-batches; loss is the mean over all trained tokens. Nothing waits for
+    the GPU until the step is queued whole (micro-batches, clipping, the optimizer): then the next step's
+    micro-batches are built and copied while it runs, and only then are its loss and norm read back."""
     import torch
 
+    cfg, dist = t.cfg, t.dist
+    batches = t.prefetched.pop(step, None) or step_batches(t, step)
+    t.prefetched.clear()
+    n_tokens = max(1.0, distributed.all_sum(sum(trained_tokens(b) for b in batches), dist))
+
+    def forward_backward(batch: dict, scale) -> object:
+        """One micro-batch: the loss summed over its label tokens, and its gradients (scaled by `scale`) added
+        into p.grad. t.graphs runs exactly this, eagerly or as the replay of its CUDA-graph capture."""
+        loss = summed_loss(t.forward_model, batch, t.fast)
+        (loss * scale).backward()
+        return loss.detach()
+
+    losses = []
+    for i, batch in enumerate(batches):
+        sync = i == len(batches) - 1 or not dist.enabled
+        with contextlib.nullcontext() if sync else t.forward_model.no_sync():
+            # DDP averages gradients over ranks; scaling by world makes that the sum over all tokens
+            losses.append(t.graphs(forward_backward, batch, dist.world / n_tokens))
+    params = [p for p in t.model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    lr = t.optimizer.param_groups[0]["lr"]
+    t.optimizer.step()
+    t.scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    if step + 1 < t.total_steps:  # built while the GPU runs this step (pinned, non-blocking copies on CUDA)
+        t.prefetched[step + 1] = step_batches(t, step + 1)
+    total = distributed.all_sum(sum(float(loss) / n_tokens for loss in losses), dist)
+    tokens = distributed.all_sum(sum(b["real_tokens"] for b in batches), dist)
+    slots = sum(b["input_ids"].numel() for b in batches)  # this process's tokens with padding: what it computed
+    return {"loss": total, "lr": lr, "grad_norm": float(norm), "tokens": int(tokens), "slots": slots,
+            "micro_batches": len(batches)}
+
+
+def step_batches(t: Trainer, step: int) -> list[dict]:
+    """The micro-batches of optimizer step `step`, on the device: this process's share of the step's examples,
+    cut by token budget or by `batch_size`, packed or padded (t.batching)."""
     cfg, dist = t.cfg, t.dist
     per_step = cfg.batch_size * cfg.grad_accum * dist.world
     picked = [t.data.train[i] for i in step_examples(len(t.data.train), step, per_step, cfg.seed)]
@@ -377,45 +416,15 @@ def train_step(t: Trainer, step: int) -> dict:
     if budget:  # micro-batches of about `budget` tokens, lengths from the ladder: few shapes
         micro = token_micro_batches(picked, budget, packed)
         if packed:
-            batches = [pack_batch(ex, t.device, length=row_length(sum(len(e.input_ids) for e in ex), budget),
-                                  fixed_bounds=t.graphs.enabled) for ex in micro]
-        else:
-            batches = [collate(ex, pad, t.device, mask=mask, length=bucket(max(len(e.input_ids) for e in ex)))
-                       for ex in micro]
-    else:
-        # padded micro-batches take the step's examples grouped by length; a packed row has no padding to save
-        micro = micro_batches(picked, cfg.batch_size, dist.rank, dist.world, by_length=not packed)
-        if packed:
-            batches = [pack_batch(examples, t.device, multiple) for examples in micro]
-        else:
-            batches = [collate(examples, pad, t.device, multiple, mask) for examples in micro]
-    n_tokens = max(1.0, distributed.all_sum(sum(trained_tokens(b) for b in batches), dist))
-
-    def forward_backward(batch: dict, scale) -> object:
-        """One micro-batch: the loss summed over its label tokens, and its gradients (scaled by `scale`) added
-        into p.grad. t.graphs runs exactly this, eagerly or as the replay of its CUDA-graph capture."""
-        loss = summed_loss(t.forward_model, batch, t.fast)
-        (loss * scale).backward()
-        return loss.detach()
-
-    total = 0.0
-    for i, batch in enumerate(batches):
-        sync = i == len(batches) - 1 or not dist.enabled
-        with contextlib.nullcontext() if sync else t.forward_model.no_sync():
-            # DDP averages gradients over ranks; scaling by world makes that the sum over all tokens
-            loss = t.graphs(forward_backward, batch, dist.world / n_tokens)
-        total += float(loss) / n_tokens
-    total = distributed.all_sum(total, dist)
-    params = [p for p in t.model.parameters() if p.requires_grad]
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-    lr = t.optimizer.param_groups[0]["lr"]
-    t.optimizer.step()
-    t.scheduler.step()
-    t.optimizer.zero_grad(set_to_none=True)
-    tokens = distributed.all_sum(sum(b["real_tokens"] for b in batches), dist)
-    slots = sum(b["input_ids"].numel() for b in batches)  # this process's tokens with padding: what it computed
-    return {"loss": total, "lr": lr, "grad_norm": float(norm), "tokens": int(tokens), "slots": slots,
-            "micro_batches": len(batches)}
+            return [pack_batch(ex, t.device, length=row_length(sum(len(e.input_ids) for e in ex), budget),
+                               fixed_bounds=t.graphs.enabled) for ex in micro]
+        return [collate(ex, pad, t.device, mask=mask, length=bucket(max(len(e.input_ids) for e in ex)))
+                for ex in micro]
+    # padded micro-batches take the step's examples grouped by length; a packed row has no padding to save
+    micro = micro_batches(picked, cfg.batch_size, dist.rank, dist.world, by_length=not packed)
+    if packed:
+        return [pack_batch(examples, t.device, multiple) for examples in micro]
+    return [collate(examples, pad, t.device, multiple, mask) for examples in micro]
 
 
 def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
