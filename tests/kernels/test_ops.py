@@ -229,3 +229,73 @@ def test_offloaded_blocks_compile_whole_with_inductor_gpu(fresh_dynamo):
     for name, g in ref_grads.items():
         rel = float((got_grads[name] - g).norm() / g.norm().clamp_min(1e-12))
         assert rel < 5e-2, (name, rel)
+
+
+_VARIED_LENGTHS = """
+import json, sys
+import torch
+from tests.kernels.conftest import GraphLog
+from tests.fastpath import fast_path
+from tunery.models.load import remember_dynamic_shapes
+from tunery.models.lora import apply_lora
+from tunery.models.tiny import TinySpec, make_config, train_tokenizer
+from tunery.train.loss import summed_loss
+from transformers import AutoModelForCausalLM
+
+tok = train_tokenizer(["hello world 123", "user", "assistant", "the quick brown fox"], vocab_size=300)
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(make_config(TinySpec(hidden_size=32, intermediate_size=64, num_layers=2), tok))
+key = remember_dynamic_shapes(model.config.to_dict())
+model = apply_lora(model, 4, 8, 0.0)
+model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+model.enable_input_require_grads()
+model.train()
+log = GraphLog()
+fast = fast_path(model, "cpu", allow_cpu=True, compile_backend=log, offload_keep_bytes=0,
+                 stash_max_bytes_per_gflop=float("inf"))
+counts = []
+for n in (48, 96, 144):
+    ids = torch.randint(0, len(tok), (1, n))
+    summed_loss(model, {"input_ids": ids, "labels": ids}, fast).backward()
+    counts.append(len(log.dynamo))
+print(json.dumps({"key": key, "counts": counts}))
+"""
+
+
+def test_a_second_run_compiles_the_sequence_length_dynamic_from_its_first_call(tmp_path):
+    """torch's local profile-guided dynamic shapes, keyed by the model's config (models/load.py): the first run
+    compiles each region static for its first length and again, dynamic, at the second; a later run of the same
+    model finds the varying length remembered beside the compile caches and compiles each region once."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(root)}
+    env.pop("TORCH_COMPILE_JOB_ID", None)
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", _VARIED_LENGTHS], env=env, capture_output=True, text=True,
+                              timeout=600, cwd=root)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    first, second = runs[0]["counts"], runs[1]["counts"]
+    assert runs[0]["key"] == runs[1]["key"] and runs[0]["key"].startswith("tunery-")
+    assert first[1] > first[0] and first[2] == first[1]  # recompiled (dynamic) at the second length, then reused
+    assert second[0] == second[2] < first[2]  # compiled once, dynamic from the first length
+    assert list((tmp_path / "cache" / "dynamo").glob("code_state_tunery-*"))
+
+
+def test_a_job_id_of_the_users_is_kept(monkeypatch):
+    from tunery.models.load import remember_dynamic_shapes
+
+    monkeypatch.setattr(torch.compiler.config, "job_id", "mine")
+    assert remember_dynamic_shapes({"hidden_size": 8}) is None and torch.compiler.config.job_id == "mine"
+    keys = []
+    for config in ({"hidden_size": 8}, {"hidden_size": 8}, {"hidden_size": 16}):
+        monkeypatch.setattr(torch.compiler.config, "job_id", None)
+        keys.append(remember_dynamic_shapes(config))
+        assert torch.compiler.config.job_id == keys[-1]
+    assert keys[0] == keys[1] != keys[2] and keys[0].startswith("tunery-")  # one key per model config

@@ -35,6 +35,25 @@ def keep_compile_caches() -> dict[str, str]:
     return chosen
 
 
+def remember_dynamic_shapes(config) -> str | None:
+    """Let torch.compile remember between runs which sizes of the compiled code varied (torch's local
+    profile-guided dynamic shapes, kept with the compile caches): a later run of the same model compiles the
+    sequence length dynamic from its first call, instead of a static version for the first length and a dynamic
+    one at the second. Keyed by the model's config (`config`: its dict), so that other models' sizes never turn
+    this one's dimensions dynamic. Never over a job id of the user's; returns the key it set, or None."""
+    import hashlib
+    import json
+
+    import torch
+
+    compiler_config = getattr(torch.compiler, "config", None)
+    if compiler_config is None or getattr(compiler_config, "job_id", "unknown") is not None:
+        return None
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    compiler_config.job_id = f"tunery-{digest}"
+    return compiler_config.job_id
+
+
 ALLOC_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # torch >= 2.10 reads the first, older the second
 
 

@@ -25,7 +25,15 @@ from tunery.kernels.apply import FastPath, fast_path_for
 from tunery.kernels.graphs import StepGraphs, graphs_reason
 from tunery.kernels.options import FastPathOptions
 from tunery.models.catalog import family_of_model, is_prequantized
-from tunery.models.load import grow_vocabulary, load_model, load_tokenizer, model_fingerprint, pick_device, pick_dtype
+from tunery.models.load import (
+    grow_vocabulary,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    pick_device,
+    pick_dtype,
+    remember_dynamic_shapes,
+)
 from tunery.models.lora import apply_lora
 from tunery.progress import console
 from tunery.run import RunLock, manifest, new_run_dir, open_run, started, write_json_atomic
@@ -451,6 +459,8 @@ def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
     model = load_model(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.revision, cfg.trust_remote_code,
                        four_bit=cfg.method == "qlora")
     lap("load_s")
+    if device.startswith("cuda"):  # where the fast path compiles (and its caches are kept)
+        remember_dynamic_shapes(model.config.to_dict())
     new_tokens = grow_vocabulary(model, tokenizer)
     if new_tokens:
         names = ", ".join(tokenizer.convert_ids_to_tokens(new_tokens[:5])) + (", ..." if len(new_tokens) > 5 else "")
