@@ -16,3 +16,10 @@ def sha256_files(files: Iterable[tuple[str, Path]]) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_json(value) -> str:
+    """sha256 of a JSON-able value, keys sorted (anything else written as its str)."""
+    import json
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from tunery.errors import ModelError
-from tunery.hashing import sha256_files
+from tunery.hashing import sha256_files, sha256_json
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -41,16 +41,12 @@ def remember_dynamic_shapes(config) -> str | None:
     sequence length dynamic from its first call, instead of a static version for the first length and a dynamic
     one at the second. Keyed by the model's config (`config`: its dict), so that other models' sizes never turn
     this one's dimensions dynamic. Never over a job id of the user's; returns the key it set, or None."""
-    import hashlib
-    import json
-
     import torch
 
     compiler_config = getattr(torch.compiler, "config", None)
-    if compiler_config is None or getattr(compiler_config, "job_id", "unknown") is not None:
-        return None
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    compiler_config.job_id = f"tunery-{digest}"
+    if compiler_config is None or not hasattr(compiler_config, "job_id") or compiler_config.job_id is not None:
+        return None  # a torch without profile-guided shapes, or the user's own job id
+    compiler_config.job_id = f"tunery-{sha256_json(config)[:16]}"
     return compiler_config.job_id
 
 
@@ -150,8 +146,6 @@ def model_fingerprint(model: str, revision: str | None = None) -> dict:
     Hashing an 8B model's 16 GB takes about 10 s, so a folder's hash is kept in TUNERY_HOME/cache/fingerprints
     under what `stat` says of its files (names, sizes, modification times, inodes): a file written since has
     another key and is hashed again. The training loop computes it beside setup, in a thread."""
-    import hashlib
-    import json
     import uuid
 
     from tunery.paths import cache_dir
@@ -159,11 +153,11 @@ def model_fingerprint(model: str, revision: str | None = None) -> dict:
     folder = Path(model).expanduser()
     if not folder.is_dir():
         return {"model": model, "revision": revision or "main"}
+    resolved = str(folder.resolve())
     files = [(f.name, f) for f in sorted(folder.iterdir())
              if f.suffix in (".json", ".safetensors", ".bin", ".model") and f.is_file()]
     stats = [(name, f.stat()) for name, f in files]
-    key = hashlib.sha256(json.dumps([str(folder.resolve()), [(n, s.st_size, s.st_mtime_ns, s.st_ino)
-                                                            for n, s in stats]]).encode()).hexdigest()
+    key = sha256_json([resolved, [(n, s.st_size, s.st_mtime_ns, s.st_ino) for n, s in stats]])
     kept = cache_dir("fingerprints") / f"{key}.txt"
     if kept.exists():
         digest = kept.read_text().strip()
@@ -172,7 +166,7 @@ def model_fingerprint(model: str, revision: str | None = None) -> dict:
         tmp = kept.with_name(f"{kept.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
         tmp.write_text(digest)
         os.replace(tmp, kept)
-    return {"model": str(folder.resolve()), "folder_sha256": digest}
+    return {"model": resolved, "folder_sha256": digest}
 
 
 def grow_vocabulary(model, tokenizer) -> list[int]:
