@@ -46,6 +46,7 @@ import weakref
 
 import torch
 
+from tunery.kernels.dynamic import length_of, mark_length
 from tunery.kernels.options import FastPathOptions, StepState
 
 
@@ -437,10 +438,15 @@ def _stashing_attention(self, hidden_states, *args, **kwargs):
     state = self._tunery_state
     stash = state.stash
     if stash is None:  # not inside an offloaded block, or the block keeps no stash
-        return self._tunery_attention_run(functools.partial(type(self).forward, self), hidden_states, *args, **kwargs)
-    if state.recomputing:
-        return stash.replay(hidden_states)
-    return stash.keep_graph(self, self._tunery_attention_run, hidden_states, args, kwargs)
+        out = self._tunery_attention_run(functools.partial(type(self).forward, self), hidden_states, *args, **kwargs)
+    elif state.recomputing:
+        out = stash.replay(hidden_states)
+    else:
+        out = stash.keep_graph(self, self._tunery_attention_run, hidden_states, args, kwargs)
+    n = length_of(hidden_states)
+    if n is not None:  # the block's code after this graph break, where compiled, takes any length (kernels/dynamic.py)
+        mark_length(out, n)
+    return out
 
 
 def _link_bytes_per_gflop(layer: torch.nn.Module) -> float:

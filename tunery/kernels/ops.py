@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from tunery.kernels import offload
+from tunery.kernels.dynamic import length_of, mark_length
 
 NORM_SUFFIXES = ("input_layernorm", "post_attention_layernorm")  # per-block norms over the hidden size
 
@@ -79,10 +80,25 @@ def _run_block(run, *inputs):
     return run(*inputs)
 
 
+def _marked(compiled, run, *inputs):
+    """`compiled(run, *inputs)` with the sequence length marked dynamic first (`mark_length`)."""
+    n = length_of(inputs[0]) if inputs else None
+    if n is not None:
+        mark_length((run, inputs), n)
+    return compiled(run, *inputs)
+
+
+def _marked_attention(compiled, forward, hidden, *args, **kwargs):
+    n = length_of(hidden)
+    if n is not None:
+        mark_length((hidden, args, kwargs), n)
+    return compiled(forward, hidden, *args, **kwargs)
+
+
 def _through(compiled, hook, run, *inputs):
     """A checkpoint hook (torch's checkpoint or the offloaded one) that runs, and recomputes, the block's
     forward through `compiled` instead of eagerly; the hook itself stays outside the compiled code."""
-    return hook(functools.partial(compiled, run), *inputs)
+    return hook(functools.partial(_marked, compiled, run), *inputs)
 
 
 def compile_blocks(decoder: nn.Module, backend: str | Callable = "inductor") -> tuple[list[str], list]:
@@ -106,7 +122,7 @@ def compile_blocks(decoder: nn.Module, backend: str | Callable = "inductor") -> 
     for layer in layers:
         kept = getattr(layer, "self_attn", None)
         if hasattr(kept, "_tunery_attention_run"):  # a stashing sublayer breaks the block's graph: compile its run
-            kept._tunery_attention_run = attention
+            kept._tunery_attention_run = functools.partial(_marked_attention, attention)
             undo.append(lambda m=kept: setattr(m, "_tunery_attention_run", offload.run_attention))
         hook = getattr(layer, "_gradient_checkpointing_func", None)
         if getattr(layer, "gradient_checkpointing", False) and hook is not None:
