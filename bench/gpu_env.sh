@@ -8,6 +8,8 @@ mkdir -p /tmp/site
 [ -f /tmp/site/.unpacked ] || {
   tar xzf .whl/reference-stacks.tgz -C /tmp/site
   for w in .whl/deps/*.whl; do python3 -m zipfile -e "$w" /tmp/site; done
+  # byte-compiled as pip install leaves them: no stack's first import pays for compiling its sources
+  python3 -m compileall -q -j 0 /tmp/site > /dev/null 2>&1
   touch /tmp/site/.unpacked
 }
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
