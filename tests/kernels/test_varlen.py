@@ -152,6 +152,45 @@ def test_the_whole_fast_path_on_a_packed_row(family, tiny_lora, monkeypatch, fre
     _assert_close(_loss_and_grads(model, [row], fast), alone, grad_rtol=1e-4)
 
 
+def test_packed_rows_of_other_lengths_and_example_counts_compile_once(tiny_lora, monkeypatch, fresh_dynamo):
+    """Token-budget rows differ in length and in how many examples they hold (their fixed-size bounds grow from 8
+    to 16 entries): the length marked dynamic before compiled code sees it (kernels/dynamic.py), the first row's
+    compiles serve every later one, and each row's loss and gradients still equal its examples' alone. (The
+    stand-in runs outside the graph, so here the bounds' size is not guarded on; torch's kernel, in the graph
+    on the GPU, reads them, and they are marked dynamic too.)"""
+    from tests.kernels.conftest import GraphLog
+    from tunery.kernels.dynamic import mark_length
+
+    stand_in = StandIn()
+    kernel = stand_in.fn
+
+    @torch.compiler.disable  # outside the graph, as torch's kernel is one op in it: dynamo traces no test code
+    def opaque(query, *args, **kwargs):
+        out = kernel(query, *args, **kwargs)
+        mark_length(out, query.shape[0])  # what comes back from eager code is marked, as kernels/offload.py does
+        return out
+
+    stand_in.fn = opaque
+    _with(monkeypatch, stand_in)
+    model = tiny_lora("llama", num_layers=2)
+    vocab = model.config.vocab_size
+    rows = [_examples(vocab, (9, 3, 14, 6)), _examples(vocab, (20, 31, 5, 17, 12)),
+            _examples(vocab, (4, 6, 5, 7, 3, 8, 6, 5, 9, 4))]
+    alone = [_loss_and_grads(model, [collate([t], 0, "cpu") for t in examples]) for examples in rows]
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    log = GraphLog()
+    fast = fast_path(model, "cpu", allow_cpu=True, compile_backend=log, packing=True, offload_keep_bytes=0,
+                     stash_max_bytes_per_gflop=float("inf"))
+    counts = []
+    for examples, want, length in zip(rows, alone, (48, 96, 80)):
+        row = pack_batch(examples, "cpu", length=length, fixed_bounds=True)
+        _assert_close(_loss_and_grads(model, [row], fast), want, grad_rtol=1e-4)
+        counts.append((len(log.dynamo), len(row["doc_bounds"])))
+    assert [c for _, c in counts] == [8, 8, 16]
+    assert counts[0][0] == counts[-1][0], counts
+
+
 def test_rows_with_a_mask_keep_sdpa(tiny_lora, monkeypatch):
     stand_in = StandIn()
     _with(monkeypatch, stand_in)

@@ -14,13 +14,16 @@ import functools
 
 import torch
 
+from tunery.kernels.varlen import BOUNDS
+
 
 def mark_length(value, length: int) -> None:
     """Mark every dimension of `length` elements in the tensors of `value` (nested in tuples, lists, dicts and
     partials) dynamic for torch.compile, so the code they enter compiles for any sequence length from its first
-    call, not static first and again at the second length. Marked outside compiled code (a block's inputs as
-    its checkpoint hook hands them on; an attention sublayer's inputs and output beside the graph break its
-    stash makes), the code after a graph break sees the marks too."""
+    call, not static first and again at the second length; a packed row's `doc_bounds` (one more than its
+    examples) too. Marked outside compiled code (a block's inputs as its checkpoint hook hands them on; an
+    attention sublayer's inputs and output beside the graph break its stash makes), the code after a graph
+    break sees the marks too."""
     if isinstance(value, torch.Tensor):
         for d, size in enumerate(value.shape):
             if size == length:
@@ -29,8 +32,11 @@ def mark_length(value, length: int) -> None:
         for v in value:
             mark_length(v, length)
     elif isinstance(value, dict):
-        for v in value.values():
-            mark_length(v, length)
+        for k, v in value.items():
+            if k == BOUNDS and isinstance(v, torch.Tensor):  # a packed row's example bounds: their count varies too
+                torch._dynamo.maybe_mark_dynamic(v, 0)
+            else:
+                mark_length(v, length)
     elif isinstance(value, functools.partial):
         mark_length(value.args, length)
         mark_length(value.keywords, length)
