@@ -114,17 +114,21 @@ def _fit_template(tokenizer, examples: list, reasons: list) -> tuple[list, list,
     return examples, reasons, notes
 
 
+TOKENS_FILE = "tokens.arrow"  # the cache's tokens: an Arrow IPC file (pyarrow alone reads it, without datasets)
+
+
 def _cached_tokens(key: str, examples: list[Example | None], tokenizer, max_seq_len: int,
                    train_on: str, reasons: list[str | None]) -> list[Tokenized | None]:
     """Tokens per example (None where rejected); a row the chat template refuses gets its reason in `reasons`
     and no tokens, and the cache keeps those reasons (as rows without tokens) too."""
-    import datasets
-
     folder = cache_dir("tokenized") / key
-    if (folder / "dataset_info.json").exists():
-        ds = datasets.load_from_disk(str(folder))
+    if (folder / TOKENS_FILE).exists():
+        import pyarrow as pa
+
+        with pa.memory_map(str(folder / TOKENS_FILE)) as f:
+            cached = pa.ipc.open_file(f).read_all().to_pydict()
         by_row = {r: Tokenized(i, lab, t) for r, i, lab, t in
-                  zip(ds["row"], ds["input_ids"], ds["labels"], ds["truncated"])}
+                  zip(cached["row"], cached["input_ids"], cached["labels"], cached["truncated"])}
         refused = folder / "refused.json"
         for r, why in (json.loads(refused.read_text()) if refused.exists() else {}).items():
             reasons[int(r)] = why
@@ -142,16 +146,20 @@ def _cached_tokens(key: str, examples: list[Example | None], tokenizer, max_seq_
                 tokens.append(None)
                 reasons[r] = refused[r] = str(e)
             advance()
+    import pyarrow as pa
+
     kept = [(r, t) for r, t in enumerate(tokens) if t is not None]
-    if not kept:  # datasets cannot load back a dataset saved with no rows (0 shards); nothing to cache anyway
-        return tokens
-    ds = datasets.Dataset.from_dict({"row": [r for r, _ in kept], "input_ids": [t.input_ids for _, t in kept],
-                                     "labels": [t.labels for _, t in kept],
-                                     "truncated": [t.truncated for _, t in kept]})
+    ids = pa.list_(pa.int32())
+    table = pa.table({"row": pa.array([r for r, _ in kept], pa.int64()),
+                      "input_ids": pa.array([t.input_ids for _, t in kept], ids),
+                      "labels": pa.array([t.labels for _, t in kept], ids),
+                      "truncated": pa.array([t.truncated for _, t in kept], pa.bool_())})
     # a name of its own per writer: two threads of one process (the web console inspecting and estimating the same
     # file at once) must not write into one folder
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    ds.save_to_disk(str(tmp))
+    tmp.mkdir(parents=True)
+    with pa.OSFile(str(tmp / TOKENS_FILE), "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
+        writer.write_table(table)
     (tmp / "refused.json").write_text(json.dumps(refused))
     shutil.rmtree(folder, ignore_errors=True)  # a half-written folder from a crash; complete ones are skipped
     try:
