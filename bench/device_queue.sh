@@ -7,7 +7,7 @@
 # The first call starts the queue in the background, detached from the call: each line of bench/device_queue.txt
 # (or of $QUEUE) in order, `#` lines skipped, every command's output and exit status in one log. Every call then
 # waits up to SECONDS (default 540) for the queue, prints what it wrote since the previous call, copies the log
-# and the results files in $QUEUE_RESULTS (default /tmp/e2e.jsonl /tmp/bench.jsonl /tmp/setup-prof.txt /tmp/prof.log) to $OUT (when set), and
+# and the results files in $QUEUE_RESULTS (default /tmp/e2e.jsonl /tmp/bench.jsonl /tmp/setup-prof.txt /tmp/prof.log /tmp/bench-memory.txt) to $OUT (when set), and
 # ends with "queue: running" or "queue: done". Call again before the machine's idle window
 # (the device tool's idle_release_s) runs out, or the machine and the queue are gone.
 set -uo pipefail
@@ -40,6 +40,6 @@ tail -c +"$((offset + 1))" "$state/log"
 stat -c %s "$state/log" > "$state/offset"
 if [ -n "${OUT:-}" ]; then  # the log and the results files the queue's commands write so far
   cp "$state/log" "$OUT/queue.log"
-  for f in ${QUEUE_RESULTS:-/tmp/e2e.jsonl /tmp/bench.jsonl /tmp/setup-prof.txt /tmp/prof.log}; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+  for f in ${QUEUE_RESULTS:-/tmp/e2e.jsonl /tmp/bench.jsonl /tmp/setup-prof.txt /tmp/prof.log /tmp/bench-memory.txt}; do [ -f "$f" ] && cp "$f" "$OUT/"; done
 fi
 if [ -f "$state/done" ]; then echo "queue: done"; else echo "queue: running"; fi
