@@ -286,26 +286,21 @@ def _compile_counts(cache: Path, shapes: list[tuple[int, int]]) -> dict:
     return out
 
 
-def test_the_first_run_compiles_each_region_once_for_every_sequence_length(tmp_path):
+def test_sequence_lengths_compile_once_and_a_second_run_remembers_the_varying_batch(tmp_path):
     """The sequence length is marked dynamic before compiled code first sees it (kernels/dynamic.py), also past
-    the attention stash's graph break: three lengths, the first of them equal to the hidden width, cost the
-    compiles of one. Unmarked, dynamo compiles each region static and again, dynamic, at the second length."""
-    out = _compile_counts(tmp_path / "cache", [(1, 32), (1, 96), (1, 144)])
-    assert out["counts"][0] == out["counts"][-1] == 5, out["counts"]
-
-
-def test_a_second_run_compiles_the_varying_batch_dynamic_from_its_first_call(tmp_path):
-    """torch's local profile-guided dynamic shapes, keyed by the model's config (models/load.py): the first run
-    compiles each region static in the number of examples of its first micro-batch and again, dynamic, at the
-    second (micro-batches cut by token budget vary in it); a later run of the same model finds it remembered
-    beside the compile caches and compiles each region once."""
-    shapes = [(2, 48), (3, 96), (4, 144)]
+    the attention stash's graph break: a first run's three lengths, the first equal to the hidden width, cost
+    the compiles of one (unmarked, dynamo compiles each region static and again, dynamic, at the second length).
+    The number of examples is not marked: it recompiles (dynamic) when it first changes, and torch's local
+    profile-guided dynamic shapes, keyed by the model's config (models/load.py), remember that beside the
+    compile caches, so a second run of the same model compiles each region once for all of it."""
+    shapes = [(2, 32), (2, 96), (3, 144), (4, 48)]
     first = _compile_counts(tmp_path / "cache", shapes)
     second = _compile_counts(tmp_path / "cache", shapes)
     assert first["key"] == second["key"] and first["key"].startswith("tunery-")
     a, b = first["counts"], second["counts"]
-    assert a[1] > a[0] and a[2] == a[1]  # recompiled (dynamic) at the second batch, then reused
-    assert b[0] == b[2] < a[2]  # compiled once, dynamic from the first micro-batch
+    assert a[0] == a[1] == 5, a  # a new length: nothing compiled
+    assert a[2] > a[1] and a[3] == a[2], a  # a new example count: compiled again (dynamic), then reused
+    assert b[0] == b[-1] < a[-1], b  # compiled once, for every length and example count
     assert list((tmp_path / "cache" / "dynamo").glob("code_state_tunery-*"))
 
 
