@@ -18,6 +18,7 @@ from pathlib import Path
 
 import tunery
 from tunery.config import ConfigError, RunConfig
+from tunery.data import pretokenize
 from tunery.data.dataset import PreparedData, prepare_data
 from tunery.data.templates import ensure_chat_template
 from tunery.errors import RunError
@@ -435,6 +436,13 @@ def step_batches(t: Trainer, step: int) -> list[dict]:
     return [collate(examples, pad, t.device, multiple, mask) for examples in micro]
 
 
+def tokenizes_ahead(device: str, dist: Dist) -> bool:
+    """Whether setup tokenizes in a second process while it loads the model (tunery/data/pretokenize.py): on a
+    GPU, where setup's Python work is most of a short run's wait, in one process (a distributed run's ranks
+    would each start one). A CPU run has the cores busy with itself."""
+    return str(device).startswith("cuda") and not dist.enabled
+
+
 def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
     """Load tokenizer, data and model; build optimizer and schedule (seeded, so resume rebuilds the same)."""
     import torch
@@ -449,16 +457,29 @@ def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
 
     device = distributed.init(dist, pick_device(cfg.device))
     check_method(cfg)
+    model = None
+    if tokenizes_ahead(device, dist):  # a second process tokenizes while this one loads the model
+        ahead = pretokenize.start(cfg)
+        try:
+            torch.manual_seed(cfg.seed)
+            model = load_model(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.revision,
+                               cfg.trust_remote_code, four_bit=cfg.method == "qlora")
+            lap("load_s")
+            pretokenize.wait(ahead)
+        except BaseException:
+            pretokenize.stop(ahead)
+            raise
     tokenizer = load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
     if ensure_chat_template(tokenizer, cfg.prompt_template):
         log.info("tokenizer has no chat template: using tunery's default (ChatML text + eos)")
-    data = prepare_data(cfg, tokenizer)
+    data = prepare_data(cfg, tokenizer)  # read from the cache where the second process tokenized it
     check_context(cfg, data)
     lap("data_s")
-    torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.revision, cfg.trust_remote_code,
-                       four_bit=cfg.method == "qlora")
-    lap("load_s")
+    if model is None:
+        torch.manual_seed(cfg.seed)
+        model = load_model(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.revision, cfg.trust_remote_code,
+                           four_bit=cfg.method == "qlora")
+        lap("load_s")
     if device.startswith("cuda"):  # where the fast path compiles (and its caches are kept)
         remember_dynamic_shapes(model.config.to_dict())
     new_tokens = grow_vocabulary(model, tokenizer)
