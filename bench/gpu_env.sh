@@ -12,4 +12,4 @@ mkdir -p /tmp/site
   python3 -m compileall -q -j 0 /tmp/site > /dev/null 2>&1
   touch /tmp/site/.unpacked
 }
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1

@@ -43,7 +43,7 @@ def test_the_child_fills_the_cache_with_what_the_training_process_would_make(tin
     assert child.returncode == 0
     assert list((tmp_path / "home" / "cache" / "tokenized").glob(f"*/{dataset_module.TOKENS_FILE}"))
     with monkeypatch.context() as m:
-        m.setattr(dataset_module, "tokenize_example", _refuse)  # this process reads the child's tokens
+        m.setattr(dataset_module, "tokenize_examples", _refuse)  # this process reads the child's tokens
         cached = prepare_data(cfg, _tokenizer(model))
     monkeypatch.setenv("TUNERY_HOME", str(tmp_path / "fresh"))
     fresh = prepare_data(cfg, _tokenizer(model))
@@ -57,7 +57,7 @@ def test_a_run_that_tokenizes_ahead_trains_on_the_childs_tokens(tiny, tmp_path, 
     _, model, data = tiny
     monkeypatch.setenv("TUNERY_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(loop, "tokenizes_ahead", lambda device, dist: True)
-    monkeypatch.setattr(dataset_module, "tokenize_example", _refuse)
+    monkeypatch.setattr(dataset_module, "tokenize_examples", _refuse)
     cfg = RunConfig(model=str(model), data=str(data), eval_split=0, max_steps=2, lora_dropout=0.0, save_every=0,
                     output_dir=str(tmp_path / "runs"), name="ahead")
     run = loop.train(cfg)
@@ -88,3 +88,23 @@ def test_a_setup_that_fails_stops_the_child(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="no-model"):
         loop.train(cfg)
     assert started and started[0].poll() is not None  # not left running
+
+
+@pytest.mark.parametrize("ours", [True, False])
+def test_the_child_encodes_on_all_cores_unless_the_user_said_otherwise(monkeypatch, ours):
+    """The CLI quiets tokenizers' fork warning with TOKENIZERS_PARALLELISM=false where the user had not set it;
+    the child forks nothing, so it gets "true" then, and the user's own setting otherwise."""
+    import tunery
+
+    seen = {}
+
+    class Popen:
+        def __init__(self, args, env, **kw):
+            seen.update(env)
+            self.stdin = open(__import__("os").devnull, "wb")  # noqa: SIM115 - closed by start()
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.setattr(tunery, "DEFAULTED_ENV", {"TOKENIZERS_PARALLELISM"} if ours else set())
+    monkeypatch.setattr(pretokenize.subprocess, "Popen", Popen)
+    pretokenize.start(RunConfig(model="m", data="d.jsonl"))
+    assert seen["TOKENIZERS_PARALLELISM"] == ("true" if ours else "false")

@@ -11,7 +11,7 @@ import tunery.data.dataset as dataset_module
 from tunery.config import RunConfig
 from tunery.data.dataset import prepare_data
 from tunery.data.templates import DEFAULT_TEMPLATE, ensure_chat_template, render
-from tunery.data.tokenize import IGNORE, assistant_spans, tokenize_example
+from tunery.data.tokenize import IGNORE, assistant_spans, tokenize_example, tokenize_examples
 from tunery.errors import DataError
 
 CONVERSATION = [
@@ -34,6 +34,28 @@ def labelled_runs(tokenizer, tokens) -> list[str]:
             runs[-1].append(tok)
         previous = lab
     return [tokenizer.decode(run) for run in runs]
+
+
+def test_a_batch_is_tokenized_as_each_example_alone_with_refusals_in_their_places(tiny_tokenizer):
+    """tokenize_examples encodes many texts in one tokenizer call: each result is the example's own (text and
+    chat rows, one cut by max_seq_len), and a conversation the template refuses gets its error in its place."""
+    from jinja2.exceptions import TemplateError
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if m['content'] == 'refuse me' %}{{ raise_exception('no') }}"
+                         "{% endif %}{% endfor %}" + tiny_tokenizer.chat_template)
+    refused = [{"role": "user", "content": "refuse me"}, {"role": "assistant", "content": "ok"}]
+    examples = [{"messages": CONVERSATION}, {"text": "a plain line of text"}, {"messages": refused},
+                {"text": "word " * 200}, {"messages": CONVERSATION[1:3]}]
+    got = tokenize_examples(tok, examples, max_seq_len=64)
+    assert isinstance(got[2], TemplateError)
+    with pytest.raises(TemplateError):
+        tokenize_example(tok, examples[2], max_seq_len=64)
+    for i in (0, 1, 3, 4):
+        alone = tokenize_example(tok, examples[i], max_seq_len=64)
+        assert (got[i].input_ids, got[i].labels, got[i].truncated) == (alone.input_ids, alone.labels, alone.truncated)
+    assert got[3].truncated and len(got[3].input_ids) == 64 and not got[1].truncated
+    assert got[0].input_ids != got[4].input_ids and IGNORE in got[0].labels
 
 
 def test_only_assistant_replies_and_their_end_of_turn_are_labelled(tiny_tokenizer):
@@ -221,7 +243,7 @@ def test_token_cache_is_reused_and_keyed_on_settings_and_content(tmp_path, tuner
     first = prepare_data(_config(data), tiny_tokenizer)
     assert len(list((tunery_home / "cache" / "tokenized").iterdir())) == 1
 
-    monkeypatch.setattr(dataset_module, "tokenize_example", _refuse)
+    monkeypatch.setattr(dataset_module, "tokenize_examples", _refuse)
     cached = prepare_data(_config(data), tiny_tokenizer)
     assert (cached.train, cached.eval, cached.eval_examples) == (first.train, first.eval, first.eval_examples)
     assert cached.files[0].tokens == first.files[0].tokens

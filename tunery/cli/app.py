@@ -12,6 +12,7 @@ import warnings
 
 import typer
 
+import tunery
 from tunery.cli import chat, compare, data, demo, doctor, evaluate, export, jobs, models, plan, train, ui
 from tunery.errors import TuneryError
 from tunery.progress import console
@@ -37,7 +38,9 @@ app.command("compare")(compare.compare_command)
 
 
 def main() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "TOKENIZERS_PARALLELISM" not in os.environ:  # quiet: tokenizers warns when a process forks after using it
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        tunery.DEFAULTED_ENV.add("TOKENIZERS_PARALLELISM")
     # a deprecation inside peft/transformers that users cannot act on
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     # bitsandbytes (which peft imports) tries at import to fetch an optional CPU 4-bit kernel from the Hub through

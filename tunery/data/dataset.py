@@ -21,7 +21,7 @@ from jinja2.exceptions import TemplateError
 from tunery.data.formats import Example, RowError, detect_format, layouts, normalise
 from tunery.data.load import content_hash, load_rows, name_columns
 from tunery.data.templates import fit_messages
-from tunery.data.tokenize import IGNORE, Tokenized, tokenize_example
+from tunery.data.tokenize import IGNORE, Tokenized, tokenize_examples
 from tunery.errors import DataError
 from tunery.paths import cache_dir
 from tunery.progress import progress_bar
@@ -114,6 +114,7 @@ def _fit_template(tokenizer, examples: list, reasons: list) -> tuple[list, list,
     return examples, reasons, notes
 
 
+TOKENIZE_CHUNK = 512  # examples a call to the tokenizer encodes at once (on all cores), between progress updates
 TOKENS_FILE = "tokens.arrow"  # the cache's tokens: an Arrow IPC file (pyarrow alone reads it, without datasets)
 
 
@@ -133,19 +134,21 @@ def _cached_tokens(key: str, examples: list[Example | None], tokenizer, max_seq_
         for r, why in (json.loads(refused.read_text()) if refused.exists() else {}).items():
             reasons[int(r)] = why
         return [by_row.get(r) for r in range(len(examples))]
-    tokens: list[Tokenized | None] = []
+    tokens: list[Tokenized | None] = [None] * len(examples)
+    refused = {}
+    todo = [r for r, example in enumerate(examples) if example is not None]
     with progress_bar("tokenizing", total=len(examples)) as advance:
-        refused = {}
-        for r, example in enumerate(examples):
-            try:
-                tokens.append(None if example is None else tokenize_example(tokenizer, example, max_seq_len, train_on))
-            except TemplateError as e:  # the template refused this conversation: a row's problem, named
-                tokens.append(None)
-                reasons[r] = refused[r] = f"the chat template refused it: {e}"
-            except RowError as e:
-                tokens.append(None)
-                reasons[r] = refused[r] = str(e)
-            advance()
+        advance(len(examples) - len(todo))
+        for at in range(0, len(todo), TOKENIZE_CHUNK):
+            rows = todo[at:at + TOKENIZE_CHUNK]
+            for r, got in zip(rows, tokenize_examples(tokenizer, [examples[r] for r in rows], max_seq_len, train_on)):
+                if isinstance(got, TemplateError):  # the template refused this conversation: a row's problem, named
+                    reasons[r] = refused[r] = f"the chat template refused it: {got}"
+                elif isinstance(got, RowError):
+                    reasons[r] = refused[r] = str(got)
+                else:
+                    tokens[r] = got
+            advance(len(rows))
     import pyarrow as pa
 
     kept = [(r, t) for r, t in enumerate(tokens) if t is not None]

@@ -21,9 +21,14 @@ import sys
 
 def start(cfg) -> subprocess.Popen | None:
     """The child tokenizing `cfg`'s data, or None where it cannot start."""
+    import tunery
+
+    env = os.environ.copy()
+    if "TOKENIZERS_PARALLELISM" in tunery.DEFAULTED_ENV:  # the CLI's quiet default, not the user's: this process
+        env["TOKENIZERS_PARALLELISM"] = "true"  # forks nothing, so its batches are encoded on all cores
     try:
         proc = subprocess.Popen([sys.executable, "-m", "tunery.data.pretokenize"], stdin=subprocess.PIPE,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     except OSError:
         return None
     try:

@@ -66,23 +66,50 @@ def _spans_by_content(tokenizer, text: str, messages: list[dict]) -> list[tuple[
 
 def tokenize_example(tokenizer, example: Example, max_seq_len: int, train_on: str = "assistant") -> Tokenized:
     """Token ids and labels (IGNORE where no loss) of one normalised example, truncated to max_seq_len."""
-    if "text" in example:
-        text, spans = example["text"] + (tokenizer.eos_token or ""), None
-    else:
-        text, spans = assistant_spans(tokenizer, example["messages"])
+    out = tokenize_examples(tokenizer, [example], max_seq_len, train_on)[0]
+    if isinstance(out, Exception):
+        raise out
+    return out
+
+
+def tokenize_examples(tokenizer, examples: list[Example], max_seq_len: int,
+                      train_on: str = "assistant") -> list[Tokenized | Exception]:
+    """`tokenize_example` of each example, the texts encoded in one call to the tokenizer (its Rust core encodes
+    a batch on all cores). An example whose chat template or layout refuses it gets that error (a TemplateError
+    or RowError) in its place; any other error is raised."""
+    from jinja2.exceptions import TemplateError
+
+    from tunery.data.formats import RowError
+
     # no token covers more characters than the vocabulary's longest, so the first max_seq_len + 1 tokens lie in
     # this many characters: a giant row is cut before it is tokenized, not after (memory bounded by max_seq_len)
     bound = (max_seq_len + 1) * _longest_token(tokenizer)
-    cut = len(text) > bound
-    enc = tokenizer(text[:bound] if cut else text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"]
-    if spans is None or train_on == "all":
-        labels = list(ids)
-    else:
-        labels = [tok if any(s <= start < e for s, e in spans) else IGNORE
-                  for tok, (start, _) in zip(ids, enc["offset_mapping"])]
-    truncated = cut or len(ids) > max_seq_len
-    return Tokenized(ids[:max_seq_len], labels[:max_seq_len], truncated)
+    rendered: list[tuple[str, list | None] | Exception] = []
+    for example in examples:
+        try:
+            if "text" in example:
+                rendered.append((example["text"] + (tokenizer.eos_token or ""), None))
+            else:
+                rendered.append(assistant_spans(tokenizer, example["messages"]))
+        except (TemplateError, RowError) as e:
+            rendered.append(e)
+    texts = [r[0][:bound] for r in rendered if not isinstance(r, Exception)]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
+    out: list[Tokenized | Exception] = []
+    k = 0
+    for r in rendered:
+        if isinstance(r, Exception):
+            out.append(r)
+            continue
+        (text, spans), ids, offsets = r, enc["input_ids"][k], enc["offset_mapping"][k]
+        k += 1
+        if spans is None or train_on == "all":
+            labels = list(ids)
+        else:
+            labels = [tok if any(s <= start < e for s, e in spans) else IGNORE for tok, (start, _) in zip(ids, offsets)]
+        truncated = len(text) > bound or len(ids) > max_seq_len
+        out.append(Tokenized(ids[:max_seq_len], labels[:max_seq_len], truncated))
+    return out
 
 
 def _longest_token(tokenizer) -> int:
