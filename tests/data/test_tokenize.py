@@ -58,6 +58,29 @@ def test_a_batch_is_tokenized_as_each_example_alone_with_refusals_in_their_place
     assert got[0].input_ids != got[4].input_ids and IGNORE in got[0].labels
 
 
+def test_labels_by_bisection_equal_the_token_by_token_rule():
+    """A token is trained where it starts inside an assistant span; spans are found as slices by bisection over
+    the token starts (in order for every fast tokenizer), token by token where the starts are not in order."""
+    import random
+
+    from tunery.data.tokenize import _labels
+
+    rng = random.Random(0)
+    for case in range(300):
+        n = rng.randint(0, 40)
+        widths = [rng.randint(0, 4) for _ in range(n)]  # zero-width tokens too
+        starts = [sum(widths[:i]) for i in range(n)]
+        if case % 5 == 0 and n > 2:  # out of order: the fallback
+            starts[1], starts[2] = starts[2] + 1, starts[1]
+        offsets = [(s, s + w) for s, w in zip(starts, widths)]
+        end = (starts[-1] + 5) if n else 5
+        cuts = sorted(rng.sample(range(end + 2), 4))
+        spans = [(cuts[0], cuts[1]), (cuts[2], cuts[3])]
+        ids = [100 + i for i in range(n)]
+        want = [t if any(a <= st < b for a, b in spans) else IGNORE for t, (st, _) in zip(ids, offsets)]
+        assert _labels(ids, offsets, spans) == want, (offsets, spans)
+
+
 def test_only_assistant_replies_and_their_end_of_turn_are_labelled(tiny_tokenizer):
     tokens = tokenize_example(tiny_tokenizer, {"messages": CONVERSATION}, max_seq_len=1024)
     assert tiny_tokenizer.decode(tokens.input_ids) == render(tiny_tokenizer, CONVERSATION)

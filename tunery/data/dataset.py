@@ -40,7 +40,7 @@ class FileData:
     notes: dict[str, int] = field(default_factory=dict)  # what was reshaped to fit the chat template -> rows
     def usable(self) -> list[int]:
         """Row indices that train on at least one token."""
-        return [i for i, t in enumerate(self.tokens) if t is not None and any(x != IGNORE for x in t.labels)]
+        return [i for i, t in enumerate(self.tokens) if t is not None and t.labels.count(IGNORE) < len(t.labels)]
 
     def summary(self) -> dict:
         rejected = Counter(r for r in self.reasons if r)

@@ -8,6 +8,7 @@ its continuation (every common one does; the others are rejected by name).
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 from tunery.data.formats import Example
@@ -103,13 +104,23 @@ def tokenize_examples(tokenizer, examples: list[Example], max_seq_len: int,
             continue
         (text, spans), ids, offsets = r, enc["input_ids"][k], enc["offset_mapping"][k]
         k += 1
-        if spans is None or train_on == "all":
-            labels = list(ids)
-        else:
-            labels = [tok if any(s <= start < e for s, e in spans) else IGNORE for tok, (start, _) in zip(ids, offsets)]
+        labels = list(ids) if spans is None or train_on == "all" else _labels(ids, offsets, spans)
         truncated = len(text) > bound or len(ids) > max_seq_len
         out.append(Tokenized(ids[:max_seq_len], labels[:max_seq_len], truncated))
     return out
+
+
+def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """Each token's id where it starts inside one of `spans` (character ranges), else IGNORE. Token starts only
+    grow along a text, so each span is one slice of the tokens, found by bisection."""
+    starts = [start for start, _ in offsets]
+    if any(a > b for a, b in zip(starts, starts[1:])):  # not in order (no fast tokenizer does this): token by token
+        return [tok if any(s <= start < e for s, e in spans) else IGNORE for tok, start in zip(ids, starts)]
+    labels = [IGNORE] * len(ids)
+    for s, e in spans:
+        lo, hi = bisect.bisect_left(starts, s), bisect.bisect_left(starts, e)
+        labels[lo:hi] = ids[lo:hi]
+    return labels
 
 
 def _longest_token(tokenizer) -> int:
