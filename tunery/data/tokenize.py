@@ -114,7 +114,7 @@ def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[in
     """Each token's id where it starts inside one of `spans` (character ranges), else IGNORE. Token starts only
     grow along a text, so each span is one slice of the tokens, found by bisection."""
     starts = [start for start, _ in offsets]
-    if any(a > b for a, b in zip(starts, starts[1:])):  # not in order (no fast tokenizer does this): token by token
+    if starts != sorted(starts):  # not in order (no fast tokenizer does this): token by token
         return [tok if any(s <= start < e for s, e in spans) else IGNORE for tok, start in zip(ids, starts)]
     labels = [IGNORE] * len(ids)
     for s, e in spans:
