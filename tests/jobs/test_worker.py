@@ -115,3 +115,16 @@ def test_the_local_flavor_is_this_machine_not_a_fixed_cpu_guess(monkeypatch):
     local_flavor.cache_clear()
     assert (gpu.gpus, gpu.tflops_bf16, gpu.gpu_memory_gb, gpu.usd_per_hour) == (1, 989, 80, 0.0)
     assert tokens_per_second(0.5, gpu) == tokens_per_second(0.5, get_flavor("h100"))
+
+
+def test_a_job_environment_leaves_out_what_the_cli_defaulted(monkeypatch):
+    """TOKENIZERS_PARALLELISM=false set by the worker's own CLI (the user had not) does not reach the job: the
+    job's `tunery` sets its own defaults, as for the user. A value the user set is passed on."""
+    import tunery
+    from tunery.jobs.secrets import job_environment
+
+    environ = {"PATH": "/bin", "TOKENIZERS_PARALLELISM": "false", "UNRELATED_TOKEN": "x"}
+    monkeypatch.setattr(tunery, "DEFAULTED_ENV", {"TOKENIZERS_PARALLELISM"})
+    assert job_environment(environ) == {"PATH": "/bin"}
+    monkeypatch.setattr(tunery, "DEFAULTED_ENV", set())
+    assert job_environment(environ) == {"PATH": "/bin", "TOKENIZERS_PARALLELISM": "false"}

@@ -100,6 +100,10 @@ def drop_secrets(job_id: str) -> None:
 
 
 def job_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The minimal environment a job's process starts from: `_PASSED` names and prefixes only."""
+    """The minimal environment a job's process starts from: `_PASSED` names and prefixes only, less what this
+    process's CLI set to its own defaults (the job's `tunery` sets those again, as the user would get them)."""
+    import tunery
+
     environ = os.environ if environ is None else environ
-    return {k: v for k, v in environ.items() if k in _PASSED or k.startswith(_PASSED_PREFIXES)}
+    return {k: v for k, v in environ.items()
+            if (k in _PASSED or k.startswith(_PASSED_PREFIXES)) and k not in tunery.DEFAULTED_ENV}
