@@ -122,10 +122,10 @@ def _cached_tokens(key: str, examples: list[Example | None], tokenizer, max_seq_
                    train_on: str, reasons: list[str | None]) -> list[Tokenized | None]:
     """Tokens per example (None where rejected); a row the chat template refuses gets its reason in `reasons`
     and no tokens, and the cache keeps those reasons (as rows without tokens) too."""
+    import pyarrow as pa
+
     folder = cache_dir("tokenized") / key
     if (folder / TOKENS_FILE).exists():
-        import pyarrow as pa
-
         with pa.memory_map(str(folder / TOKENS_FILE)) as f:
             cached = pa.ipc.open_file(f).read_all().to_pydict()
         by_row = {r: Tokenized(i, lab, t) for r, i, lab, t in
@@ -149,8 +149,6 @@ def _cached_tokens(key: str, examples: list[Example | None], tokenizer, max_seq_
                 else:
                     tokens[r] = got
             advance(len(rows))
-    import pyarrow as pa
-
     kept = [(r, t) for r, t in enumerate(tokens) if t is not None]
     ids = pa.list_(pa.int32())
     table = pa.table({"row": pa.array([r for r, _ in kept], pa.int64()),

@@ -56,16 +56,22 @@ def stop(proc: subprocess.Popen | None) -> None:
         proc.wait()
 
 
-def main() -> None:
-    from tunery.config import RunConfig
-    from tunery.data.dataset import prepare_data
+def run_tokenizer(cfg):
+    """(the run's tokenizer with its chat template, whether tunery's default template was given it): what the
+    training process and the child both tokenize with, so the child's tokens are the cache entry setup reads."""
     from tunery.data.templates import ensure_chat_template
     from tunery.models.load import load_tokenizer
 
-    cfg = RunConfig.from_dict(json.loads(sys.stdin.read()))
     tokenizer = load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
-    ensure_chat_template(tokenizer, cfg.prompt_template)
-    prepare_data(cfg, tokenizer)
+    return tokenizer, ensure_chat_template(tokenizer, cfg.prompt_template)
+
+
+def main() -> None:
+    from tunery.config import RunConfig
+    from tunery.data.dataset import prepare_data
+
+    cfg = RunConfig.from_dict(json.loads(sys.stdin.read()))
+    prepare_data(cfg, run_tokenizer(cfg)[0])
 
 
 if __name__ == "__main__":

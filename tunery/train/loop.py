@@ -20,7 +20,6 @@ import tunery
 from tunery.config import ConfigError, RunConfig
 from tunery.data import pretokenize
 from tunery.data.dataset import PreparedData, prepare_data
-from tunery.data.templates import ensure_chat_template
 from tunery.errors import RunError
 from tunery.kernels.apply import FastPath, fast_path_for
 from tunery.kernels.graphs import StepGraphs, graphs_reason
@@ -29,7 +28,6 @@ from tunery.models.catalog import family_of_model, is_prequantized
 from tunery.models.load import (
     grow_vocabulary,
     load_model,
-    load_tokenizer,
     model_fingerprint,
     pick_device,
     pick_dtype,
@@ -457,29 +455,31 @@ def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
 
     device = distributed.init(dist, pick_device(cfg.device))
     check_method(cfg)
+
+    def load_weights():
+        torch.manual_seed(cfg.seed)
+        loaded = load_model(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.revision, cfg.trust_remote_code,
+                            four_bit=cfg.method == "qlora")
+        lap("load_s")
+        return loaded
+
     model = None
     if tokenizes_ahead(device, dist):  # a second process tokenizes while this one loads the model
         ahead = pretokenize.start(cfg)
         try:
-            torch.manual_seed(cfg.seed)
-            model = load_model(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.revision,
-                               cfg.trust_remote_code, four_bit=cfg.method == "qlora")
-            lap("load_s")
+            model = load_weights()
             pretokenize.wait(ahead)
         except BaseException:
             pretokenize.stop(ahead)
             raise
-    tokenizer = load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
-    if ensure_chat_template(tokenizer, cfg.prompt_template):
+    tokenizer, defaulted = pretokenize.run_tokenizer(cfg)
+    if defaulted:
         log.info("tokenizer has no chat template: using tunery's default (ChatML text + eos)")
     data = prepare_data(cfg, tokenizer)  # read from the cache where the second process tokenized it
     check_context(cfg, data)
     lap("data_s")
     if model is None:
-        torch.manual_seed(cfg.seed)
-        model = load_model(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.revision, cfg.trust_remote_code,
-                           four_bit=cfg.method == "qlora")
-        lap("load_s")
+        model = load_weights()
     if device.startswith("cuda"):  # where the fast path compiles (and its caches are kept)
         remember_dynamic_shapes(model.config.to_dict())
     new_tokens = grow_vocabulary(model, tokenizer)
