@@ -16,7 +16,8 @@ torch.compile where the run is long enough to repay it),
 tunery-compiled (its defaults with --fast-compile: torch.compile even where tunery judges the run too
 short to repay it), tunery-examples (--no-packing --micro-batch-tokens 0: batch_size examples a micro-batch, padded),
 tunery-tokens (--no-packing --micro-batch-tokens N), tunery-packed (--packing --micro-batch-tokens N; not LFM2,
-whose convolutions cross packed examples), unsloth. Each tunery stack has a TUNERY_HOME of its
+whose convolutions cross packed examples), tunery-8bit (its defaults with --optimizer adamw_8bit: the optimizer
+Unsloth's notebooks use, for the peak memory at the same settings), unsloth. Each tunery stack has a TUNERY_HOME of its
 own, empty at first (cold: nothing compiled yet); tunery-compiled (or else the first tunery stack) runs again
 with it, on each model's first profile and row count (warm).
 """
@@ -40,7 +41,7 @@ PROFILES = {  # name: (median tokens, log-normal sigma, cap = max_seq_len)
     "mixed": (300, 0.8, 2000),
     "long": (1500, 0.6, 8192),
 }
-STACKS = ("tunery", "tunery-compiled", "tunery-examples", "tunery-tokens", "tunery-packed", "unsloth")
+STACKS = ("tunery", "tunery-compiled", "tunery-examples", "tunery-tokens", "tunery-packed", "tunery-8bit", "unsloth")
 BATCH = {"llama-1b": 8, "lfm2-1.2b": 8, "llama-8b": 4}  # examples per step (the issue's rows: 8 and 4)
 
 
@@ -78,7 +79,8 @@ def run_tunery(model_dir: str, data: Path, profile: str, batch: int, stack: str,
         args += ["--micro-batch-tokens", str(budget_for(profile, batch))]
     args += {"tunery-packed": ["--packing"], "tunery-tokens": ["--no-packing"],
              "tunery-examples": ["--no-packing", "--micro-batch-tokens", "0"],
-             "tunery-compiled": ["--fast-compile"]}.get(stack, []) + list(extra)
+             "tunery-compiled": ["--fast-compile"],
+             "tunery-8bit": ["--optimizer", "adamw_8bit"]}.get(stack, []) + list(extra)
     env = {**os.environ, "TUNERY_HOME": str(home)}
     t0 = time.time()
     proc = subprocess.run(args, env=env, capture_output=True, text=True)

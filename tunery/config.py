@@ -94,6 +94,10 @@ class RunConfig:
                                            "the fast path, else off.")
     lr: float = _f(2e-4, "Peak learning rate.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
+    optimizer: Literal["adamw", "adamw_8bit"] = _f(
+        "adamw", "adamw: torch's AdamW, its two moments in fp32; adamw_8bit: bitsandbytes' 8-bit AdamW (Unsloth's "
+        "notebooks' choice), the moments stored in 8 bits blockwise, 6 bytes less a trained parameter "
+        "(`pip install 'tunery[qlora]'`).")
     warmup_ratio: float = _f(0.03, "Fraction of steps spent warming the learning rate up from 0.")
     scheduler: Literal["cosine", "linear", "constant"] = _f("cosine", "Learning-rate decay after warmup.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")

@@ -63,6 +63,16 @@ def test_the_parts_move_the_right_way():
     assert predict_peak(shape, "lora", 2, 2048, fused_loss=False).gib > lora + 3  # 4k x 128k logits
 
 
+def test_the_8bit_optimizer_keeps_a_byte_a_moment():
+    shape, family = _shape("llama-8b")
+    lora = shape.lora_params(16, family.lora_targets)
+    for method, count, saved in (("lora", lora, 6), ("full", shape.params, 2)):
+        plain = predict_peak(shape, method, 1, 4096, lora_targets=family.lora_targets).parts["trained"]
+        eight = predict_peak(shape, method, 1, 4096, lora_targets=family.lora_targets,
+                             optimizer="adamw_8bit").parts["trained"]
+        assert (plain - eight) * 2**30 == pytest.approx(count * saved), method
+
+
 def test_time_model_reproduces_the_h100_rows_and_scales_to_slower_gpus():
     h100, a10g = flavors()["h100"], flavors()["a10g-small"]
     for r in RECORDED:

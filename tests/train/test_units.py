@@ -307,3 +307,57 @@ def test_the_data_gate_refuses_what_would_mostly_not_train(tmp_path, monkeypatch
     with pytest.raises(DataError, match="held-out rows are also training rows"):
         _prepared(tmp_path, [_pair(0)] * 20)
     assert _prepared(tmp_path, [_pair(i) for i in range(20)]).eval  # clean data passes
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """A model whose LoRA matrices reach the 4,096 elements bitsandbytes quantizes moments from (16 x 256)."""
+    root = tmp_path_factory.mktemp("wide")
+    rows = [{"messages": [{"role": "user", "content": f"count to {i}"},
+                          {"role": "assistant", "content": " ".join(str(k) for k in range(i % 9 + 2))}]}
+            for i in range(40)]
+    data = root / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = build_tiny_model(root / "m", corpus_of(rows), TinySpec(hidden_size=256, intermediate_size=256,
+                                                                   num_layers=1, vocab_size=300))
+    return root, model, data
+
+
+def test_the_8bit_optimizer_keeps_8bit_moments_follows_adamw_and_resumes_exactly(wide, monkeypatch, tmp_path):
+    pytest.importorskip("bitsandbytes", reason="the qlora extra (make test installs it)")
+    plain = _trainer(wide, monkeypatch, lr=1e-3, batch_size=8, max_steps=4)
+    eight = _trainer(wide, monkeypatch, lr=1e-3, batch_size=8, max_steps=4, optimizer="adamw_8bit")
+    start = {n: p.detach().clone() for n, p in eight.model.named_parameters() if p.requires_grad}
+    for step in range(2):
+        a, b = train_step(plain, step), train_step(eight, step)
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.02), step
+    moments = [s["state1"] for s in eight.optimizer.state.values()]
+    assert moments and any(m.dtype == torch.uint8 for m in moments)  # the big matrices' moments: one byte each
+    for (name, p), (_, q) in zip(plain.model.named_parameters(), eight.model.named_parameters()):
+        if p.requires_grad and p.numel() >= 4096:  # the same direction and size of update, up to quantization
+            moved, eight_moved = (p.detach() - start[name]).flatten(), (q.detach() - start[name]).flatten()
+            assert torch.nn.functional.cosine_similarity(moved, eight_moved, dim=0) > 0.95, name
+            assert float(eight_moved.norm()) == pytest.approx(float(moved.norm()), rel=0.1), name
+
+    saved = checkpoint.save_checkpoint(tmp_path / "checkpoints", 2, eight.model, eight.optimizer, eight.scheduler,
+                                       keep=1)
+    straight = [train_step(eight, step)["loss"] for step in (2, 3)]
+    resumed = _trainer(wide, monkeypatch, lr=1e-3, batch_size=8, max_steps=4, optimizer="adamw_8bit")
+    assert checkpoint.load_checkpoint(saved, resumed.model, resumed.optimizer, resumed.scheduler) == 2
+    assert [train_step(resumed, step)["loss"] for step in (2, 3)] == pytest.approx(straight, rel=1e-6)
+    for (name, p), (_, q) in zip(eight.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_the_8bit_optimizer_without_bitsandbytes_is_refused_before_anything_loads(tiny, monkeypatch):
+    import importlib.util
+
+    from tunery.config import ConfigError
+    from tunery.train import loop
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else found(name, *a))
+    monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    with pytest.raises(ConfigError, match=r"adamw_8bit needs bitsandbytes: pip install 'tunery\[qlora\]'"):
+        _trainer(tiny, monkeypatch, optimizer="adamw_8bit")

@@ -24,7 +24,7 @@ def job_peak(cfg: RunConfig, shape: Shape, seq: int, method: str | None = None, 
     return predict_peak(shape, method or cfg.method, batch or cfg.batch_size, seq, lora_r=cfg.lora_r,
                         lora_targets=cfg.lora_targets, checkpointing=cfg.gradient_checkpointing,
                         offload=fast and cfg.fast_path.offload,
-                        fused_loss=fast and "fused_linear_ce" in family.pieces)
+                        fused_loss=fast and "fused_linear_ce" in family.pieces, optimizer=cfg.optimizer)
 
 
 def check_fits(cfg: RunConfig, flavor: Flavor, longest: int | None = None) -> Peak | None:

@@ -7,7 +7,8 @@ The parts, as tunery's training step holds them at its peak (the last micro-batc
   double-quantized scales), and dequantizes the layers it runs into bf16 temporaries (kernels/nf4.py);
 - what trains: LoRA adapters in fp32 (PEFT keeps them in fp32 over a 16-bit base), with their gradients and
   AdamW's two moments, 16 bytes a parameter; a full fine-tune trains the bf16 weights themselves, with bf16
-  gradients and AdamW moments in the weights' dtype (torch's AdamW), 6 more bytes a parameter;
+  gradients and AdamW moments in the weights' dtype (torch's AdamW), 6 more bytes a parameter. The 8-bit AdamW
+  (`optimizer="adamw_8bit"`) keeps each moment in one byte (its blockwise scales are under 0.5% of that);
 - activations: with checkpointing and the fast path's offload, only the block being recomputed holds its
   activations (the others' inputs wait in pinned CPU memory): `ACT_BYTES` per token per output feature of that
   block's linears. Checkpointing without offload adds every block's input (2 bytes x hidden a token a block);
@@ -55,7 +56,7 @@ class Peak:
 
 def predict_peak(shape: Shape, method: str = "lora", batch: int = 1, seq: int = 2048, *, lora_r: int = 16,
                  lora_targets: tuple[str, ...] | list[str] = (), checkpointing: bool = True, offload: bool = True,
-                 fused_loss: bool = True) -> Peak:
+                 fused_loss: bool = True, optimizer: str = "adamw") -> Peak:
     """Peak GPU memory of one training step of `batch` rows of `seq` tokens (a packed row: batch 1)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
@@ -65,10 +66,11 @@ def predict_peak(shape: Shape, method: str = "lora", batch: int = 1, seq: int = 
         weights = (params - block) * 2 + block * NF4_BYTES + 2 * shape.widest_linear * 2  # + dequantized temporaries
     else:
         weights = params * 2
+    eight_bit = optimizer == "adamw_8bit"
     if method == "full":
-        trained = params * (2 + 2 + 2)
+        trained = params * (2 + (1 + 1 if eight_bit else 2 + 2))  # gradients, then the two moments
     else:
-        trained = shape.lora_params(lora_r, lora_targets) * 16
+        trained = shape.lora_params(lora_r, lora_targets) * (4 + 4 + (1 + 1 if eight_bit else 4 + 4))
     if checkpointing:
         activations = tokens * ACT_BYTES * shape.block_outputs
         if not offload:

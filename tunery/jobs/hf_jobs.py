@@ -49,15 +49,30 @@ if __name__ == "__main__":
 '''
 
 
-def dependencies(tunery_spec: str | None = None) -> list[str]:
-    """tunery itself plus its runtime requirements (extras left out); torch unpinned for the job's GPU."""
+def dependencies(tunery_spec: str | None = None, extras: tuple[str, ...] = ()) -> list[str]:
+    """tunery itself plus its runtime requirements and those of `extras` (the others left out); torch unpinned
+    for the job's GPU."""
+    from packaging.requirements import Requirement
+
     try:
         ours = version("tunery")
-        reqs = [r for r in (requires("tunery") or []) if "extra ==" not in r]
+        reqs = []
+        for line in requires("tunery") or []:
+            req = Requirement(line)
+            if req.marker is None or "extra" not in str(req.marker):
+                reqs.append(line)
+            elif any(req.marker.evaluate({"extra": extra}) for extra in extras):
+                req.marker = None  # the job installs it unconditionally
+                reqs.append(str(req))
     except PackageNotFoundError:
         ours, reqs = "0.1.0", []
     spec = tunery_spec or os.environ.get("TUNERY_PIP_SPEC") or f"tunery=={ours}"
     return [spec, *reqs]
+
+
+def extras_for(cfg: RunConfig) -> tuple[str, ...]:
+    """The extras a run of `cfg` needs: bitsandbytes (`qlora`) for a 4-bit base or the 8-bit optimizer."""
+    return ("qlora",) if cfg.method == "qlora" or cfg.optimizer == "adamw_8bit" else ()
 
 
 def _inline(path: str) -> tuple[str, str]:
@@ -84,7 +99,7 @@ def make_script(cfg: RunConfig, tunery_spec: str | None = None) -> str:
         values.pop(key, None)
     import yaml
 
-    deps = "\n".join(f"#   {d!r},".replace("'", '"') for d in dependencies(tunery_spec))
+    deps = "\n".join(f"#   {d!r},".replace("'", '"') for d in dependencies(tunery_spec, extras_for(cfg)))
     return _TEMPLATE.format(deps=deps, name=cfg.name, config=yaml.safe_dump(values, sort_keys=False), data=data)
 
 

@@ -52,7 +52,7 @@ from tunery.train.distributed import Dist
 from tunery.train.loss import held_out_loss, summed_loss
 from tunery.train.metrics import MetricsFile, TrainDisplay
 from tunery.train.reporters import Reporters
-from tunery.train.schedule import lr_multiplier
+from tunery.train.schedule import check_optimizer, lr_multiplier, make_optimizer
 
 log = logging.getLogger("tunery.train")
 
@@ -455,6 +455,7 @@ def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
 
     device = distributed.init(dist, pick_device(cfg.device))
     check_method(cfg)
+    check_optimizer(cfg.optimizer)
 
     def load_weights():
         torch.manual_seed(cfg.seed)
@@ -492,7 +493,7 @@ def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
     if why:
         raise ConfigError(f"packing cannot train {cfg.model}: {why}; train it without --packing")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
     steps = total_steps(cfg, len(data.train))
     warmup = int(cfg.warmup_ratio * steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
