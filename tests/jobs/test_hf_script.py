@@ -3,9 +3,8 @@ the qlora extra's requirements; any other run installs no extra."""
 
 from __future__ import annotations
 
-import tomllib
-
 import pytest
+import tomllib
 
 from tunery.config import RunConfig
 from tunery.jobs.hf_jobs import make_script
