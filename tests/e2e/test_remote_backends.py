@@ -166,7 +166,7 @@ def test_hf_job_pushes_checkpoints_is_stopped_past_its_budget_and_its_retry_resu
         workspace, tmp_path, hub):
     home, run, repo = tmp_path / "home", tmp_path / "runs" / "hfrun", "tester/tunery-hfrun"
     env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf-home")}
-    config = _config(workspace, tmp_path, model="tester/tiny", max_steps=200, save_every=5)
+    config = _config(workspace, tmp_path, model="tester/tiny", max_steps=60, save_every=10)
     proc = run_cli("submit", "--config", str(config), "--name", "hfrun", "--backend", "hf-jobs", "--flavor",
                    "a10g-small", "--timeout", "1h", "--budget", "0.000001usd", "--yes", "--no-worker", home=home,
                    env=env)
@@ -193,7 +193,7 @@ def test_hf_job_pushes_checkpoints_is_stopped_past_its_budget_and_its_retry_resu
     assert "adapter/adapter_model.safetensors" in files and not any(p.startswith("checkpoints/") for p in files)
     assert (run / "adapter" / "adapter_model.safetensors").exists()  # the finished run came back here
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1] == 200 and steps == sorted(steps)
+    assert steps[-1] == 60 and steps == sorted(steps)
     for path in [*home.rglob("*"), *(tmp_path / "runs").rglob("*")]:
         if path.is_file():
             assert TOKEN.encode() not in path.read_bytes(), path
