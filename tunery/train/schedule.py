@@ -17,10 +17,10 @@ def check_optimizer(kind: str) -> None:
 
 def make_optimizer(params: list, kind: str, lr: float, weight_decay: float):
     """torch's AdamW (`adamw`) or bitsandbytes' 8-bit AdamW (`adamw_8bit`: both moments quantized blockwise to 8
-    bits with their own scales, TRL's `optim="adamw_8bit"`; tensors under 4,096 elements keep 32-bit moments)."""
+    bits with their own scales, TRL's `optim="adamw_8bit"`; tensors under 4,096 elements keep 32-bit moments).
+    setup has run `check_optimizer` before loading anything."""
     import torch
 
-    check_optimizer(kind)
     if kind == "adamw_8bit":
         import bitsandbytes as bnb
 
