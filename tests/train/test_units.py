@@ -349,7 +349,14 @@ def test_the_8bit_optimizer_keeps_8bit_moments_follows_adamw_and_resumes_exactly
         assert torch.equal(p, q), name
 
 
-def test_the_8bit_optimizer_without_bitsandbytes_is_refused_before_anything_loads(tiny, monkeypatch):
+@pytest.mark.parametrize("settings, message", [
+    ({"optimizer": "adamw_8bit"}, r"optimizer adamw_8bit needs bitsandbytes: pip install 'tunery\[qlora\]' \(or use "
+                                  r"optimizer adamw\)"),
+    ({"method": "qlora"}, r"method qlora needs bitsandbytes: .*\(or use method lora\)"),
+    ({"method": "qlora", "optimizer": "adamw_8bit"},
+     r"method qlora and optimizer adamw_8bit need bitsandbytes: .*\(or use method lora and optimizer adamw\)"),
+])
+def test_a_run_needing_bitsandbytes_without_it_is_refused_before_anything_loads(tiny, monkeypatch, settings, message):
     import importlib.util
 
     from tunery.config import ConfigError
@@ -359,5 +366,6 @@ def test_the_8bit_optimizer_without_bitsandbytes_is_refused_before_anything_load
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "bitsandbytes" else found(name, *a))
     monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
-    with pytest.raises(ConfigError, match=r"adamw_8bit needs bitsandbytes: pip install 'tunery\[qlora\]'"):
-        _trainer(tiny, monkeypatch, optimizer="adamw_8bit")
+    monkeypatch.setattr(loop, "prepare_data", lambda *a, **k: pytest.fail("the data was prepared"))
+    with pytest.raises(ConfigError, match=message):
+        _trainer(tiny, monkeypatch, **settings)

@@ -115,13 +115,10 @@ def embedding_rows(model: str) -> int | None:
 
 
 def four_bit_config(dtype):
-    """NF4 with double quantization, computing in the model's dtype: the QLoRA recipe."""
-    import importlib.util
-
+    """NF4 with double quantization, computing in the model's dtype: the QLoRA recipe (train setup's
+    `check_packages` has made sure bitsandbytes is installed)."""
     from transformers import BitsAndBytesConfig
 
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelError("method qlora needs bitsandbytes: pip install 'tunery[qlora]' (or use method lora)")
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=dtype)
 

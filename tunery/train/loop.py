@@ -52,7 +52,7 @@ from tunery.train.distributed import Dist
 from tunery.train.loss import held_out_loss, summed_loss
 from tunery.train.metrics import MetricsFile, TrainDisplay
 from tunery.train.reporters import Reporters
-from tunery.train.schedule import check_optimizer, lr_multiplier, make_optimizer
+from tunery.train.schedule import lr_multiplier, make_optimizer
 
 log = logging.getLogger("tunery.train")
 
@@ -455,7 +455,7 @@ def setup(cfg: RunConfig, run: Path, dist: Dist = Dist()) -> Trainer:
 
     device = distributed.init(dist, pick_device(cfg.device))
     check_method(cfg)
-    check_optimizer(cfg.optimizer)
+    check_packages(cfg)
 
     def load_weights():
         torch.manual_seed(cfg.seed)
@@ -533,6 +533,19 @@ def check_method(cfg: RunConfig) -> None:
     if cfg.method != "qlora" and is_prequantized(cfg.model, config):
         raise ConfigError(f"{cfg.model} is stored in 4 bits (a pre-quantized bitsandbytes checkpoint): train it with "
                           f"--method qlora, or pick its 16-bit model for --method {cfg.method}")
+
+
+def check_packages(cfg: RunConfig) -> None:
+    """Refuse, before anything loads, a run whose optional packages are missing: bitsandbytes for a 4-bit base
+    (`--method qlora`) or the 8-bit optimizer, each named with the setting that needs it and its alternative."""
+    import importlib.util
+
+    wants = [(setting, instead) for setting, instead, on in [
+        ("method qlora", "method lora", cfg.method == "qlora"),
+        ("optimizer adamw_8bit", "optimizer adamw", cfg.optimizer == "adamw_8bit")] if on]
+    if wants and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{' and '.join(s for s, _ in wants)} need{'s' if len(wants) == 1 else ''} bitsandbytes: "
+                          f"pip install 'tunery[qlora]' (or use {' and '.join(i for _, i in wants)})")
 
 
 def check_context(cfg: RunConfig, data: PreparedData) -> None:

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-
-from tunery.config import ConfigError
-
-
-def check_optimizer(kind: str) -> None:
-    """Refuse, before anything loads, an optimizer whose package is missing."""
-    if kind == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError("optimizer adamw_8bit needs bitsandbytes: pip install 'tunery[qlora]' (or use optimizer "
-                          "adamw)")
 
 
 def make_optimizer(params: list, kind: str, lr: float, weight_decay: float):
     """torch's AdamW (`adamw`) or bitsandbytes' 8-bit AdamW (`adamw_8bit`: both moments quantized blockwise to 8
     bits with their own scales, TRL's `optim="adamw_8bit"`; tensors under 4,096 elements keep 32-bit moments).
-    setup has run `check_optimizer` before loading anything."""
+    setup has run `check_packages` before loading anything."""
     import torch
 
     if kind == "adamw_8bit":
