@@ -293,3 +293,20 @@ def test_threads_of_one_process_fill_the_token_cache_at_once(tmp_path, tunery_ho
     assert all(r.train == results[0].train for r in results)
     assert [p.name for p in (tunery_home / "cache" / "tokenized").iterdir()] == [p.name for p in (
         tunery_home / "cache" / "tokenized").iterdir() if ".tmp" not in p.name]  # no folder left half-written
+
+
+def test_a_writer_that_finishes_second_leaves_the_first_writers_tokens_in_place(tmp_path, tunery_home,
+                                                                                tiny_tokenizer, monkeypatch):
+    """Two runs of one file tokenize it at once (say a terminal and the console): the one that finds the entry
+    written when it is done must not delete it, since a third may be reading it at that moment."""
+    data = tmp_path / "chat.jsonl"
+    _write_chat(data, 10)
+    first = prepare_data(_config(data), tiny_tokenizer)
+    (entry,) = (tunery_home / "cache" / "tokenized").iterdir()
+    before = (entry / dataset_module.TOKENS_FILE).stat().st_ino
+    monkeypatch.setattr(dataset_module, "_read_cache", lambda *a: None)  # it looked before the first had written
+    second = prepare_data(_config(data), tiny_tokenizer)
+    assert second.train == first.train
+    assert (entry / dataset_module.TOKENS_FILE).stat().st_ino == before  # the same file, never removed
+    assert [p.name for p in (tunery_home / "cache" / "tokenized").iterdir()] == [entry.name]  # its copy cleaned up
+

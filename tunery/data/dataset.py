@@ -125,15 +125,9 @@ def _cached_tokens(key: str, examples: list[Example | None], tokenizer, max_seq_
     import pyarrow as pa
 
     folder = cache_dir("tokenized") / key
-    if (folder / TOKENS_FILE).exists():
-        with pa.memory_map(str(folder / TOKENS_FILE)) as f:
-            cached = pa.ipc.open_file(f).read_all().to_pydict()
-        by_row = {r: Tokenized(i, lab, t) for r, i, lab, t in
-                  zip(cached["row"], cached["input_ids"], cached["labels"], cached["truncated"])}
-        refused = folder / "refused.json"
-        for r, why in (json.loads(refused.read_text()) if refused.exists() else {}).items():
-            reasons[int(r)] = why
-        return [by_row.get(r) for r in range(len(examples))]
+    cached = _read_cache(folder, len(examples), reasons)
+    if cached is not None:
+        return cached
     tokens: list[Tokenized | None] = [None] * len(examples)
     refused = {}
     todo = [r for r, example in enumerate(examples) if example is not None]
@@ -162,12 +156,30 @@ def _cached_tokens(key: str, examples: list[Example | None], tokenizer, max_seq_
     with pa.OSFile(str(tmp / TOKENS_FILE), "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
         writer.write_table(table)
     (tmp / "refused.json").write_text(json.dumps(refused))
-    shutil.rmtree(folder, ignore_errors=True)  # a half-written folder from a crash; complete ones are skipped
+    if folder.exists() and not (folder / TOKENS_FILE).exists():  # not a cache entry (left by older code): replaced
+        shutil.rmtree(folder, ignore_errors=True)
     try:
         os.replace(tmp, folder)
-    except OSError:  # another process (a torchrun rank) wrote the same cache meanwhile
-        shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:  # another process (a torchrun rank, a second run of the same file) wrote the same tokens
+        shutil.rmtree(tmp, ignore_errors=True)  # meanwhile: theirs stay, since others may be reading them
     return tokens
+
+
+def _read_cache(folder: Path, n: int, reasons: list[str | None]) -> list[Tokenized | None] | None:
+    """The cached tokens of `n` examples (refusals' reasons into `reasons`), or None when there are none."""
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(folder / TOKENS_FILE)) as f:
+            cached = pa.ipc.open_file(f).read_all().to_pydict()
+        refused = json.loads((folder / "refused.json").read_text())
+    except FileNotFoundError:
+        return None
+    by_row = {r: Tokenized(i, lab, t) for r, i, lab, t in
+              zip(cached["row"], cached["input_ids"], cached["labels"], cached["truncated"])}
+    for r, why in refused.items():
+        reasons[int(r)] = why
+    return [by_row.get(r) for r in range(n)]
 
 
 def split_indices(n: int, eval_split: float, seed: int) -> tuple[list[int], list[int]]:
