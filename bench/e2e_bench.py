@@ -15,11 +15,12 @@ Stacks (--stacks): tunery (its defaults: on CUDA, token budgets, packing where t
 torch.compile where the run is long enough to repay it),
 tunery-compiled (its defaults with --fast-compile: torch.compile even where tunery judges the run too
 short to repay it), tunery-examples (--no-packing --micro-batch-tokens 0: batch_size examples a micro-batch, padded),
-tunery-tokens (--no-packing --micro-batch-tokens N), tunery-packed (--packing --micro-batch-tokens N; not LFM2,
-whose convolutions cross packed examples), tunery-8bit (its defaults with --optimizer adamw_8bit: the optimizer
-Unsloth's notebooks use, for the peak memory at the same settings), unsloth. Each tunery stack has a TUNERY_HOME of its
-own, empty at first (cold: nothing compiled yet); tunery-compiled (or else the first tunery stack) runs again
-with it, on each model's first profile and row count (warm).
+tunery-tokens (--no-packing --micro-batch-tokens N), tunery-packed (--packing --micro-batch-tokens N; on LFM2
+with its convolutions bounded at each example, which its defaults do not pack yet), tunery-8bit (its defaults
+with --optimizer adamw_8bit: the optimizer Unsloth's notebooks use, for the peak memory at the same settings),
+unsloth. Each tunery stack has a TUNERY_HOME of its own, empty at first (cold: nothing compiled yet);
+tunery-compiled (or else the first tunery stack) runs again with it, on each model's first profile and row count
+(warm).
 """
 
 from __future__ import annotations
@@ -226,7 +227,7 @@ def main() -> None:
     for arch in a.models:
         folder = model_dir(arch)
         vocab = ARCHS[arch][1]["vocab_size"]
-        packs = family_of(bench_shapes()[arch][0]).packing  # not LFM2: its convolutions cross packed examples
+        packs = family_of(bench_shapes()[arch][0]).packing  # every family tunery trains packed
         first_tunery = True
         for profile in a.profiles:
             for rows in a.rows:

@@ -116,8 +116,9 @@ class RunConfig:
                           "the plain reference path.")
     packing: bool | None = _f(None, "Pack micro-batches into padding-free rows; attention and loss stay within each "
                                     "example (varlen flash attention on CUDA, a per-example mask elsewhere). Default: "
-                                    "on with the fast path on CUDA where the model can pack (not LFM2: its "
-                                    "convolutions cross examples) and varlen attention serves it, else off.")
+                                    "on with the fast path on CUDA where the model can pack and varlen "
+                                    "attention serves it (LFM2 packs with --packing, its convolutions bounded at "
+                                    "each example; not yet by default), else off.")
     fast_path: FastPathOptions = field(
         default_factory=FastPathOptions, metadata={"help": "The fast path's pieces and tuning (each is a --fast-<name> "
                                                            "flag; in YAML a mapping)."})

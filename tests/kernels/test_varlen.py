@@ -15,7 +15,7 @@ from tunery.kernels import varlen
 from tunery.models.tiny import FAMILIES
 from tunery.train.batching import collate, pack_batch
 
-SDPA_FAMILIES = [f for f in FAMILIES if f not in ("lfm2", "gemma2")]  # LFM2 cannot pack; Gemma 2 runs eager
+SDPA_FAMILIES = [f for f in FAMILIES if f not in ("lfm2", "gemma2")]  # LFM2: its own test below; Gemma 2 runs eager
 SLIDING = {"mistral", "gemma3_text"}  # given a window the longest example reaches: those layers keep sdpa's mask
 
 
@@ -152,6 +152,50 @@ def test_the_whole_fast_path_on_a_packed_row(family, tiny_lora, monkeypatch, fre
     _assert_close(_loss_and_grads(model, [row], fast), alone, grad_rtol=1e-4)
 
 
+def test_the_whole_fast_path_on_a_packed_lfm2_row_with_its_convolutions_bounded(tiny_lora, monkeypatch):
+    """LFM2 as `tunery train --packing` runs it: checkpointed with its block inputs offloaded, its attention block
+    through varlen attention and its convolution block bounded at each example's start (models/packing.py), on
+    rows of two lengths; each row's loss and gradients equal its examples' alone. (Compiled: the next test.)"""
+    from tunery.models.packing import bound_convolutions
+
+    stand_in = StandIn()
+    _with(monkeypatch, stand_in)
+    model = tiny_lora("lfm2", num_layers=2)
+    examples = _examples(model.config.vocab_size)
+    alone = _loss_and_grads(model, [collate([t], 0, "cpu") for t in examples])
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    fast = fast_path(model, "cpu", allow_cpu=True, compile=False, packing=True, offload_keep_bytes=0)
+    text = fast.describe()
+    assert "varlen" in text and "offloaded" in text and bound_convolutions(model) == 1, text
+    for row in (pack_batch(examples, "cpu", multiple=24, seq_idx=True),
+                pack_batch(examples, "cpu", length=64, fixed_bounds=True, seq_idx=True)):
+        _assert_close(_loss_and_grads(model, [row], fast), alone, grad_rtol=1e-4)
+    assert stand_in.calls  # the attention block took the varlen kernel
+
+
+def test_a_bounded_convolution_block_compiles_whole_once_for_every_row_length(tiny_lora, fresh_dynamo):
+    """The bounded forward in one graph (fullgraph: a break would raise), its length dynamic from the first row:
+    rows of three lengths, one compile, each equal to the uncompiled block."""
+    from torch._dynamo.utils import counters
+
+    from tunery.kernels.dynamic import mark_length
+    from tunery.models.packing import bound_convolutions
+
+    model = tiny_lora("lfm2", num_layers=2)
+    bound_convolutions(model)
+    (block,) = [m for m in model.modules() if type(m).__name__ == "Lfm2ShortConv"]
+    compiled = torch.compile(lambda h, idx: block(h, seq_idx=idx), fullgraph=True, backend="aot_eager")
+    counters.clear()  # what earlier tests of this process compiled
+    g = torch.Generator().manual_seed(0)
+    for n in (48, 64, 80):
+        hidden = torch.randn(1, n, model.config.hidden_size, generator=g)
+        seq_idx = torch.tensor([[i * 3 // n for i in range(n)]], dtype=torch.int32)  # three examples
+        mark_length((hidden, seq_idx), n)  # as a block's checkpoint hook marks its inputs
+        torch.testing.assert_close(compiled(hidden, seq_idx), block(hidden, seq_idx=seq_idx))
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_packed_rows_of_other_lengths_and_example_counts_compile_once(tiny_lora, monkeypatch, fresh_dynamo):
     """Token-budget rows differ in length and in how many examples they hold (their fixed-size bounds grow from 8
     to 16 entries): the length marked dynamic before compiled code sees it (kernels/dynamic.py), the first row's
@@ -265,6 +309,27 @@ def test_varlen_attention_matches_the_dense_mask_bf16_gpu(family, fixed, tiny_lo
                else pack_batch(examples, "cuda", multiple=64))
         results.append(_loss_and_grads(model, [row], fast))
     _assert_close(results[1], results[0], rtol=1e-2, grad_rtol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fixed", [False, True])
+def test_a_packed_lfm2_row_bounded_and_compiled_matches_its_examples_alone_bf16_gpu(fixed, tiny_lora, fresh_dynamo):
+    """LFM2 packed as `tunery train --packing` trains it on a GPU (varlen attention, convolutions bounded at each
+    example's start, blocks compiled with inductor) against each example alone through transformers' own
+    forward."""
+    from tunery.models.packing import bound_convolutions
+
+    if not torch.cuda.is_available():
+        pytest.fail("needs a CUDA GPU: run on the device")
+    model = tiny_lora("lfm2", 2, hidden_size=256, intermediate_size=704, rank=8, b_std=0.02, device="cuda",
+                      dtype=torch.bfloat16)
+    examples = _examples(model.config.vocab_size, lengths=(300, 45, 700, 130))
+    alone = _loss_and_grads(model, [collate([t], 0, "cuda") for t in examples])
+    fast = fast_path(model, "cuda", packing=True)
+    assert "varlen" in fast.describe() and bound_convolutions(model) == 1, fast.describe()
+    row = (pack_batch(examples, "cuda", length=1280, fixed_bounds=True, seq_idx=True) if fixed
+           else pack_batch(examples, "cuda", multiple=64, seq_idx=True))
+    _assert_close(_loss_and_grads(model, [row], fast), alone, rtol=1e-2, grad_rtol=5e-2)
 
 
 def test_only_a_model_on_varlen_attention_gets_the_bounds():

@@ -12,7 +12,7 @@ from tunery.models.tiny import FAMILIES, TinySpec, make_config, train_tokenizer
 from tunery.train.batching import collate, pack_batch, packing_problem, trained_tokens
 from tunery.train.loss import summed_loss
 
-ATTENTION_ONLY = [f for f in FAMILIES if f != "lfm2"]  # LFM2's convolution blocks cannot pack: see the last tests
+ATTENTION_ONLY = [f for f in FAMILIES if f != "lfm2"]  # LFM2 packs with its convolutions bounded: the last tests
 
 
 @pytest.fixture(scope="module")
@@ -122,19 +122,87 @@ def test_an_example_does_not_see_the_one_packed_before_it(tokenizer, attn):
     assert after_first != pytest.approx(after_other, rel=1e-3)
 
 
-def test_a_convolution_block_would_leak_across_packed_examples_so_packing_is_refused(tokenizer):
+def _bounded(model):
+    from tunery.models.packing import bound_convolutions
+
+    assert bound_convolutions(model) == 1  # the tiny LFM2's first block convolves, its second attends
+    return model
+
+
+def test_lfm2_convolutions_bounded_at_example_starts_train_each_example_as_if_alone(tokenizer):
+    model = _model(tokenizer, "lfm2")
+    examples = _examples(len(tokenizer))
+    alone = _loss_and_grads(model, [collate([t], tokenizer.pad_token_id, "cpu") for t in examples])
+    _bounded(model)
+    _assert_same(_loss_and_grads(model, [pack_batch(examples, "cpu", seq_idx=True)]), alone)
+    _assert_same(_loss_and_grads(model, [pack_batch(examples, "cpu", multiple=16, fixed_bounds=True,
+                                                    seq_idx=True)]), alone)
+    # padded rows (no seq_idx) still run transformers' own forward: the same as before bounding
+    _assert_same(_loss_and_grads(model, [collate([t], tokenizer.pad_token_id, "cpu") for t in examples]), alone)
+
+
+def test_a_packed_lfm2_row_through_the_fused_fast_path_equals_each_example_alone(tokenizer):
+    from tests.fastpath import fast_path
+
+    model = _model(tokenizer, "lfm2")
+    examples = _examples(len(tokenizer))
+    alone = _loss_and_grads(model, [collate([t], tokenizer.pad_token_id, "cpu") for t in examples])
+    fast = fast_path(model, "cpu", allow_cpu=True, compile=False)
+    assert fast.applied
+    _bounded(model)
+    _assert_same(_loss_and_grads(model, [pack_batch(examples, "cpu", multiple=16, seq_idx=True)], fast), alone)
+
+
+def test_an_lfm2_example_does_not_see_the_one_packed_before_it_once_its_convolutions_are_bounded(tokenizer):
+    from tunery.train.batching import SEQ_IDX
+
     model = _model(tokenizer, "lfm2").eval()
-    assert "Lfm2ShortConv" in packing_problem(model)
-    assert all(packing_problem(_model(tokenizer, f)) is None for f in ("llama", "gemma3_text"))
-    # the reason for the refusal: the second example's loss depends on the one packed before it
+    assert packing_problem(model) is None  # its convolution is one tunery bounds
+    # unbounded, transformers' convolution reads across the boundary (its fallback ignores seq_idx)
     after_first, after_other = _second_losses(model, tokenizer)
     assert after_first != pytest.approx(after_other, rel=1e-4)
+    _bounded(model)
+    first, second = _examples(len(tokenizer), lengths=(12, 10))
+    other_first = _examples(len(tokenizer), lengths=(12,), seed=7)[0]
+    losses = []
+    for before in (first, other_first):
+        batch = pack_batch([Tokenized(before.input_ids, [IGNORE] * 12, False), second], "cpu", seq_idx=True)
+        assert batch[SEQ_IDX].tolist() == [[0] * 12 + [1] * 10]
+        with torch.no_grad():
+            losses.append(float(summed_loss(model, batch)))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6, abs=0)
 
 
-def test_training_a_convolution_model_with_packing_stops_before_it_starts(tmp_path, tunery_home):
+def test_the_bounded_convolution_is_torchs_on_one_example_and_drops_only_taps_across_a_start():
+    from tunery.models.packing import bounded_causal_conv
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 6, 9, generator=g), torch.randn(6, 1, 3, generator=g), torch.randn(6, generator=g)
+    plain = torch.nn.functional.conv1d(x, w, b, padding=2, groups=6)[..., :9]
+    one = torch.zeros(2, 9, dtype=torch.int32)
+    assert torch.allclose(bounded_causal_conv(x, w, b, one), plain, atol=1e-6)
+    # two examples in each row, the second starting at token 4: tokens 4 and 5 lose the taps reaching back
+    two = torch.tensor([[0] * 4 + [1] * 5] * 2, dtype=torch.int32)
+    got = bounded_causal_conv(x, w, b, two)
+    assert torch.allclose(got[..., :4], plain[..., :4], atol=1e-6) and torch.allclose(got[..., 6:], plain[..., 6:],
+                                                                                      atol=1e-6)
+    second = torch.nn.functional.conv1d(x[..., 4:], w, b, padding=2, groups=6)[..., :5]
+    assert torch.allclose(got[..., 4:], second, atol=1e-6)
+
+
+def test_a_convolution_tunery_cannot_bound_is_still_refused():
+    class Mixer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(4, 4, 3, padding=2)  # not depthwise, not LFM2's
+
+    assert "Mixer" in packing_problem(torch.nn.Sequential(Mixer()))
+
+
+def test_an_lfm2_run_trains_packed_with_its_convolutions_bounded(tmp_path, tunery_home):
     import json
 
-    from tunery.config import ConfigError, RunConfig
+    from tunery.config import RunConfig
     from tunery.models.tiny import build_tiny_model
     from tunery.train.loop import train
 
@@ -145,9 +213,9 @@ def test_training_a_convolution_model_with_packing_stops_before_it_starts(tmp_pa
                              TinySpec(family="lfm2", hidden_size=32, intermediate_size=64, num_layers=2))
     cfg = RunConfig(model=str(model), data=str(data), output_dir=str(tmp_path / "runs"), packing=True, max_steps=2,
                     device="cpu", name="r")
-    with pytest.raises(ConfigError, match="convolution.*without --packing"):
-        train(cfg)
-    # the folder it left holds no training yet: the same name starts over
-    cfg.packing = False
     run = train(cfg)
-    assert run == tmp_path / "runs" / "r" and (run / "adapter").is_dir()
+    assert (run / "adapter").is_dir()
+    result = json.loads((run / "result.json").read_text())
+    assert result["engine"]["batching"].startswith("packed rows (convolutions bounded at each example's start)")
+    assert result["steps"] == 2
+

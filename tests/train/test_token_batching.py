@@ -127,7 +127,9 @@ def test_a_gpu_run_cuts_by_tokens_and_packs_where_the_model_can(tiny, monkeypatc
     assert choose_batching(cfg.replace(fast=False), model, "cuda", Dist()) == Batching(False, 0, ())
     assert choose_batching(cfg, model, "cuda", Dist(world=2)) == Batching(False, 0, ())  # several processes
     lfm2 = choose_batching(cfg, _model(t.tokenizer, "lfm2"), "cuda", Dist())
-    assert not lfm2.packed and lfm2.tokens == 4096  # its convolutions would cross packed examples
+    assert not lfm2.packed and not lfm2.seq_idx and lfm2.tokens == 4096  # not by default until measured on a GPU
+    asked = choose_batching(cfg.replace(packing=True), _model(t.tokenizer, "lfm2"), "cuda", Dist())
+    assert asked.packed and asked.seq_idx and "convolutions bounded" in asked.describe()  # --packing: bounded
 
 
 def test_a_gpu_run_compiles_only_when_its_steps_repay_the_warm_up(tiny, monkeypatch):  # noqa: F811

@@ -72,7 +72,7 @@ class Family:
     pieces: tuple[str, ...] = ALL_PIECES  # the fast path's pieces that are exact for it (kernels/apply.py)
     lora_groups: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = ()  # see _QKV
     # examples packed into one row stay apart (attention is kept within each; a convolution over the sequence
-    # would reach across: train/batching.packing_problem)
+    # reaches across, unless it is one models/packing.py bounds: train/batching.packing_problem)
     packing: bool = True
     # real shapes (the benchmark's rows and the known models' configs): name -> (model_type, config.json values
     # of the public model); RoPE scaling left out
@@ -157,7 +157,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("lfm2", (Architecture("lfm2", "Lfm2Config", {"block_auto_adjust_ff_dim": False, "layer_types": None},
                                  Gguf("lfm2", False, extras=("shortconv",)),
                                  unread_in_recompute=("feed_forward.w2",)),),
-           ("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3"), pieces=_NO_OPS, packing=False,
+           ("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3"), pieces=_NO_OPS,
            lora_groups=(_QKV, ("feed_forward", ("w1", "w3"), ())), bench={
                "lfm2-1.2b": ("lfm2", dict(vocab_size=65536, hidden_size=2048, intermediate_size=12288,
                                           num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,

@@ -8,6 +8,7 @@ import math
 from tunery.data.tokenize import IGNORE, Tokenized
 from tunery.kernels.varlen import BOUNDS as DOC_BOUNDS  # a packed row's example bounds: the batch key varlen reads
 
+SEQ_IDX = "seq_idx"  # a packed row's example number per token: the batch key and the forward's keyword
 TRAINED = "trained_tokens"  # a batch's label tokens that carry loss, counted on the host (`trained_tokens`)
 
 
@@ -128,7 +129,7 @@ def collate(batch: list[Tokenized], pad_id: int, device: str, multiple: int = 1,
 
 
 def pack_batch(batch: list[Tokenized], device: str, multiple: int = 1, length: int | None = None,
-               fixed_bounds: bool = False) -> dict:
+               fixed_bounds: bool = False, seq_idx: bool = False) -> dict:
     """The micro-batch as one row (1, total) with no padding: input_ids, labels and position_ids that restart
     at 0 for each example, no attention_mask, and `doc_bounds` (int32: 0, where each example ends, the row's
     length), which the fast path's varlen attention reads (kernels/varlen.py).
@@ -140,7 +141,9 @@ def pack_batch(batch: list[Tokenized], device: str, multiple: int = 1, length: i
     is filled with one dummy example (labels IGNORE, its own positions) for a compiled model's sake; `length`
     pads the row to that length instead. `fixed_bounds` repeats the last bound until `doc_bounds` has a power of
     two entries (at least 8: empty examples at the end, which varlen attention skips), so rows holding
-    different numbers of examples share a shape, which a CUDA graph needs.
+    different numbers of examples share a shape, which a CUDA graph needs. `seq_idx` adds each token's example
+    number (int32, the dummy tail one of its own), which a model with bounded convolutions reads
+    (models/packing.py).
     """
     import torch
 
@@ -157,19 +160,26 @@ def pack_batch(batch: list[Tokenized], device: str, multiple: int = 1, length: i
     ends = list(itertools.accumulate(len(t.input_ids) for t in batch)) + ([total + tail] if tail else [])
     if fixed_bounds:
         ends += [ends[-1]] * (max(8, 1 << len(ends).bit_length()) - len(ends) - 1)
-    return {**{k: to_device(torch.tensor([v], dtype=torch.long), device) for k, v in row.items()},
-            DOC_BOUNDS: to_device(torch.tensor([0, *ends], dtype=torch.int32), device), "real_tokens": total,
-            TRAINED: sum(label != IGNORE for label in row["labels"][1:])}
+    out = {**{k: to_device(torch.tensor([v], dtype=torch.long), device) for k, v in row.items()},
+           DOC_BOUNDS: to_device(torch.tensor([0, *ends], dtype=torch.int32), device), "real_tokens": total,
+           TRAINED: sum(label != IGNORE for label in row["labels"][1:])}
+    if seq_idx:
+        example = [i for i, t in enumerate(batch) for _ in t.input_ids] + [len(batch)] * tail
+        out[SEQ_IDX] = to_device(torch.tensor([example], dtype=torch.int32), device)
+    return out
 
 
 def packing_problem(model) -> str | None:
     """Why examples packed into one row would see each other in `model`, or None. Attention stays inside each
-    example (the positions restart: see `pack_batch`), but a convolution over the sequence, like LFM2's short
-    convolution blocks, reaches across the boundary into the example packed before."""
+    example (the positions restart: see `pack_batch`), but a convolution over the sequence reaches across the
+    boundary into the example packed before: LFM2's short convolutions are bounded at it (models/packing.py,
+    which training applies to a packed run), any other kind is refused."""
     import torch
 
+    from tunery.models.packing import boundable
+
     convolving = sorted({type(m).__name__ for m in model.modules()
-                         if any(isinstance(c, torch.nn.Conv1d) for c in m.children())})
+                         if any(isinstance(c, torch.nn.Conv1d) for c in m.children()) and not boundable(m)})
     if convolving:
         return f"its blocks mix neighbouring tokens by convolution ({', '.join(convolving)}), across examples too"
     return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from tunery.data.tokenize import IGNORE, Tokenized
-from tunery.train.batching import DOC_BOUNDS, collate, trained_tokens
+from tunery.train.batching import DOC_BOUNDS, SEQ_IDX, collate, trained_tokens
 
 
 def summed_loss(model, batch: dict, fast=None):
@@ -24,6 +24,8 @@ def summed_loss(model, batch: dict, fast=None):
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     if DOC_BOUNDS in batch and reads_bounds(model):  # a packed row's example bounds, for varlen attention
         inputs[DOC_BOUNDS] = batch[DOC_BOUNDS]
+    if SEQ_IDX in batch:  # each token's example, for convolutions bounded at example starts (models/packing.py)
+        inputs[SEQ_IDX] = batch[SEQ_IDX]
     if fast is not None and fast.applied:
         from tunery.kernels.linear_ce import linear_cross_entropy
 
