@@ -222,6 +222,14 @@ class RunConfig:
             changes["model"] = str(local_model.resolve())
         return self.replace(**changes)
 
+    def bitsandbytes_settings(self) -> list[tuple[str, str]]:
+        """The settings of this run that need bitsandbytes (the `qlora` extra), each with the setting to use
+        instead: a 4-bit base (`method qlora`) and the 8-bit optimizer. Training refuses them when it is missing;
+        an hf-jobs script installs it for them."""
+        return [(setting, instead) for setting, instead, on in [
+            ("method qlora", "method lora", self.method == "qlora"),
+            ("optimizer adamw_8bit", "optimizer adamw", self.optimizer == "adamw_8bit")] if on]
+
     def require(self, *names: str) -> None:
         for name in names:
             if getattr(self, name) in (None, ""):

@@ -72,7 +72,7 @@ def dependencies(tunery_spec: str | None = None, extras: tuple[str, ...] = ()) -
 
 def extras_for(cfg: RunConfig) -> tuple[str, ...]:
     """The extras a run of `cfg` needs: bitsandbytes (`qlora`) for a 4-bit base or the 8-bit optimizer."""
-    return ("qlora",) if cfg.method == "qlora" or cfg.optimizer == "adamw_8bit" else ()
+    return ("qlora",) if cfg.bitsandbytes_settings() else ()
 
 
 def _inline(path: str) -> tuple[str, str]:

@@ -551,9 +551,7 @@ def check_packages(cfg: RunConfig) -> None:
     (`--method qlora`) or the 8-bit optimizer, each named with the setting that needs it and its alternative."""
     import importlib.util
 
-    wants = [(setting, instead) for setting, instead, on in [
-        ("method qlora", "method lora", cfg.method == "qlora"),
-        ("optimizer adamw_8bit", "optimizer adamw", cfg.optimizer == "adamw_8bit")] if on]
+    wants = cfg.bitsandbytes_settings()
     if wants and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"{' and '.join(s for s, _ in wants)} need{'s' if len(wants) == 1 else ''} bitsandbytes: "
                           f"pip install 'tunery[qlora]' (or use {' and '.join(i for _, i in wants)})")
