@@ -126,6 +126,7 @@ def _bounded(model):
     from tunery.models.packing import bound_convolutions
 
     assert bound_convolutions(model) == 1  # the tiny LFM2's first block convolves, its second attends
+    assert bound_convolutions(model) == 1  # asked again (setup, then a Trainer): still bounded, bounded once
     return model
 
 

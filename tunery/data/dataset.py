@@ -156,7 +156,7 @@ def _cached_tokens(key: str, examples: list[Example | None], tokenizer, max_seq_
     with pa.OSFile(str(tmp / TOKENS_FILE), "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
         writer.write_table(table)
     (tmp / "refused.json").write_text(json.dumps(refused))
-    if folder.exists() and not (folder / TOKENS_FILE).exists():  # not a cache entry (left by older code): replaced
+    if folder.exists() and not (folder / TOKENS_FILE).exists():  # a damaged entry (files removed): replaced
         shutil.rmtree(folder, ignore_errors=True)
     try:
         os.replace(tmp, folder)

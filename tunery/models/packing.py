@@ -40,12 +40,13 @@ def convolves(model) -> bool:
 
 def bound_convolutions(model) -> int:
     """Bound every short-convolution block of `model` at example boundaries (see the module's text); returns how
-    many blocks it bounded. Blocks bounded already are left as they are."""
+    many of its blocks are bounded, those bounded by an earlier call (left as they are) included."""
     count = 0
     for module in model.modules():
-        if boundable(module) and not hasattr(module, BOUNDED):
-            setattr(module, BOUNDED, module.forward)
-            module.forward = types.MethodType(_bounded_forward, module)
+        if boundable(module):
+            if not hasattr(module, BOUNDED):
+                setattr(module, BOUNDED, module.forward)
+                module.forward = types.MethodType(_bounded_forward, module)
             count += 1
     return count
 
